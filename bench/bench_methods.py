@@ -2,8 +2,8 @@
 baseline, TailorPO and TailorPO-G at an EQUAL budget of UNet evaluations, and the paper's Figure 2
 (preference-order disagreement between intermediate steps and final images, as a function of t).
 
-    python bench_methods.py                 # writes results/bench_methods.md and results/bench_methods.png
-    python bench_methods.py --budget 6000 --seeds 0,1,2
+    python -m bench.bench_methods                 # writes bench/results/bench_methods.md and bench/results/bench_methods.png
+    python -m bench.bench_methods --budget 6000 --seeds 0,1,2
 
 Part 1, methods. Every run starts from the same cached toy base model, injects LoRA (rank 4, reference = the
 adapters off), and trains with AdamW until its next step would exceed `budget` UNet rows: each UNet forward
@@ -267,7 +267,7 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="run seeds, e.g. 0,1,2")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
     p.add_argument("--figure-pairs", type=int, default=BenchConfig.figure_pairs, help="pairs per point")
-    p.add_argument("--out", default="results/bench_methods", help="writes OUT.md and OUT.png")
+    p.add_argument("--out", default="bench/results/bench_methods", help="writes OUT.md and OUT.png")
     args = p.parse_args(argv)
     import rewards
 

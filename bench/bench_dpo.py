@@ -17,10 +17,10 @@ one warm-up step then the median of --reps timed steps. Time: wall clock of the 
 less disturbed by other processes on a shared machine). Memory on CPU: the growth of the process's peak
 resident set (resource.getrusage ru_maxrss) from after the imports to after the steps, i.e. weights +
 reference + gradients + activations (tracemalloc does not see torch's allocator); on GPU:
-torch.cuda.max_memory_allocated. Writes the table to results/bench_dpo.md.
+torch.cuda.max_memory_allocated. Writes the table to bench/results/bench_dpo.md.
 
-    python bench_dpo.py                # CPU, 32x32 latents: about 3 minutes on 2 cores
-    python bench_dpo.py --latent 64    # GPU (cuda if available): the SD1.5 512 px training resolution
+    python -m bench.bench_dpo                # CPU, 32x32 latents: about 3 minutes on 2 cores
+    python -m bench.bench_dpo --latent 64    # GPU (cuda if available): the SD1.5 512 px training resolution
 """
 
 import argparse
@@ -151,7 +151,7 @@ def report(results: dict, latent: int, reps: int, threads: int) -> str:
     device = results["ours", "full"]["device"]
     memory = "peak RSS growth (MiB)" if device == "cpu" else "peak CUDA memory (MiB)"
     lines = [f"# bench_dpo: one Diffusion-DPO step, SD1.5 UNet, 1 pair, {latent}x{latent} latents, {device}",
-             "", f"torch {torch.__version__}, {threads} thread(s); command: `python bench_dpo.py --latent "
+             "", f"torch {torch.__version__}, {threads} thread(s); command: `python -m bench.bench_dpo --latent "
              f"{latent} --reps {reps} --threads {threads}`; load average at the end: "
              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", "",
              "| mode | wall s ours / official | wall ratio | CPU s ours / official | CPU-time ratio | "
@@ -184,7 +184,7 @@ def main():
     parser.add_argument("--reps", type=int, default=1, help="timed steps per case, after one warm-up step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per case (1: CPU time is not "
                         "inflated by threads spinning while the machine is busy)")
-    parser.add_argument("--out", default="results/bench_dpo.md", help="where to write the markdown table")
+    parser.add_argument("--out", default="bench/results/bench_dpo.md", help="where to write the markdown table")
     parser.add_argument("--one", nargs=2, metavar=("IMPLEMENTATION", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # the subprocess side

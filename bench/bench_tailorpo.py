@@ -3,8 +3,8 @@ trained steps, tailorpo.pair_loss) vs a naive per-sample implementation (per tra
 forwards of policy and reference for the winner's and for the loser's log-probability: 4 calls per step),
 on the same rollout pairs, tiny and small UNets on CPU. Then the reward rise of short train.py runs.
 
-    python bench_tailorpo.py                  # writes results/bench_tailorpo.md
-    python bench_tailorpo.py --seeds 5 --threads 1
+    python -m bench.bench_tailorpo                  # writes bench/results/bench_tailorpo.md
+    python -m bench.bench_tailorpo --seeds 5 --threads 1
 
 Both losses are the same function of the same pairs (the table shows their difference); what differs is the
 number of UNet calls, their batch sizes and the backward through two policy graphs per step instead of one.
@@ -152,7 +152,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=3, help="train.py runs per method (0: skip)")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps of each train.py run")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--out", default="results/bench_tailorpo.md", help="markdown file for the tables")
+    parser.add_argument("--out", default="bench/results/bench_tailorpo.md", help="markdown file for the tables")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,7 +12,7 @@ Medians over interleaved repeats. torch runs on one thread: with 2 threads on a 
 spin-waiting made each tiny UNet call up to 100x slower and the numbers meaningless.
 Deviations: none (a benchmark, not a method).
 
-    python bench_sampler.py [--steps 50] [--repeats 3]     # writes results/bench_sampler.md
+    python -m bench.bench_sampler [--steps 50] [--repeats 3]     # writes bench/results/bench_sampler.md
 """
 
 import argparse
@@ -58,7 +58,7 @@ def main():
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps per sample")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (medians are reported)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees 2x with CFG)")
-    parser.add_argument("--out", default="results/bench_sampler.md", help="markdown output")
+    parser.add_argument("--out", default="bench/results/bench_sampler.md", help="markdown output")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -114,7 +114,7 @@ def main():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [f"# bench_sampler: {steps} DDIM steps, CFG 7.5, batch {args.batch} (UNet {2 * args.batch}), "
              f"tiny SD (8x8 latents), CPU, 1 thread, median of {args.repeats}", "",
-             f"torch {torch.__version__}; command: `python bench_sampler.py --steps {steps} --repeats "
+             f"torch {torch.__version__}; command: `python -m bench.bench_sampler --steps {steps} --repeats "
              f"{args.repeats} --batch {args.batch}`; machine load average at the end: {load:.1f} "
              f"on {os.cpu_count()} cores", "",
              "| loop | step (ms) | UNet per step (ms) | loop overhead per step (ms) | overhead / step |",

@@ -5,10 +5,10 @@ torch.inference_mode. Both models share the same weight tensors. The two models 
 diffusers, ours, ...) so that load changes on the machine hit both alike; we report the median of the reps.
 Two passes: torch's default thread count (wall time is the headline), then 1 thread, whose process CPU time
 is the steadiest measure on a shared machine (with 2 threads, spin-waiting under load inflates CPU time).
-Writes the table to results/bench_unet.md with the load average. diffusers is a test-only reference
+Writes the table to bench/results/bench_unet.md with the load average. diffusers is a test-only reference
 (pip install diffusers).
 
-    python bench_unet.py            # about 2 minutes on 2 CPU cores
+    python -m bench.bench_unet            # about 2 minutes on 2 CPU cores
 """
 
 import argparse
@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--reps", type=int, default=5, help="timed forwards per model (after a warm-up)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of the first pass (default: torch's); a second pass uses 1")
-    parser.add_argument("--out", default="results/bench_unet.md", help="where to write the markdown table")
+    parser.add_argument("--out", default="bench/results/bench_unet.md", help="where to write the markdown table")
     args = parser.parse_args()
     from diffusers import UNet2DConditionModel as DiffusersUNet
 
