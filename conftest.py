@@ -10,10 +10,21 @@ CompVis <-> diffusers renaming rules in the diffusers -> LDM direction, so that 
 rules in weights.py instead of repeating them.
 """
 
+import functools
+import json
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+
+from clip import CLIPTextConfig, CLIPTextModel
+from scheduler import NoiseSchedule
+from tokenizer import CLIPTokenizer
+from unet import UNet2DConditionModel, UNetConfig
+from vae import AutoencoderKL, VAEConfig
+from weights import StableDiffusion, load_stable_diffusion
 
 
 def pytest_configure(config):
@@ -31,19 +42,37 @@ SD15_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_
 LEGACY_VAE_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
+@functools.cache
+def clip_tokenizer() -> CLIPTokenizer:
+    """The bundled OpenAI vocabulary (CLIPTokenizer.default()), read once per test session."""
+    return CLIPTokenizer.default()
+
+
+def make_tiny_sd(seed=0, unet_config: UNetConfig | None = None) -> StableDiffusion:
+    """The tests' one tiny Stable Diffusion, built in memory: our tiny presets with random weights from
+    `seed` (UNet, then VAE, then text encoder), the UNet trainable, VAE and text encoder frozen, the SD1.5
+    schedule. `unet_config` replaces the tiny UNet; the text width follows its cross_attention_dim.
+    The same presets as public files on disk (diffusers' initialisation): fixtures tiny_sd_dir / tiny_sd."""
+    unet_config = unet_config or UNetConfig.tiny()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(unet_config)
+    vae = AutoencoderKL(VAEConfig.tiny()).requires_grad_(False)
+    text_config = replace(CLIPTextConfig.tiny(), hidden_size=unet_config.cross_attention_dim)
+    text_encoder = CLIPTextModel(text_config).requires_grad_(False)
+    return StableDiffusion(unet, vae, text_encoder, clip_tokenizer(), NoiseSchedule.sd15())
+
+
 def build_tiny_pipeline(seed=0):
     """A diffusers StableDiffusionPipeline made of our tiny presets with random weights (fixed seed)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel as DiffusersUNet
     from transformers import CLIPTextConfig as HFTextConfig
     from transformers import CLIPTextModel as HFTextModel
 
-    from clip import CLIPTextConfig  # noqa: I001 (ours after the references, for clarity)
-    from unet import UNetConfig
-    from vae import VAEConfig
-
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNetConfig.tiny().to_diffusers())
-    vae = AutoencoderKL(**VAEConfig.tiny().to_diffusers())
+    unet = DiffusersUNet(**UNetConfig.tiny().to_diffusers())
+    vae = DiffusersVAE(**VAEConfig.tiny().to_diffusers())
     text_encoder = HFTextModel(HFTextConfig(**CLIPTextConfig.tiny().to_hf()))
     return StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
@@ -58,22 +87,45 @@ def hf_clip_tokenizer():
 
     from transformers import CLIPTokenizer as HFTokenizer
 
-    from clip import CLIPTokenizer
     with tempfile.TemporaryDirectory() as folder:
-        CLIPTokenizer.default().save_hf_files(folder)
+        clip_tokenizer().save_hf_files(folder)
         return HFTokenizer.from_pretrained(folder)
+
+
+def perturb_norms(model, seed=0):
+    """Norm layers start at weight 1 / bias 0; randomise them so parity tests also cover their affine part."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def max_err(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def shapes(state_dict) -> dict:
+    return {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
+
+
+@functools.cache
+def tokenizer_golden() -> list[dict]:
+    """assets/tokenizer_golden.json's entries {"text", "openai_ids"}: strings and the ids OpenAI's
+    SimpleTokenizer gives them (written by assets/make_tokenizer_golden.py, which documents them)."""
+    path = Path(__file__).with_name("assets") / "tokenizer_golden.json"
+    return json.loads(path.read_text(encoding="ascii"))["strings"]
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """Folder of a tiny SD pipeline saved by diffusers `save_pretrained` (safetensors), SD1.5 layout:
     model_index.json, unet/, vae/, text_encoder/, tokenizer/ (our CLIPTokenizer's files), scheduler/."""
-    from clip import CLIPTokenizer
-
     folder = tmp_path_factory.mktemp("tiny_sd")
     build_tiny_pipeline().save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(folder / "tokenizer")  # the tokenizer files are exactly those our tokenizer writes
-    CLIPTokenizer.default().save_hf_files(folder / "tokenizer")
+    clip_tokenizer().save_hf_files(folder / "tokenizer")
     return folder
 
 
@@ -178,9 +230,6 @@ def tiny_ldm_file(tiny_sd_dir, tmp_path_factory):
     cond_stage_model.transformer.*) plus the extras real files carry (schedule buffers, EMA scalars)."""
     from safetensors.torch import load_file, save_file
 
-    from unet import UNetConfig
-    from vae import VAEConfig
-
     parts = [load_file(tiny_sd_dir / name) for name in ("unet/diffusion_pytorch_model.safetensors",
                                                          "vae/diffusion_pytorch_model.safetensors",
                                                          "text_encoder/model.safetensors")]
@@ -194,6 +243,27 @@ def tiny_ldm_file(tiny_sd_dir, tmp_path_factory):
 @pytest.fixture
 def tiny_sd(tiny_sd_dir):
     """A fresh weights.StableDiffusion loaded from tiny_sd_dir (function scope: tests may train it)."""
-    from weights import load_stable_diffusion
-
     return load_stable_diffusion(tiny_sd_dir)
+
+
+class UNetCallCounter:
+    """Counts forward calls and rows (batch size) of UNet modules; `with UNetCallCounter(unet) as counter:`.
+
+    A forward pre-hook on the module, so a reference that is the same UNet with LoRA adapters off is
+    counted too; gradient checkpointing recomputes inner blocks, not the UNet's forward, and is not counted.
+    """
+
+    def __init__(self, *modules):
+        self.modules, self.handles, self.calls, self.rows = modules, [], 0, 0
+
+    def _count(self, module, args, kwargs):
+        self.calls += 1
+        self.rows += (args[0] if args else kwargs["sample"]).shape[0]
+
+    def __enter__(self):
+        self.handles = [m.register_forward_pre_hook(self._count, with_kwargs=True) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()

@@ -20,8 +20,9 @@ Implementation notes / deviations:
      divides it back out (exact when alpha/r is a power of two, e.g. the default alpha = rank).
   3. LoRA weights are kept in float32 whatever the base dtype (as the diffusers script upcasts them); the
      update is cast back to the activation dtype.
-  4. merge_lora folds B A into W and turns every LoRALinear back into a plain nn.Linear: the result saves as
-     a plain diffusers UNet state dict, and the reference (adapters off) is gone.
+  4. merge_lora folds B A into W (in float32, then rounded once to W's dtype: adding a 1e-4-sized update to
+     bf16 weights directly loses much of it) and turns every LoRALinear back into a plain nn.Linear: the
+     result saves as a plain diffusers UNet state dict, and the reference (adapters off) is gone.
 """
 
 from contextlib import contextmanager
@@ -154,8 +155,8 @@ def load_lora(unet: nn.Module, path_or_state_dict, prefix: str = "unet."):
 def merge_lora(unet: nn.Module) -> nn.Module:
     """W <- W + scale * B A, then replace each LoRALinear by a plain nn.Linear (deviation 4). In place."""
     for name, module in _lora_modules(unet):
-        delta = module.scale * (module.lora_B.weight @ module.lora_A.weight)
-        module.weight.add_(delta.to(module.weight.dtype))
+        delta = module.scale * (module.lora_B.weight.float() @ module.lora_A.weight.float())
+        module.weight.copy_(module.weight.float() + delta)  # in fp32, then rounded once to the weight's dtype
         plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
         plain.weight, plain.bias = module.weight, module.bias  # the same Parameters, no copy
         _replace(unet, name, plain)

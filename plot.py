@@ -6,7 +6,8 @@
 
 Each curve is drawn as a polyline on linear axes with a few labelled ticks and a legend. `smooth` applies an
 exponential moving average (the TensorBoard convention: 0 = raw, 0.9 = heavy) for noisy per-step metrics;
-the raw points are then drawn faintly behind the smoothed line. Non-finite points are dropped.
+the raw points are then drawn faintly behind the smoothed line; held-out curves (val_*) are never smoothed.
+Non-finite points are dropped.
 
 Deviations: none (no paper). Not a plotting library: one plot type, fixed layout, default PIL font.
 """
@@ -73,7 +74,7 @@ def save_line_plot(path: str, curves: dict[str, tuple[list[float], list[float]]]
     for i, (label, pts) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        if smooth > 0 and len(pts) > 1:  # faint raw curve behind the smoothed one
+        if smooth > 0 and len(pts) > 1 and not label.startswith("val_"):  # faint raw curve, smoothed on top
             faint = tuple(int(c + (255 - c) * 0.75) for c in colour)
             draw.line([to_px(x, y) for x, y in pts], fill=faint, width=1)
             ys = _ema(ys, smooth)
@@ -90,13 +91,13 @@ def save_line_plot(path: str, curves: dict[str, tuple[list[float], list[float]]]
 
 
 def plot_metrics(log_path: str, out_dir: str | None = None) -> list[str]:
-    """loss.png, implicit_acc.png and reward.png (every metric with "reward" in its name except the DPO
-    reward_margin) from a train.py metrics.jsonl; returns the paths written."""
+    """From a train.py metrics.jsonl: loss.png, implicit_accuracy.png and reward_margin.png, each training
+    curve (smoothed) beside its held-out val_ curve, and reward.png (online rewards); returns the paths."""
     with open(log_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     keys = sorted({key for row in rows for key in row})
-    groups = {"loss": ["loss"], "implicit_acc": [key for key in keys if key.startswith("implicit_acc")],
-              "reward": [key for key in keys if "reward" in key and key != "reward_margin"]}
+    groups = {name: [name, f"val_{name}"] for name in ("loss", "implicit_accuracy", "reward_margin")}
+    groups["reward"] = [key for key in keys if "reward" in key and "reward_margin" not in key]
     paths = []
     for name, names in groups.items():
         curves = {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in names}
@@ -108,6 +109,5 @@ def plot_metrics(log_path: str, out_dir: str | None = None) -> list[str]:
 
 if __name__ == "__main__":  # python plot.py out/metrics.jsonl: the training plots on demand, mid-run too
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        raise SystemExit("usage: python plot.py OUT_DIR/metrics.jsonl   (writes loss.png, implicit_acc.png, "
-                         "reward.png beside it)")
+        raise SystemExit("usage: python plot.py OUT_DIR/metrics.jsonl   (writes the PNGs beside it)")
     print("\n".join(plot_metrics(sys.argv[1])))

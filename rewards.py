@@ -12,6 +12,8 @@ get_reward(name, device, **paths) builds one by name:
                  MLP 768->1024->128->64->16->1 with no nonlinearity (its ReLUs are commented out upstream)
     pickscore    PickScore v1 (Kirstain et al. 2023): logit_scale.exp() * cos(image, text), CLIP ViT-H/14
     hpsv2        HPS v2 / v2.1 (Wu et al. 2023): cos(image, text) of a fine-tuned OpenCLIP ViT-H-14
+    clipscore    CLIPScore (Hessel et al. 2021) as torchmetrics defines it: 100 * max(cos(image, text), 0)
+                 with OpenAI CLIP ViT-L/14 (text-image alignment; the same CLIP file as the aesthetic reward)
     jpeg_compressibility / jpeg_incompressibility   DDPO (Black et al. 2023): -/+ JPEG size in kB
     brightness, saturation, redness   weight-free and differentiable: for tests and the CPU toy world
 
@@ -27,7 +29,16 @@ Deviations from the official code:
    to 77, where PickScore pads to the longest prompt and open_clip pads with 0. The text towers are causal
    and pool at the first <|endoftext|>, so padding cannot change a score; HPS ids are still 0-padded.
 4. Pickled checkpoints (.pth/.pt/.bin) are read only with torch.load(weights_only=True), never unpickled in
-   full; `python rewards.py convert IN OUT.safetensors` turns one into a safetensors file once.
+   full; `python rewards.py convert IN OUT.safetensors` turns one into a safetensors file once. Every weight
+   file goes through weights.read_state_dict, so a bad one raises weights.CheckpointError: one line naming
+   the file and the reason (missing, corrupt header, a pickle that would run code).
+5. Precision: a reward scores in float32 (float64 if built so, for gradcheck) with autocast disabled,
+   whatever the caller runs under. Under bf16 autocast the aesthetic score of SD images has a resolution of
+   1/32 in [4, 8): close TailorPO candidates, AI-feedback pairs and evaluation pairs became ties (the
+   official DDPO / Diffusion-DPO scorers also run in fp32 outside autocast). get_reward refuses half dtypes.
+6. clipscore clamps each image's score at 0, the formula of torchmetrics' documentation (and of Hessel et
+   al. with w = 100); torchmetrics' code clamps the batch mean instead. The two agree whenever every cosine
+   is >= 0, as CLIP ViT-L/14 gives for images and their prompts (cosines ~0.2-0.35).
 """
 
 import argparse
@@ -42,8 +53,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from clip import CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig, convert_hf_clip_keys
-from weights import load_strict, read_state_dict
+from clip import CLIPModel, CLIPTextConfig, CLIPVisionConfig, convert_hf_clip_keys
+from tokenizer import CLIPTokenizer
+from weights import CheckpointError, load_strict, read_state_dict
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,10 +97,12 @@ def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
 
 
 def read_weights(path, what: str) -> dict[str, torch.Tensor]:
-    """weights.read_state_dict (safetensors, or torch.load(weights_only=True)), naming the expected file."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{what}: {path} not found")
-    return read_state_dict(path)
+    """weights.read_state_dict (safetensors, or torch.load(weights_only=True)); its CheckpointError also
+    says which file was expected."""
+    try:
+        return read_state_dict(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error} (expected: {what})") from None
 
 
 def load_hf_clip(path, text_config: CLIPTextConfig, vision_config: CLIPVisionConfig, what: str) -> CLIPModel:
@@ -98,8 +112,8 @@ def load_hf_clip(path, text_config: CLIPTextConfig, vision_config: CLIPVisionCon
     if path.is_dir():
         files = [path / "model.safetensors", path / "pytorch_model.bin"]
         if not (path / "config.json").is_file() or not any(file.is_file() for file in files):
-            raise FileNotFoundError(f"{what}: {path} must hold config.json and model.safetensors "
-                                    "(or pytorch_model.bin), as saved by transformers' CLIPModel")
+            raise CheckpointError(f"{path}: no config.json and model.safetensors (or pytorch_model.bin), as "
+                                  f"saved by transformers' CLIPModel (expected: {what})")
         config = json.loads((path / "config.json").read_text())
         text_config = CLIPTextConfig.from_hf(config["text_config"], config.get("projection_dim"))
         vision_config = CLIPVisionConfig.from_hf(config["vision_config"])
@@ -163,8 +177,11 @@ class Reward(nn.Module):
             raise RuntimeError(f"the {self.name} reward is not differentiable, it has no gradient to give: "
                                "call it under torch.no_grad() or on images.detach()")
         weight = next(self.parameters(), None)
-        inputs = images if weight is None else images.to(weight.device, weight.dtype)
-        return self.score(inputs, prompts).to(images.device)
+        device = images.device if weight is None else weight.device
+        dtype = weight.dtype if weight is not None else torch.promote_types(images.dtype, torch.float32)
+        with torch.autocast(device.type, enabled=False):  # deviation 5: fp32 whatever the caller runs under
+            scores = self.score(images.to(device, dtype), prompts)
+        return scores.to(images.device, dtype)
 
     def train(self, mode: bool = True):  # a frozen scorer: dropout stays off even when a parent trains
         return super().train(False)
@@ -247,13 +264,19 @@ class AestheticReward(Reward):
 
 
 class CLIPScoreReward(Reward):
-    """cos(image, text) of a CLIP model (HPSv2), times logit_scale.exp() when use_logit_scale (PickScore)."""
+    """A function of cos(image, text) of a CLIP model; `output` says which:
+    "cosine" (HPSv2), "logits" = logit_scale.exp() * cosine (PickScore),
+    "clipscore" = 100 * max(cosine, 0) (torchmetrics' CLIPScore)."""
 
-    def __init__(self, name: str, clip: CLIPModel, tokenizer: CLIPTokenizer, use_logit_scale: bool,
+    OUTPUTS = ("cosine", "logits", "clipscore")
+
+    def __init__(self, name: str, clip: CLIPModel, tokenizer: CLIPTokenizer, output: str,
                  pad_id: int | None = None):
         super().__init__()
+        if output not in self.OUTPUTS:
+            raise ValueError(f"output must be one of {self.OUTPUTS}, got {output!r}")
         self.name, self.clip, self.tokenizer = name, clip, tokenizer
-        self.use_logit_scale, self.pad_id = use_logit_scale, pad_id
+        self.output, self.pad_id = output, pad_id
         self.requires_grad_(False).eval()
 
     def score(self, images, prompts):
@@ -265,7 +288,11 @@ class CLIPScoreReward(Reward):
             ids = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device) > first_eos, self.pad_id)
         text_features = F.normalize(self.clip.get_text_features(ids), dim=-1)
         cosine = (image_features * text_features).sum(dim=-1)
-        return self.clip.logit_scale.exp() * cosine if self.use_logit_scale else cosine
+        if self.output == "logits":
+            return self.clip.logit_scale.exp() * cosine
+        if self.output == "clipscore":
+            return 100 * cosine.clamp(min=0)
+        return cosine
 
 
 def load_aesthetic(clip_path="weights/clip-vit-large-patch14",
@@ -282,7 +309,7 @@ def load_pickscore(path="weights/PickScore_v1") -> CLIPScoreReward:
     """path: the HF yuvalkirstain/PickScore_v1 folder (or its model.safetensors)."""
     clip = load_hf_clip(path, CLIPTextConfig.vit_h14_text(), CLIPVisionConfig.vit_h14(),
                         "PickScore (HF yuvalkirstain/PickScore_v1)")
-    return CLIPScoreReward("pickscore", clip, CLIPTokenizer.default(), use_logit_scale=True)
+    return CLIPScoreReward("pickscore", clip, CLIPTokenizer.default(), output="logits")
 
 
 def load_hpsv2(path="weights/HPS_v2.1_compressed.pt", text_config=None, vision_config=None):
@@ -295,25 +322,47 @@ def load_hpsv2(path="weights/HPS_v2.1_compressed.pt", text_config=None, vision_c
                          vision_config or CLIPVisionConfig.vit_h14())
     load_strict(clip, state_dict, str(path))
     tokenizer = CLIPTokenizer.default(text_cleaning="openai")
-    return CLIPScoreReward("hpsv2", clip, tokenizer, use_logit_scale=False, pad_id=0)
+    return CLIPScoreReward("hpsv2", clip, tokenizer, output="cosine", pad_id=0)
+
+
+def load_clipscore(clip_path="weights/clip-vit-large-patch14") -> CLIPScoreReward:
+    """clip_path: HF openai/clip-vit-large-patch14 (folder or its model.safetensors), torchmetrics' default
+    CLIPScore model. Text as transformers' CLIPTokenizer cleans it (torchmetrics uses CLIPProcessor)."""
+    clip = load_hf_clip(clip_path, CLIPTextConfig.sd15(), CLIPVisionConfig.vit_l14(),
+                        "CLIPScore CLIP (HF openai/clip-vit-large-patch14)")
+    return CLIPScoreReward("clipscore", clip, CLIPTokenizer.default(), output="clipscore")
+
+
+def load_toy_reward(cache_dir=".cache/toy") -> Reward:
+    """The toy world's learned reward model (toy.ToyRewardModel; trained and cached on first use)."""
+    import toy  # toy.py builds on this module: imported here, not at the top
+
+    return toy.load_reward_model(cache_dir)
 
 
 REWARDS = {
     "aesthetic": load_aesthetic,
     "pickscore": load_pickscore,
     "hpsv2": load_hpsv2,
+    "clipscore": load_clipscore,
     "jpeg_compressibility": lambda: PixelReward(jpeg_compressibility, differentiable=False),
     "jpeg_incompressibility": lambda: PixelReward(jpeg_incompressibility, differentiable=False),
     "brightness": lambda: PixelReward(brightness),
     "saturation": lambda: PixelReward(saturation),
     "redness": lambda: PixelReward(redness),
+    "toy": load_toy_reward,
 }
 
 
 def get_reward(name: str, device="cpu", dtype=torch.float32, **paths) -> Reward:
-    """A reward by name, e.g. get_reward("aesthetic", "cuda", mlp_path="sac+logos+ava1-l14-linearMSE.pth")."""
+    """A reward by name, e.g. get_reward("aesthetic", "cuda", mlp_path="sac+logos+ava1-l14-linearMSE.pth").
+
+    Scores come in float32 (float64: for gradcheck) whatever autocast the caller runs under (deviation 5).
+    A missing or bad weight file raises weights.CheckpointError (one line: the file and the reason)."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose from {', '.join(REWARDS)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"rewards score in float32 (or float64), got dtype={dtype} (deviation 5)")
     return REWARDS[name](**paths).to(device=device, dtype=dtype)
 
 
@@ -326,13 +375,20 @@ def main():
     score = commands.add_parser("score", help="print the reward of image files")
     score.add_argument("reward", choices=list(REWARDS), help="reward name")
     score.add_argument("images", nargs="+", help="image files (any size; converted to RGB)")
-    score.add_argument("--prompt", default="", help="the prompt of every image (pickscore, hpsv2)")
+    score.add_argument("--prompt", default="", help="the prompt of every image (pickscore, hpsv2, clipscore)")
     score.add_argument("--path", action="append", default=[], metavar="KEY=FILE",
                        help="weight paths, e.g. --path mlp_path=a.pth --path clip_path=clip-vit-l-14")
     score.add_argument("--device", default="cpu", help="torch device")
     args = parser.parse_args()
+    try:
+        run_command(args)
+    except CheckpointError as error:  # a missing or bad weight file: one line, no traceback
+        raise SystemExit(f"rewards.py: {error}") from None
+
+
+def run_command(args):
     if args.command == "convert":
-        state_dict = read_weights(args.input, "convert")
+        state_dict = read_weights(args.input, "a .pth/.pt/.bin weights file to convert")
         save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, args.output)
         print(f"wrote {args.output}")
         return

@@ -3,11 +3,8 @@
     python sample.py --model stable-diffusion-v1-5 --prompt "a photo of an astronaut riding a horse" \\
         --num-images 4 --steps 50 --guidance 7.5 --seed 0 --out grid.png
 
-This is Stable Diffusion's sampling procedure (Rombach et al. 2022, Sec. 3.3) with the DDIM sampler of
-sampler.py and classifier-free guidance; the defaults are diffusers' StableDiffusionPipeline defaults.
-The initial latents x_T for --seed S are drawn exactly as diffusers draws them with a CPU generator,
-torch.randn((N, C, H/f, W/f), generator=torch.Generator("cpu").manual_seed(S)), and the noise of eta > 0 comes
-from the same generator afterwards, so our images can be compared with diffusers' for the same seed.
+The command line of sampler.generate (Stable Diffusion's sampling procedure with DDIM and classifier-free
+guidance; the defaults and the seed's noise are diffusers' StableDiffusionPipeline's, see sampler.py).
 
 Deviations
 1. The negative prompt defaults to "" (diffusers: None, which also encodes ""), i.e. the same embeddings.
@@ -21,60 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sampler import sample
+from sampler import generate, image_size
 from weights import CheckpointError, load_stable_diffusion, load_unet
-
-
-def image_size(sd, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-    """(height, width), None meaning the model's native size; checked against the VAE downsample factor f."""
-    factor = sd.vae.downsample_factor
-    native = sd.unet.config.sample_size * factor
-    height, width = height or native, width or native
-    if height % factor or width % factor or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {factor} (the VAE downsample "
-                         f"factor), got {height}x{width}")
-    return height, width
-
-
-def initial_latents(sd, num_images: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-    """x_T ~ N(0, I) [N, C, H/f, W/f], drawn on the generator's device (CPU for diffusers parity)."""
-    height, width = image_size(sd, height, width)
-    factor = sd.vae.downsample_factor
-    shape = (num_images, sd.unet.config.in_channels, height // factor, width // factor)
-    return torch.randn(shape, generator=generator, device=generator.device)
-
-
-@torch.no_grad()
-def generate_latents(sd, prompts: list[str], negative_prompt: str | list[str] = "", num_steps: int = 50,
-                     guidance: float = 7.5, eta: float = 0.0, seed: int = 0, height: int | None = None,
-                     width: int | None = None, latents: torch.Tensor | None = None,
-                     progress: bool = True) -> torch.Tensor:
-    """One x_0 [B, C, H/f, W/f] per prompt. `latents` (x_T) replaces the seed's initial noise."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    device, dtype = sd.unet.conv_in.weight.device, sd.unet.conv_in.weight.dtype
-    generator = torch.Generator("cpu").manual_seed(seed)
-    if latents is None:
-        latents = initial_latents(sd, len(prompts), height, width, generator)
-    negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    cond = sd.encode_prompts(list(prompts)).to(dtype)
-    uncond = sd.encode_prompts(negative).to(dtype) if guidance > 1 else None
-    return sample(sd.unet, sd.schedule, cond, uncond, latents.to(device, dtype), num_steps=num_steps,
-                  guidance=guidance, eta=eta, generator=generator, progress=progress).latents
-
-
-def decode(sd, latents: torch.Tensor) -> torch.Tensor:
-    """x_0 latents -> images [B, 3, H, W] in [0, 1] (the VAE works on latents / scaling_factor, in its dtype).
-    Differentiable: TailorPO-G's reward gradient (tailorpo.step_reward) flows through it."""
-    vae_dtype = next(sd.vae.parameters(), latents).dtype  # the toy's identity "VAE" has no parameters
-    images = sd.vae.decode(latents.to(vae_dtype) / sd.vae.config.scaling_factor)
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-@torch.no_grad()
-def generate(sd, prompts: list[str], **kwargs) -> torch.Tensor:
-    """Prompts -> images [B, 3, H, W] in [0, 1]; keyword arguments as generate_latents."""
-    return decode(sd, generate_latents(sd, prompts, **kwargs))
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

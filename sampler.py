@@ -1,21 +1,26 @@
-"""The DDIM sampling loop with classifier-free guidance, fused and free of host syncs.
+"""The DDIM sampling loop with classifier-free guidance, free of host syncs, and text-to-image on top of it.
 
 Implements
 - Classifier-free guidance (Ho & Salimans 2022, Eq. 6): eps_pred = eps_uncond + w (eps_cond - eps_uncond),
   w = guidance (diffusers' guidance_scale; the paper's w is our w - 1),
   from ONE UNet call on the batch [uncond; cond] (the order diffusers' StableDiffusionPipeline uses).
-- DDIM sampling (Song et al. 2021, Alg. of Sec. 4.2 with Eq. 12 and 16, see scheduler.py) from x_T to x_0.
-- Trajectory recording for the online methods (DDPO / D3PO / SPO / TailorPO): per step x_t, x_{t-1},
-  log p(x_{t-1} | x_t) and x0_pred.
+- DDIM sampling (Song et al. 2021, Alg. of Sec. 4.2 with Eq. 12 and 16, scheduler.ddim_step) from x_T to x_0.
+- Trajectory recording for the online methods: per step x_t, x_{t-1}, log p(x_{t-1} | x_t) and x0_pred.
+- Stable Diffusion's sampling procedure (Rombach et al. 2022, Sec. 3.3): prompts -> CLIP -> DDIM in latent
+  space -> VAE decode (`generate`), with diffusers' StableDiffusionPipeline defaults. x_T for seed S is drawn
+  as diffusers draws it with a CPU generator, torch.randn((N, C, H/f, W/f), generator=Generator("cpu")
+  .manual_seed(S)), and the noise of eta > 0 comes from the same generator afterwards, so images can be
+  compared with diffusers' for the same seed.
 
-Why it is fast: the per-step DDIM scalars are computed once before the loop ([S, 5] on the latents' device),
-so a step is one UNet call plus a handful of elementwise ops, with no .item() or Python number taken from a
-device tensor (no host sync, the GPU queue never drains).
+A step is one UNet call plus a handful of elementwise ops: the timesteps live on the latents' device and no
+.item() or Python number is taken from a device tensor (no host sync, the GPU queue never drains).
 
 Deviations
 1. Guidance runs only when guidance > 1 and uncond is given (as diffusers: guidance <= 1 uses cond alone).
 2. The recorded log_prob uses the "mean" convention (scheduler.gaussian_log_prob); the exact density is
    log_prob * C*H*W. With eta = 0 sigma_t = 0 and log_prob is NaN.
+3. generate keeps the latents in float32 whatever the UNet's dtype (diffusers: the pipeline dtype) and
+   casts only the UNet's input: the precision policy of train.py.
 """
 
 from dataclasses import dataclass
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from scheduler import NoiseSchedule, ddim_mean, gaussian_log_prob
+from scheduler import NoiseSchedule, gaussian_log_prob
 
 
 @dataclass
@@ -56,30 +61,78 @@ def guided_eps(unet, x_t, t, cond, uncond, guidance: float) -> torch.Tensor:
 def sample(unet, schedule: NoiseSchedule, cond, uncond, latents, num_steps: int = 50, guidance: float = 7.5,
            eta: float = 0.0, generator: torch.Generator | None = None, record: bool = False,
            progress: bool = True) -> SampleResult:
-    """DDIM from x_T = latents [B, C, h, w] to x_0. The noise of eta > 0 comes from `generator` (put it on the
-    latents' device to avoid a copy per step)."""
-    device, dtype = latents.device, latents.dtype
+    """DDIM from x_T = latents [B, C, h, w] to x_0. The noise of eta > 0 comes from `generator`, drawn on the
+    generator's device (a CPU generator gives diffusers' numbers; one on the latents' device saves a copy)."""
+    device = latents.device
     timesteps = schedule.ddim_timesteps(num_steps).to(device)
-    coefficients = schedule.ddim_coefficients(timesteps, num_steps, eta).T.to(dtype)  # [S, 5], row i = step i
     context = _context(cond, uncond, guidance)
     trajectory = {"x_t": [], "x_prev": [], "log_prob": [], "x0_pred": []}
     x_t = latents
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
         eps_pred = _eps(unet, x_t, timesteps[i], context, guidance)
-        mean, x0_pred = ddim_mean(x_t, eps_pred, *coefficients[i, :4])      # Eq. 9, Eq. 12 (DDIM)
-        sigma_t = coefficients[i, 4]                                         # Eq. 16 (DDIM)
+        noise = None
         if eta > 0:
             noise_device = generator.device if generator is not None else device
-            noise = torch.randn(x_t.shape, generator=generator, device=noise_device, dtype=dtype)
-            x_prev = mean + sigma_t * noise.to(device)                       # Eq. 12 (DDIM)
-        else:
-            x_prev = mean
+            noise = torch.randn(x_t.shape, generator=generator, device=noise_device).to(device)
+        step = schedule.ddim_step(eps_pred, timesteps[i], x_t, num_steps, eta, noise)  # Eq. 12, 16 (DDIM)
         if record:
-            log_prob = gaussian_log_prob(x_prev, mean, sigma_t)
-            for key, value in zip(trajectory, (x_t, x_prev, log_prob, x0_pred)):
+            log_prob = gaussian_log_prob(step.x_prev, step.mean, step.sigma_t)
+            for key, value in zip(trajectory, (x_t, step.x_prev, log_prob, step.x0_pred)):
                 trajectory[key].append(value)
-        x_t = x_prev
+        x_t = step.x_prev
     if not record:
         return SampleResult(latents=x_t, trajectory=None)
     trajectory = {key: torch.stack(values) for key, values in trajectory.items()}
     return SampleResult(latents=x_t, trajectory={"timesteps": timesteps, **trajectory})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text-to-image with a weights.StableDiffusion
+
+
+def image_size(sd, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """(height, width), None meaning the model's native size; checked against the VAE downsample factor f."""
+    factor = sd.vae.downsample_factor
+    native = sd.unet.config.sample_size * factor
+    height, width = height or native, width or native
+    if height % factor or width % factor or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {factor} (the VAE downsample "
+                         f"factor), got {height}x{width}")
+    return height, width
+
+
+def initial_latents(sd, num_images: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """x_T ~ N(0, I) [N, C, H/f, W/f] float32, drawn on the generator's device (CPU for diffusers parity)."""
+    height, width = image_size(sd, height, width)
+    factor = sd.vae.downsample_factor
+    shape = (num_images, sd.unet.config.in_channels, height // factor, width // factor)
+    return torch.randn(shape, generator=generator, device=generator.device)
+
+
+@torch.no_grad()
+def generate_latents(sd, prompts: list[str], negative_prompt: str | list[str] = "", num_steps: int = 50,
+                     guidance: float = 7.5, eta: float = 0.0, seed: int = 0, height: int | None = None,
+                     width: int | None = None, latents: torch.Tensor | None = None,
+                     progress: bool = True) -> torch.Tensor:
+    """One x_0 [B, C, H/f, W/f] (float32) per prompt. `latents` (x_T) replaces the seed's initial noise."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    device, dtype = sd.unet.conv_in.weight.device, sd.unet.conv_in.weight.dtype
+    generator = torch.Generator("cpu").manual_seed(seed)
+    if latents is None:
+        latents = initial_latents(sd, len(prompts), height, width, generator)
+    negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    cond = sd.encode_prompts(list(prompts)).to(dtype)
+    uncond = sd.encode_prompts(negative).to(dtype) if guidance > 1 else None
+
+    def unet(x_t, t, context):  # deviation 3: float32 latents, the UNet in its own dtype
+        return sd.unet(x_t.to(dtype), t, context).float()
+
+    return sample(unet, sd.schedule, cond, uncond, latents.to(device, torch.float32), num_steps=num_steps,
+                  guidance=guidance, eta=eta, generator=generator, progress=progress).latents
+
+
+@torch.no_grad()
+def generate(sd, prompts: list[str], **kwargs) -> torch.Tensor:
+    """Prompts -> images [B, 3, H, W] in [0, 1] float32; keyword arguments as generate_latents."""
+    return sd.decode_latents(generate_latents(sd, prompts, **kwargs))

@@ -14,21 +14,26 @@ Notation (paper -> diffusers DDIMScheduler -> here):
     alpha_bar_prev = alpha_bar_{t-1}   alpha_prod_t_prev            alpha_bar(prev_timestep(t, num_steps))
     t - 1 on the DDIM sub-sequence     prev_timestep                prev_timestep(t, num_steps)
     eps_pred = eps_theta(x_t, t)       model_output                 eps_pred
-    x0_pred = f_theta(x_t)             pred_original_sample         x0_from_eps / ddim_mean
-    sigma_t                            std_dev_t                    sigma (ddim_mean_std's std)
+    x0_pred = f_theta(x_t)             pred_original_sample         x0_from_eps, DDIMStep.x0_pred
+    sigma_t                            std_dev_t                    DDIMStep.sigma_t
     alpha_bar of "x_{-1}"              final_alpha_cumprod          alpha_bar(-1)
 
 Deviations from the papers / diffusers
-1. Betas and alphas_cumprod are computed in float64 (diffusers: float32), cast to the sample's dtype on use.
+1. Betas and alphas_cumprod are computed in float64 (diffusers: float32), cast on use to the sample's dtype,
+   at least float32: a bf16 x gives float32 results (the precision policy: x_t, means, log-probs in fp32).
 2. Only what SD1.5 needs: epsilon prediction, "leading" timestep spacing, no x0 clipping or thresholding.
    from_config raises on configs asking for anything else instead of silently sampling differently.
 3. All lookups take t as an int or a tensor of any shape on any device, and never sync with the host when t is
    already on the sample's device (the sampler's loop relies on this).
+
+Also here: keyed_randn / keyed_generator, the project's one source of training randomness (bottom).
 """
 
+import hashlib
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -91,7 +96,8 @@ class NoiseSchedule:
     def alpha_bar(self, t) -> torch.Tensor:
         """alpha_bar_t; t = -1 (or below) means the final alpha_bar after the last DDIM step."""
         t = torch.as_tensor(t)
-        return self._table(t.device)[t.clamp(min=-1) + 1]
+        index = (t.clamp(min=-1) + 1).reshape(-1)  # a 0-d index would be read on the host (a sync)
+        return self._table(t.device)[index].reshape(t.shape)
 
     def prev_timestep(self, t, num_steps: int):
         return t - self.num_train_timesteps // num_steps  # negative after the last step
@@ -103,51 +109,59 @@ class NoiseSchedule:
         step_ratio = self.num_train_timesteps // num_steps
         return (torch.arange(num_steps - 1, -1, -1) * step_ratio + self.steps_offset).long()
 
-    def ddim_coefficients(self, t, num_steps: int, eta: float) -> torch.Tensor:
-        """[5, *t.shape]: sqrt(alpha_bar_t), sqrt(1-alpha_bar_t), sqrt(alpha_bar_prev), direction, sigma_t."""
-        alpha_bar_t = self.alpha_bar(t)
-        alpha_bar_prev = self.alpha_bar(self.prev_timestep(torch.as_tensor(t), num_steps))
-        variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
-        sigma_t = eta * variance.sqrt()  # Eq. 16 (DDIM)
-        direction = (1 - alpha_bar_prev - sigma_t**2).sqrt()  # Eq. 12 (DDIM), coefficient of eps_pred
-        return torch.stack([alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt(), alpha_bar_prev.sqrt(), direction,
-                            sigma_t])
+    # ---- the processes (x: [B, ...], t: int, 0-d or [B]); arithmetic in at least float32
 
-    # ---- the processes (x: [B, ...], t: int, 0-d or [B])
-
-    def _per_sample(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return values.reshape(values.shape + (1,) * (x.ndim - values.ndim)).to(x.dtype)  # [B, 1, 1, 1]
+    def _per_sample(self, t, x: torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t shaped [B, 1, 1, 1] (or 0-d) in compute_dtype(x) (a bf16 x gets float32)."""
+        values = self.alpha_bar(torch.as_tensor(t, device=x.device))
+        return values.reshape(values.shape + (1,) * (x.ndim - values.ndim)).to(compute_dtype(x))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
-        alpha_bar_t = self._per_sample(self.alpha_bar(torch.as_tensor(t, device=x0.device)), x0)
+        alpha_bar_t = self._per_sample(t, x0)
         return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * noise  # Eq. 4 (DDPM)
 
     def x0_from_eps(self, x_t: torch.Tensor, eps_pred: torch.Tensor, t) -> torch.Tensor:
-        alpha_bar_t = self._per_sample(self.alpha_bar(torch.as_tensor(t, device=x_t.device)), x_t)
+        alpha_bar_t = self._per_sample(t, x_t)
         return (x_t - (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_bar_t.sqrt()  # Eq. 9 (DDIM), Tweedie
 
-    def ddim_mean_std(self, eps_pred, t, x_t, num_steps: int, eta: float):
-        """Mean and std (broadcastable to x_t) of p(x_{t-1} | x_t) = N(mean, sigma_t^2 I)."""
-        t = torch.as_tensor(t, device=x_t.device)
-        c = self.ddim_coefficients(t, num_steps, eta)
-        c = c.reshape(c.shape + (1,) * (x_t.ndim - t.ndim)).to(x_t.dtype)  # [5, B, 1, 1, 1]
-        mean, _ = ddim_mean(x_t, eps_pred, *c[:4])
-        return mean, c[4]
+    def ddim_step(self, eps_pred, t, x_t, num_steps: int, eta: float = 0.0, noise=None) -> "DDIMStep":
+        """One DDIM step x_t -> x_{t-1} (Eq. 12), in the stages of diffusers' DDIMScheduler.step.
 
-    def ddim_step(self, eps_pred, t, x_t, num_steps: int, eta: float = 0.0, noise=None, generator=None):
-        """x_{t-1} = mean + sigma_t z (Eq. 12); z is `noise` or drawn from `generator` when eta > 0."""
-        mean, std = self.ddim_mean_std(eps_pred, t, x_t, num_steps, eta)
-        if eta == 0:
-            return mean
-        if noise is None:
-            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return mean + std * noise
+        eps_pred, x_t: [B, C, h, w]; t: int, 0-d or [B] (rows may sit at different timesteps); noise: z of
+        the same shape, or None. Returns DDIMStep(x_prev, mean, sigma_t, x0_pred); x_prev = mean + sigma_t z,
+        or the mean when noise is None or eta = 0 (callers drawing several samples of one transition use
+        mean and sigma_t). Never reads a device value, so the sampler loop has no host sync.
+        """
+        # 1. the previous timestep on the DDIM sub-sequence (< 0 after the last step: final alpha_bar)
+        t_prev = self.prev_timestep(torch.as_tensor(t), num_steps)
+        # 2. alpha_bar_t and alpha_bar_prev, [B, 1, 1, 1]
+        alpha_bar_t, alpha_bar_prev = self._per_sample(t, x_t), self._per_sample(t_prev, x_t)
+        # 3. x0_pred, Tweedie's estimate of x_0 ("predicted x_0" of Eq. 12)
+        x0_pred = self.x0_from_eps(x_t, eps_pred, t)  # Eq. 9 (DDIM)
+        # 4. sigma_t(eta)
+        variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
+        sigma_t = eta * variance.sqrt()  # Eq. 16 (DDIM)
+        # 5. the "direction pointing to x_t" of Eq. 12
+        direction = (1 - alpha_bar_prev - sigma_t**2).sqrt() * eps_pred
+        # 6. the mean of p(x_{t-1} | x_t) = N(mean, sigma_t^2 I)
+        mean = alpha_bar_prev.sqrt() * x0_pred + direction  # Eq. 12 (DDIM) without sigma_t z
+        # 7. the sample
+        x_prev = mean if noise is None or eta == 0 else mean + sigma_t * noise  # Eq. 12 (DDIM)
+        return DDIMStep(x_prev, mean, sigma_t, x0_pred)
 
 
-def ddim_mean(x_t, eps_pred, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, sqrt_alpha_bar_prev, direction):
-    """Mean of the DDIM step and x0_pred; coefficients (rows of ddim_coefficients) broadcast against x_t."""
-    x0_pred = (x_t - sqrt_one_minus_alpha_bar * eps_pred) / sqrt_alpha_bar  # Eq. 9 (DDIM), Tweedie
-    return sqrt_alpha_bar_prev * x0_pred + direction * eps_pred, x0_pred  # Eq. 12 (DDIM) without sigma_t z
+class DDIMStep(NamedTuple):
+    """What one DDIM step computes; sigma_t is broadcastable to the others ([B, 1, 1, 1] or 0-d)."""
+
+    x_prev: torch.Tensor   # x_{t-1} = mean + sigma_t z (diffusers' prev_sample)
+    mean: torch.Tensor     # mu(x_t), the policy mean
+    sigma_t: torch.Tensor  # std_dev_t of Eq. 16
+    x0_pred: torch.Tensor  # Tweedie's x_0 estimate (diffusers' pred_original_sample)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of schedule arithmetic on x: x's own if at least float32 (float64 stays), else float32."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def gaussian_log_prob(x, mean, std, reduction: str = "mean") -> torch.Tensor:
@@ -169,3 +183,21 @@ def gaussian_log_prob(x, mean, std, reduction: str = "mean") -> torch.Tensor:
     if reduction == "sum":
         return log_density.sum(dims)
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Keyed randomness: every random draw of a training sample is a pure function of (seed, the sample's global
+# position in the data stream, a stream name), so N processes draw what one process with an N x batch draws,
+# and a resume on another process count continues the same streams.
+
+
+def keyed_generator(seed: int, position: int, stream: str) -> torch.Generator:
+    """A CPU generator seeded by a stable hash of (seed, position, stream) (Python's hash() is salted)."""
+    digest = hashlib.blake2b(f"{seed}/{position}/{stream}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def keyed_randn(seed: int, positions, shape, stream: str, device=None) -> torch.Tensor:
+    """Standard normal [len(positions), *shape] float32; row i a function of (seed, positions[i], stream)."""
+    rows = [torch.randn(tuple(shape), generator=keyed_generator(seed, p, stream)) for p in positions]
+    return torch.stack(rows).to(device)

@@ -1,8 +1,11 @@
 """Preference data: ties, malformed rows, a missing file and a corrupt JPEG are counted and skipped; winner
-first; the parquet path; the official transforms; resumable (and DDP-sharded) order; AI relabelling."""
+first; the parquet path; the official transforms (torchvision's resize rounding); resumable (and DDP-sharded)
+order for pairs.jsonl and parquet; parquet's windowed order reads each row group once per epoch, split
+between DataLoader workers by row group; `data.py inspect`; the validation split; AI relabelling."""
 
 import io
 import json
+import os
 import random
 
 import pytest
@@ -58,7 +61,7 @@ def test_ties_corrupt_and_missing_are_counted_and_skipped(pairs_folder):
     assert set(seen) == {"sun", "day"} and batches.step == 4
     assert len(stats.corrupt) == 1 and next(iter(stats.corrupt)).endswith("corrupt.jpg")
     summary = stats.summary()
-    assert "1 ties dropped" in summary and "1 missing and 1 corrupt images skipped" in summary
+    assert "1 ties dropped" in summary and "1 missing, 1 corrupt and 0 null images skipped" in summary
 
 
 def test_preprocess_matches_the_official_recipe():
@@ -91,13 +94,30 @@ def test_empty_prompt_dropout_rate(pairs_folder):
     assert 0.13 < prompts.count("") / 400 < 0.27
 
 
-def test_order_is_resumable_and_ddp_shards_one_big_batch(pairs_folder):
-    pairs = data.PreferencePairs(pairs_folder, resolution=8, seed=3)
+@pytest.fixture()
+def synthetic_shards(tmp_path):
+    """Pick-a-Pic-like parquet: 2 shards, 80 rows in row groups of 10 (8 ties), 16..24 px JPEGs."""
+    data.write_synthetic_pick_a_pic(tmp_path / "shards", 80, rows_per_group=10, rows_per_shard=40,
+                                    sizes=(16, 24), distinct_images=8)
+    return tmp_path / "shards"
+
+
+@pytest.fixture(params=["jsonl", "parquet"])
+def stream_source(request, pairs_folder, synthetic_shards):
+    return pairs_folder if request.param == "jsonl" else synthetic_shards
+
+
+def test_order_is_resumable_and_ddp_shards_one_big_batch(stream_source):
+    """The data half of train.py's resume and DDP tests, for both sources: a resumed stream (fresh process
+    state, worker processes) continues exactly; 2 ranks x batch 2 = 1 process x batch 4, with positions."""
+    pairs = data.PreferencePairs(stream_source, resolution=8, seed=3, window=2)
     run = [batch for _, batch in zip(range(5), data.PairBatches(pairs, batch_size=2))]
-    resumed = data.PairBatches(data.PreferencePairs(pairs_folder, resolution=8, seed=3), 2, start_step=3,
-                               num_workers=2)  # a fresh process state and worker processes
+    assert [p for batch in run for p in batch["positions"]] == list(range(10))
+    resumed = data.PairBatches(data.PreferencePairs(stream_source, resolution=8, seed=3, window=2), 2,
+                               start_step=3, num_workers=2)  # a fresh process state and worker processes
     for expected, batch in zip(run[3:], resumed):
         assert batch["prompts"] == expected["prompts"] and torch.equal(batch["rows"], expected["rows"])
+        assert batch["positions"] == expected["positions"]
         assert torch.equal(batch["pixels_w"], expected["pixels_w"])
         assert torch.equal(batch["pixels_l"], expected["pixels_l"])
     assert resumed.step == 5
@@ -108,6 +128,112 @@ def test_order_is_resumable_and_ddp_shards_one_big_batch(pairs_folder):
     halves = [next(iter(data.PairBatches(pairs, 2, start_step=1, rank=r, world_size=2))) for r in (0, 1)]
     assert torch.equal(torch.cat([h["pixels_w"] for h in halves]), big["pixels_w"])
     assert halves[0]["prompts"] + halves[1]["prompts"] == big["prompts"]
+    assert halves[0]["positions"] + halves[1]["positions"] == big["positions"] == [4, 5, 6, 7]
+
+
+def test_parquet_order_reads_each_row_group_once_per_epoch(synthetic_shards, monkeypatch):
+    pairs = data.PreferencePairs(synthetic_shards, resolution=8, window=3)
+    assert (len(pairs), pairs.stats.ties, len(pairs.groups)) == (72, 8, 8)
+    group_of = {row: ref[0] for row, (_, ref, _, _) in enumerate(pairs.rows)}
+    for epoch in (0, 1):
+        rows, slots = pairs.order(epoch)
+        assert sorted(rows.tolist()) == list(range(72))  # every pair once per epoch
+        for group in range(8):  # a group's 9 rows land within one window of 3 groups (<= 27 positions)
+            where = [i for i, row in enumerate(rows) if group_of[int(row)] == group]
+            assert len(where) == 9 and where[-1] - where[0] < 27 and len(set(slots[where].tolist())) == 1
+    assert not (pairs.order(0)[0] == pairs.order(1)[0]).all()
+
+    reads = []
+    original = data.PreferencePairs._read_group
+    monkeypatch.setattr(data.PreferencePairs, "_read_group",
+                        lambda self, group: reads.append(group) or original(self, group))
+    assert len(list(zip(range(36), data.PairBatches(pairs, batch_size=4)))) == 36  # two epochs
+    assert sorted(reads) == sorted(list(range(8)) * 2)  # once per epoch
+    stats = pairs.stats
+    assert stats.bytes_read / stats.image_bytes < 1.2  # the image columns' own bytes (+ parquet headers)
+
+    full = data.PreferencePairs(synthetic_shards, resolution=8, window=0)  # the old order: a full shuffle
+    reads.clear()
+    assert len(list(zip(range(18), data.PairBatches(full, batch_size=4)))) == 18
+    assert len(reads) > 40 and full.stats.bytes_read / full.stats.image_bytes > 4
+
+
+def test_workers_split_the_work_by_row_group(synthetic_shards, tmp_path, monkeypatch):
+    """Two DataLoader workers never read the same row group, and give the batches of the main process."""
+    log = tmp_path / "reads.txt"
+    original = data.PreferencePairs._read_group
+
+    def logged(self, group):  # runs in the forked workers: append "pid epoch group" to a file
+        with open(log, "a") as file:
+            file.write(f"{os.getpid()} {self._cache['key'][1]} {group}\n")
+        return original(self, group)
+
+    monkeypatch.setattr(data.PreferencePairs, "_read_group", logged)
+    pairs = data.PreferencePairs(synthetic_shards, resolution=8, window=4)
+    in_process = [b for _, b in zip(range(18), data.PairBatches(pairs, batch_size=4))]  # one epoch
+    log.write_text("")
+    with_workers = [b for _, b in zip(range(18), data.PairBatches(pairs, batch_size=4, num_workers=2))]
+    for expected, batch in zip(in_process, with_workers):
+        assert batch["positions"] == expected["positions"]
+        assert torch.equal(batch["pixels_w"], expected["pixels_w"])
+    reads = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]  # prefetch: epoch 1 too
+    assert sorted(group for _, epoch, group in reads if epoch == 0) == list(range(8))  # once, by one worker
+    assert len({(epoch, group) for _, epoch, group in reads}) == len(reads)
+    assert len({pid for pid, _, _ in reads}) == 2 and os.getpid() not in {pid for pid, _, _ in reads}
+
+
+def test_inspect_counts_ties_corrupt_and_null_cells(tmp_path, capsys):
+    import pyarrow as pa  # a dev requirement; the library imports it lazily
+    import pyarrow.parquet as pq
+
+    good = data.synthetic_jpegs(2, sizes=(20, 28))
+    table = pa.table({
+        "caption": ["a", "tie", "corrupt", "null", "b", "c"],
+        "jpg_0": [good[0], good[0], good[0][:200], None, good[1], good[0]],
+        "jpg_1": [good[1], good[1], good[1], good[1], good[0], good[1]],
+        "label_0": [1.0, 0.5, 1.0, 0.0, 0.0, 1.0],
+    })
+    pq.write_table(table, tmp_path / "train-0.parquet", row_group_size=3)
+    data.main(["inspect", str(tmp_path), "--full", "--resolution", "16", "--batch_size", "2"])
+    out = capsys.readouterr().out
+    assert "6 rows in 2 row groups" in out and "5 usable" in out and "1 ties" in out
+    assert "1 corrupt and 1 null images" in out and "pairs/s" in out and "read amplification" in out
+    report = data.inspect(tmp_path, full=True, resolution=16, progress=False)
+    counts = [report[key] for key in ("pairs", "ties", "corrupt", "null", "missing")]
+    assert counts == [5, 1, 1, 1, 0]
+    with pytest.raises(SystemExit):
+        data.main(["inspect", str(tmp_path / "nope")])
+
+
+def test_validation_split_is_fixed_held_out_and_unaugmented(stream_source):
+    pairs = data.PreferencePairs(stream_source, resolution=8, seed=1, random_crop=True, prompt_dropout=0.5)
+    n = 1 if len(pairs) < 10 else 12
+    train, val = pairs.split_validation(n)
+    assert len(val) == n and len(train) == len(pairs) - n
+    assert not {row[1] for row in train.rows} & {row[1] for row in val.rows}  # never trained on
+    assert [row[1] for row in pairs.split_validation(n)[1].rows] == [row[1] for row in val.rows]  # fixed
+    if val.groups:  # parquet: whole row groups (9 usable rows each) and a part of one more
+        assert len({row[1][0] for row in val.rows}) == 2
+    first, second = val.batches(5), val.batches(5)
+    positions = [p for batch in first for p in batch["positions"]]
+    assert positions == [data.VALIDATION_POSITIONS + i for i in range(len(positions))]
+    for a, b in zip(first, second):  # deterministic: center crop, no flip, no prompt dropout
+        assert torch.equal(a["pixels_w"], b["pixels_w"]) and a["prompts"] == a["captions"] == b["prompts"]
+    served = {train.rows[row][1] for _, batch in zip(range(20), data.PairBatches(train, 4))
+              for row in batch["rows"].tolist()}
+    assert served and not served & {row[1] for row in val.rows}
+    with pytest.raises(ValueError, match="--val_pairs"):
+        pairs.split_validation(len(pairs))
+
+
+@pytest.mark.parametrize("size", [(392, 392), (784, 784), (1568, 1568), (392, 784), (1568, 784)])
+def test_resize_rounds_like_torchvision(size):
+    """Short side -> R exactly, long side int(R * long / short): no black row, random crop works."""
+    white = Image.new("RGB", size, (255, 255, 255))
+    center = data.preprocess(white, 512, rng=None)
+    assert center.shape == (3, 512, 512) and torch.equal(center, torch.ones_like(center))
+    crop = data.preprocess(white, 512, random.Random(0), random_crop=True)
+    assert crop.shape == (3, 512, 512) and torch.equal(crop, torch.ones_like(crop))
 
 
 def test_pick_a_pic_parquet_shards(tmp_path):
@@ -147,8 +273,8 @@ def test_ai_feedback_relabelling_flips_pairs(tmp_path):
     pairs = data.PreferencePairs(tmp_path, resolution=8, prompt_dropout=0.5)
     batch = next(iter(data.PairBatches(pairs, batch_size=3)))
     human = (batch["pixels_w"].mean(dim=(1, 2, 3)) > batch["pixels_l"].mean(dim=(1, 2, 3))).tolist()
-    relabelled = data.relabel_with_reward(batch, brightness)  # online, as the official --choice_model
-    assert relabelled["relabelled"] == human.count(False) == 2
+    relabelled, count = data.relabel_with_reward(batch, brightness)  # online, as the official --choice_model
+    assert count == human.count(False) == 2
     assert (relabelled["pixels_w"].mean(dim=(1, 2, 3)) > relabelled["pixels_l"].mean(dim=(1, 2, 3))).all()
     assert relabelled["prompts"] == batch["prompts"]
 

@@ -1,51 +1,52 @@
-"""Diffusion-DPO loss golden numbers (log 2 at init, a hand-computed value, gradient signs, equality with the
-paper's Eq. 14 under the official scaling) and the model-calling steps (shared noise/timestep, one forward
-each)."""
+"""The DPO objective and Diffusion-DPO: golden numbers (log 2 at init, a hand-computed value, gradient signs,
+equality with the paper's Eq. 14 under the official scaling), the mask, and the model-calling steps (shared
+noise/timestep, one forward each, keyed randomness, float32 under autocast, step-0 identities)."""
 
 import copy
-import functools
 import math
 
+import pytest
 import torch
 
 import dpo
 import lora
-from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from scheduler import NoiseSchedule
-from unet import UNet2DConditionModel, UNetConfig
-from vae import AutoencoderKL, VAEConfig
-from weights import StableDiffusion
+from conftest import make_tiny_sd
 
 
 def test_policy_equal_to_reference_gives_log2_and_documented_accuracy():
     err_w, err_l = torch.rand(6), torch.rand(6)
-    loss, metrics = dpo.diffusion_dpo_loss(err_w, err_l, err_w.clone(), err_l.clone(), beta=5000.0)
-    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
-    assert metrics["implicit_acc"].item() == 0.0  # official: a tie counts as wrong
+    log_ratio_w = dpo.diffusion_log_ratio(err_w, err_w.clone())  # policy error == reference error
+    log_ratio_l = dpo.diffusion_log_ratio(err_l, err_l.clone())
+    loss, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, beta=5000.0)
+    assert loss.item() == torch.tensor(2.0).log().item()  # exactly log 2 (in float32)
+    assert metrics["implicit_accuracy"].item() == 0.0  # official: a tie counts as wrong
     assert metrics["reward_margin"].item() == 0.0
-    _, metrics = dpo.diffusion_dpo_loss(err_w, err_l, err_w.clone(), err_l.clone(), tie_credit=0.5)
-    assert metrics["implicit_acc"].item() == 0.5  # the diffusers convention
+    _, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, 5000.0, tie_credit=0.5)
+    assert metrics["implicit_accuracy"].item() == 0.5  # the diffusers convention
 
 
 def test_hand_computed_value():
-    # pair 1: the policy beats the reference on the winner -> inside = -0.5*100*((0.10-0.12) - 0) = +1
-    # pair 2: the reference prefers the winner, the policy does not -> inside = -0.5*100*(0 + 0.02) = -1
+    # pair 1: the policy beats the reference on the winner -> logits*beta = -0.5*100*((0.10-0.12) - 0) = +1
+    # pair 2: the reference prefers the winner, the policy does not -> -0.5*100*(0 + 0.02) = -1
     model_w, model_l = torch.tensor([0.10, 0.20]), torch.tensor([0.12, 0.20])
     ref_w, ref_l = torch.tensor([0.11, 0.19]), torch.tensor([0.11, 0.21])
-    loss, metrics = dpo.diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, beta=100.0)
+    log_ratio_w = dpo.diffusion_log_ratio(model_w, ref_w)
+    log_ratio_l = dpo.diffusion_log_ratio(model_l, ref_l)
+    loss, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, beta=100.0)
     expected = 0.5 * (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0)))  # -log sigmoid(x) = log(1+e^-x)
     assert math.isclose(loss.item(), expected, rel_tol=1e-5)  # 0.81326...
     assert math.isclose(expected, 0.8132616875182228, rel_tol=1e-12)
-    assert metrics["implicit_acc"].item() == 0.5
+    assert metrics["implicit_accuracy"].item() == 0.5
     assert abs(metrics["reward_margin"].item()) < 1e-5
-    assert math.isclose(metrics["model_err_w"].item(), 0.15, rel_tol=1e-6)
-    assert math.isclose(metrics["ref_err_l"].item(), 0.16, rel_tol=1e-6)
+    assert set(metrics) == {"loss", "implicit_accuracy", "reward_margin"}
 
 
 def test_gradient_lowers_winner_error_and_raises_loser_error():
     model_w, model_l = torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True)
     ref_w, ref_l = torch.rand(4), torch.rand(4)
-    loss, _ = dpo.diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, beta=10.0)
+    log_ratio_w = dpo.diffusion_log_ratio(model_w, ref_w)
+    log_ratio_l = dpo.diffusion_log_ratio(model_l, ref_l)
+    loss, _ = dpo.dpo_loss(log_ratio_w, log_ratio_l, 10.0)
     loss.backward()
     assert (model_w.grad > 0).all()  # descent lowers the policy's error on the preferred image
     assert (model_l.grad < 0).all()  # ... and raises it on the dis-preferred one
@@ -73,19 +74,33 @@ def test_equals_direct_transcription_of_paper_eq14():
     paper = -torch.log(torch.sigmoid(-beta_paper * T * omega * bracket)).mean()
 
     mse = dpo.per_sample_mse
-    errors = mse(theta_w, eps_w), mse(theta_l, eps_l), mse(ref_w, eps_w), mse(ref_l, eps_l)
-    ours, _ = dpo.diffusion_dpo_loss(*errors, beta=beta_code)
+    log_ratio_w = dpo.diffusion_log_ratio(mse(theta_w, eps_w), mse(ref_w, eps_w))
+    log_ratio_l = dpo.diffusion_log_ratio(mse(theta_l, eps_l), mse(ref_l, eps_l))
+    ours, _ = dpo.dpo_loss(log_ratio_w, log_ratio_l, beta=beta_code)
     torch.testing.assert_close(ours, paper, rtol=1e-5, atol=1e-6)
     assert 0.05 < paper.item() < 5  # a non-degenerate value (neither saturated nor log 2)
     assert not math.isclose(paper.item(), math.log(2), rel_tol=1e-3)
 
 
-def test_per_sample_mse_and_sft_loss():
+def test_mask_counts_only_kept_pairs_and_keeps_the_graph():
+    log_ratio_w, log_ratio_l = torch.randn(6, requires_grad=True), torch.randn(6)
+    mask = torch.tensor([1.0, 0, 1, 0, 0, 1])
+    loss, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, 2.0, mask=mask)
+    kept = mask.bool()
+    expected, expected_metrics = dpo.dpo_loss(log_ratio_w[kept], log_ratio_l[kept], 2.0)
+    torch.testing.assert_close(loss, expected)
+    for key in expected_metrics:
+        torch.testing.assert_close(metrics[key], expected_metrics[key])
+    loss, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, 2.0, mask=torch.zeros(6))  # nothing counts
+    loss.backward()  # still a graph through the inputs (DDP needs the same backward on every rank)
+    assert loss.item() == 0 and torch.equal(log_ratio_w.grad, torch.zeros(6))
+    assert set(metrics) == set(expected_metrics) and metrics["implicit_accuracy"] == 0
+
+
+def test_per_sample_mse():
     eps_pred, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
     expected = torch.stack([((eps_pred[i] - noise[i]) ** 2).mean() for i in range(3)])
     torch.testing.assert_close(dpo.per_sample_mse(eps_pred, noise), expected)
-    loss, _ = dpo.sft_loss(eps_pred, noise)
-    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(eps_pred, noise))
 
 
 # ---- the model-calling steps, with tiny models
@@ -104,29 +119,20 @@ class Recorder(torch.nn.Module):
         return self.unet(x_t, t, context)
 
 
-@functools.cache
-def tokenizer():
-    return CLIPTokenizer.default()
-
-
-def tiny_sd(seed=0):
-    """weights.StableDiffusion made of the tiny presets (random weights)."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(UNetConfig.tiny())
-    vae = AutoencoderKL(VAEConfig.tiny()).requires_grad_(False)
-    text_encoder = CLIPTextModel(CLIPTextConfig.tiny()).requires_grad_(False)
-    return StableDiffusion(unet, vae, text_encoder, tokenizer(), NoiseSchedule.sd15())
-
-
-def pixel_batch(batch_size=2, size=64, seed=3):
+def pixel_batch(batch_size=2, size=64, seed=3, first_position=0):
     g = torch.Generator().manual_seed(seed)
     pixels = torch.rand(2 * batch_size, 3, size, size, generator=g) * 2 - 1
-    prompts = ["a cat", "a red dog"][:batch_size]
-    return {"pixels_w": pixels[:batch_size], "pixels_l": pixels[batch_size:], "prompts": prompts}
+    prompts = ["a cat", "a red dog", "a tree", "a blue car"][:batch_size]
+    return {"pixels_w": pixels[:batch_size], "pixels_l": pixels[batch_size:], "prompts": prompts,
+            "positions": list(range(first_position, first_position + batch_size))}
+
+
+def half(batch, rows):
+    return {key: value[rows] for key, value in batch.items()}
 
 
 def test_dpo_train_step_shares_noise_and_timestep_with_one_forward_each():
-    sd = tiny_sd()
+    sd = make_tiny_sd()
     reference = Recorder(copy.deepcopy(sd.unet).requires_grad_(False))
     sd.unet = Recorder(sd.unet)
     noised = []
@@ -134,7 +140,7 @@ def test_dpo_train_step_shares_noise_and_timestep_with_one_forward_each():
     sd.schedule.add_noise = lambda x0, noise, t: noised.append((x0, noise, t)) or add_noise(x0, noise, t)
 
     batch = pixel_batch()
-    loss, metrics = dpo.dpo_train_step(sd, reference, batch, 5000.0, torch.Generator().manual_seed(0))
+    loss, metrics = dpo.dpo_train_step(sd, reference, batch, 5000.0, seed=0)
     assert len(sd.unet.calls) == 1 and len(reference.calls) == 1  # ONE policy and ONE reference forward
     (x_t, t, context, grad_on), (x_t_ref, t_ref, _, ref_grad_on) = sd.unet.calls[0], reference.calls[0]
     assert grad_on and not ref_grad_on
@@ -145,31 +151,112 @@ def test_dpo_train_step_shares_noise_and_timestep_with_one_forward_each():
     assert not torch.equal(x0[:2], x0[2:])  # ... on different images: winners first, then losers
     torch.testing.assert_close(context[:2], context[2:], rtol=0, atol=0)  # caption repeated for the loser
     # policy == reference at init: loss log 2, accuracy 0 (ties count as wrong)
-    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6) and metrics["implicit_acc"].item() == 0.0
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6) and metrics["implicit_accuracy"].item() == 0.0
+    assert set(metrics) == {"loss", "implicit_accuracy", "reward_margin", "model_err_w", "model_err_l",
+                            "ref_err_w", "ref_err_l"}
     loss.backward()
     assert all(p.grad is not None for p in sd.unet.parameters())
-    # the same generator seed gives the same step (train.py's exact resume relies on this)
+    # the same seed gives the same step (exact resume); another seed other noise
     sd.unet.calls.clear()
-    dpo.dpo_train_step(sd, reference, batch, 5000.0, generator=torch.Generator().manual_seed(0))
+    dpo.dpo_train_step(sd, reference, batch, 5000.0, seed=0)
+    dpo.dpo_train_step(sd, reference, batch, 5000.0, seed=1)
     torch.testing.assert_close(sd.unet.calls[0][0], x_t, rtol=0, atol=0)
+    assert not torch.equal(sd.unet.calls[1][0], x_t)
 
 
-def test_dpo_step_with_lora_reference_and_sft_step():
-    sd = tiny_sd()
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_two_half_batches_equal_one_full_batch(method):
+    """Every draw is keyed by (seed, position): two processes with half batches see exactly the noise, t and
+    VAE sample of one process with the full batch, so their mean loss (and gradient) is the full batch's."""
+    sd = make_tiny_sd()
+    policy = copy.deepcopy(sd.unet)
+    with torch.no_grad():  # a policy != reference, so the loss is not log 2 everywhere
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    sd.unet = policy
+    reference = copy.deepcopy(make_tiny_sd().unet).requires_grad_(False)
+    batch = pixel_batch(batch_size=4, first_position=100)
+
+    def step(b):
+        if method == "dpo":
+            return dpo.dpo_train_step(sd, reference, b, 500.0, seed=7)
+        return dpo.sft_train_step(sd, b, seed=7)
+
+    sd.unet.zero_grad()
+    full_loss, full_metrics = step(batch)
+    full_loss.backward()
+    full_grad = [p.grad.clone() for p in sd.unet.parameters()]
+    sd.unet.zero_grad()
+    halves = [step(half(batch, slice(0, 2))), step(half(batch, slice(2, 4)))]
+    (sum(loss for loss, _ in halves) / 2).backward()
+    torch.testing.assert_close(sum(loss for loss, _ in halves) / 2, full_loss, rtol=1e-5, atol=1e-6)
+    for key, value in full_metrics.items():
+        torch.testing.assert_close(sum(m[key] for _, m in halves) / 2, value, rtol=1e-5, atol=1e-6)
+    grad = torch.cat([p.grad.flatten() for p in sd.unet.parameters()])
+    full_grad = torch.cat([g.flatten() for g in full_grad])
+    assert (grad - full_grad).abs().max() <= 1e-4 * full_grad.abs().max()  # up to the order of float sums
+    assert not math.isclose(full_loss.item(), math.log(2), rel_tol=1e-4)
+
+
+def test_latents_noise_and_x_t_are_float32_under_bf16_autocast():
+    """Precision policy: a bf16 VAE and text encoder, the step under torch.autocast(bf16): the VAE output,
+    eps and x_t stay float32 (issue: add_noise used to cast to a bf16 latent dtype)."""
+    sd = make_tiny_sd()
+    sd.vae.to(torch.bfloat16)
+    sd.text_encoder.to(torch.bfloat16)
+    seen, add_noise = {}, sd.schedule.add_noise
+
+    def recording_add_noise(x0, noise, t):
+        seen.update(x0=x0, noise=noise, x_t=add_noise(x0, noise, t))
+        return seen["x_t"]
+
+    sd.schedule.add_noise = recording_add_noise
+    reference = copy.deepcopy(sd.unet).requires_grad_(False)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, _ = dpo.dpo_train_step(sd, reference, pixel_batch(), 5000.0, seed=0)
+        assert sd.encode_prompts(["a cat"]).dtype == torch.float32
+    assert seen["x_t"].dtype == seen["x0"].dtype == seen["noise"].dtype == loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_step0_with_lora_is_log2_and_accuracy_0_exactly(autocast):
+    sd = make_tiny_sd()
     lora.inject_lora(sd.unet, rank=2)
 
     def reference(x_t, t, context):
         with lora.lora_disabled(sd.unet):
             return sd.unet(x_t, t, context)
 
-    batch = pixel_batch()
-    loss, _ = dpo.dpo_train_step(sd, reference, batch, 5000.0, generator=torch.Generator().manual_seed(1))
-    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)  # B = 0: adapters on == adapters off
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        loss, metrics = dpo.dpo_train_step(sd, reference, pixel_batch(), 5000.0, seed=1)
+    assert loss.item() == torch.tensor(2.0).log().item()  # B = 0: adapters on == adapters off, bit for bit
+    assert metrics["implicit_accuracy"].item() == 0.0 and metrics["reward_margin"].item() == 0.0
     loss.backward()
     lora_B = [m.lora_B.weight for _, m in lora._lora_modules(sd.unet)]
     assert any(w.grad.abs().max() > 0 for w in lora_B)
 
+
+def test_sft_step_uses_the_winners_only():
+    sd = make_tiny_sd()
+    batch = pixel_batch()
     batch["pixels_l"] = torch.full_like(batch["pixels_l"], float("nan"))  # SFT never looks at the losers
     sd.unet = Recorder(sd.unet)
-    loss, metrics = dpo.sft_train_step(sd, batch, generator=torch.Generator().manual_seed(2))
+    loss, metrics = dpo.sft_train_step(sd, batch, seed=2)
     assert torch.isfinite(loss) and len(sd.unet.calls) == 1 and sd.unet.calls[0][0].shape[0] == 2
+    assert set(metrics) == {"loss", "model_err_w"}
+
+
+def test_encode_images_is_the_posterior_sample_in_float32():
+    sd = make_tiny_sd()
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    posterior = sd.vae.encode(pixels)
+    expected = (posterior.mean + posterior.std * noise) * sd.vae.config.scaling_factor
+    torch.testing.assert_close(sd.encode_images(pixels, noise), expected)
+    torch.testing.assert_close(sd.encode_images(pixels), posterior.mean * sd.vae.config.scaling_factor)
+    sd.vae.to(torch.bfloat16)
+    with torch.autocast("cpu", torch.bfloat16):
+        latents = sd.encode_images(pixels, noise)
+        images = sd.decode_latents(latents)
+    assert latents.dtype == images.dtype == torch.float32 and images.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(latents, expected, rtol=0.05, atol=0.05)  # bf16 weights: close, not equal

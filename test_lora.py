@@ -104,3 +104,23 @@ def test_saved_file_loads_in_diffusers(tmp_path):
     with lora.lora_disabled(ours):
         assert (expected - ours(x, t, context)).abs().max() > 1e-3  # the adapter is not a no-op
     torch.testing.assert_close(pipeline.unet(x, t, context).sample, expected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_bf16_merge_equals_the_fp32_merge_cast_to_bf16():
+    """merge_lora adds B A in float32 and rounds once: adding a small update in bf16 would lose much of it."""
+    unet = tiny_unet().to(torch.bfloat16)
+    lora.inject_lora(unet, rank=4)
+    for _, module in lora._lora_modules(unet):  # updates of rms ~1e-3 relative to weights of rms ~0.1
+        module.lora_B.weight.normal_(std=1e-3, generator=torch.Generator().manual_seed(0))
+    fp32 = tiny_unet()
+    lora.inject_lora(fp32, rank=4)
+    fp32.load_state_dict({key: value.float() for key, value in unet.state_dict().items()})
+    naive = {name: (m.weight + (m.scale * m.lora_B.weight @ m.lora_A.weight).to(m.weight.dtype))
+             for name, m in lora._lora_modules(unet)}  # what an in-dtype add would give
+    lora.merge_lora(unet)
+    lora.merge_lora(fp32)
+    merged, expected = unet.state_dict(), fp32.state_dict()
+    assert all(merged[key].dtype == torch.bfloat16 and torch.equal(merged[key], expected[key].bfloat16())
+               for key in merged)
+    assert any(not torch.equal(naive[name], merged[f"{name}.weight"]) for name in naive)  # the test can fail

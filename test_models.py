@@ -1,27 +1,34 @@
-"""Tests for unet.py and weights.py: our UNet is the diffusers UNet; every public file format loads strictly.
+"""Tests for unet.py, vae.py and weights.py: our UNet and VAE are diffusers'; every public file format loads
+strictly.
 
 References (test-only): diffusers UNet2DConditionModel / AutoencoderKL and its LDM converter, transformers
-CLIPTextModel. The checkpoints are the tiny conftest fixtures, written by diffusers `save_pretrained`.
-CPU, fp32. Deviations: none.
+CLIPTextModel. The checkpoints are the tiny conftest fixtures, written by diffusers `save_pretrained`, or
+reference models with random weights saved the same way. CPU, fp32. Deviations: none.
 """
 
+import json
 import os
 import pickle
+import shutil
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from clip import CLIPTextConfig
-from conftest import diffusers_to_ldm
+from conftest import diffusers_to_ldm, max_err, perturb_norms, shapes
 from unet import UNet2DConditionModel, UNetConfig
-from vae import VAEConfig
+from vae import AutoencoderKL, VAEConfig, convert_legacy_vae_keys
 from weights import (
     CheckpointError,
     StableDiffusion,
     ldm_to_diffusers,
     load_single_file,
     load_stable_diffusion,
+    load_strict,
     load_unet,
     read_state_dict,
 )
@@ -76,11 +83,12 @@ def test_sd15_unet_keys_shapes_and_parameter_count_on_meta():
     with torch.device("meta"):
         ours = UNet2DConditionModel(UNetConfig.sd15())
         reference = DiffusersUNet(**UNetConfig.sd15().to_diffusers())
-    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    assert ours_shapes == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    assert len(ours_shapes) == 686
+    assert shapes(ours.state_dict()) == shapes(reference.state_dict())
+    assert len(ours.state_dict()) == 686
     assert sum(p.numel() for p in ours.parameters()) == 859_520_964
     assert UNetConfig.from_diffusers(dict(reference.config)) == UNetConfig.sd15()
+    up_inputs = [[resnet.conv1.in_channels for resnet in level.resnets] for level in ours.up_blocks]
+    assert up_inputs == [[2560] * 3, [2560, 2560, 1920], [1920, 1280, 960], [960, 640, 640]]  # unet.py table
 
 
 def test_gradient_checkpointing_gives_the_same_values_and_gradients():
@@ -98,6 +106,102 @@ def test_gradient_checkpointing_gives_the_same_values_and_gradients():
     torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-6)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VAE parity
+
+VAE_CONFIGS = {"tiny": VAEConfig.tiny(),
+               "3-level": VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
+                                    latent_channels=3, sample_size=32)}
+
+
+def saved_diffusers_vae(config: VAEConfig, folder: Path):
+    from diffusers import AutoencoderKL as ReferenceVAE
+
+    torch.manual_seed(0)
+    reference = perturb_norms(ReferenceVAE(**config.to_diffusers())).eval()
+    reference.save_pretrained(folder, safe_serialization=True)
+    return reference, folder / "diffusion_pytorch_model.safetensors"
+
+
+def load_our_vae(folder: Path, weights_file: Path) -> AutoencoderKL:
+    config = VAEConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
+    state = convert_legacy_vae_keys(read_state_dict(weights_file))
+    return load_strict(AutoencoderKL(config), state, str(weights_file)).eval()
+
+
+@pytest.mark.parametrize("name", VAE_CONFIGS)
+def test_vae_encode_decode_match_diffusers(name, tmp_path):
+    reference, weights_file = saved_diffusers_vae(VAE_CONFIGS[name], tmp_path)
+    ours = load_our_vae(tmp_path, weights_file)
+    f = ours.downsample_factor
+    assert f == 2 ** (len(VAE_CONFIGS[name].block_out_channels) - 1)
+    x = torch.rand(2, 3, 4 * f, 6 * f, generator=torch.Generator().manual_seed(1)) * 2 - 1  # non-square
+    with torch.no_grad():
+        posterior, expected = ours.encode(x), reference.encode(x).latent_dist
+        assert max_err(posterior.mean, expected.mean) <= 1e-4
+        assert max_err(posterior.logvar, expected.logvar) <= 1e-4
+        assert max_err(posterior.std, expected.std) <= 1e-4
+        sample = posterior.sample(torch.Generator().manual_seed(3))
+        assert max_err(sample, expected.sample(torch.Generator().manual_seed(3))) <= 1e-4
+        assert torch.equal(posterior.mode(), posterior.mean)
+        z = torch.randn(2, ours.config.latent_channels, 5, 3, generator=torch.Generator().manual_seed(2))
+        decoded = ours.decode(z)
+        assert decoded.shape == (2, 3, 5 * f, 3 * f)
+        assert max_err(decoded, reference.decode(z).sample) <= 1e-4
+
+
+@pytest.mark.parametrize("conv_shaped", [False, True], ids=["legacy-names", "legacy-names-1x1-conv"])
+def test_vae_legacy_attention_names_load(conv_shaped, tmp_path):
+    """The public SD1.5 vae file uses query/key/value/proj_attn (diffusers renames them at load; we check
+    that it accepts our legacy file), LDM files [C, C, 1, 1] 1x1-conv shapes: both give identical outputs."""
+    from diffusers import AutoencoderKL as ReferenceVAE
+    from safetensors.torch import load_file, save_file
+
+    reference, weights_file = saved_diffusers_vae(VAEConfig.tiny(), tmp_path)
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for key, tensor in load_file(weights_file).items():
+        for new, old in legacy.items():
+            if f".attentions.0.{new}." in key:
+                key = key.replace(f".{new}.", f".{old}.")
+                tensor = tensor[:, :, None, None] if conv_shaped and tensor.ndim == 2 else tensor
+        renamed[key] = tensor
+    assert sum(".query." in key for key in renamed) == 4  # encoder and decoder: weight + bias
+    save_file(renamed, weights_file)
+    ours = load_our_vae(tmp_path, weights_file)
+    x = torch.rand(1, 3, 16, 24) * 2 - 1
+    with torch.no_grad():
+        expected = reference.encode(x).latent_dist.mean
+        assert max_err(ours.encode(x).mean, expected) <= 1e-5
+        if not conv_shaped:  # diffusers renames but does not reshape
+            diffusers_loaded = ReferenceVAE.from_pretrained(tmp_path).eval()
+            assert max_err(diffusers_loaded.encode(x).latent_dist.mean, expected) <= 1e-5
+
+
+def test_vae_bad_checkpoint_names_the_key(tmp_path):
+    _, weights_file = saved_diffusers_vae(VAEConfig.tiny(), tmp_path)
+    state = read_state_dict(weights_file)
+    state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"][:2]
+    with pytest.raises(CheckpointError, match="decoder.conv_out.weight"):
+        load_strict(AutoencoderKL(VAEConfig.tiny()), state, str(weights_file))
+    with pytest.raises(ValueError, match="act_fn"):
+        VAEConfig.from_diffusers({**VAEConfig.tiny().to_diffusers(), "act_fn": "relu"})
+
+
+def test_vae_config_round_trip():
+    for config in VAE_CONFIGS.values():
+        assert VAEConfig.from_diffusers(config.to_diffusers()) == config
+
+
+def test_sd15_vae_keys_and_parameter_count_on_meta():
+    from diffusers import AutoencoderKL as ReferenceVAE
+
+    with torch.device("meta"):
+        vae, reference_vae = AutoencoderKL(VAEConfig.sd15()), ReferenceVAE(**VAEConfig.sd15().to_diffusers())
+    assert shapes(vae.state_dict()) == shapes(reference_vae.state_dict())
+    assert len(vae.state_dict()) == 248 and sum(p.numel() for p in vae.parameters()) == 83_653_863
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,7 +224,6 @@ def test_folder_loader_builds_every_component(tiny_sd_dir):
 
 def test_tokenizer_json_only_folder_loads(tiny_sd_dir, tmp_path):
     """A folder saved by transformers >= 5 has tokenizer/tokenizer.json and no vocab.json / merges.txt."""
-    import shutil
 
     from transformers import CLIPTokenizer as HFTokenizer
 
@@ -152,15 +255,12 @@ def test_fixture_ldm_names_are_what_diffusers_converter_expects():
     from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers import UNet2DConditionModel as DiffusersUNet
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
-    from vae import AutoencoderKL
     with torch.device("meta"):
         unet = DiffusersUNet(**UNetConfig.sd15().to_diffusers())
         vae = DiffusersVAE(**VAEConfig.sd15().to_diffusers())
         ours_unet, ours_vae = UNet2DConditionModel(UNetConfig.sd15()), AutoencoderKL(VAEConfig.sd15())
     ldm = diffusers_to_ldm(unet.state_dict(), vae.state_dict(), {}, unet_layers=2, vae_levels=4)
     assert sum(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in ldm) == 686 + 248
-    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}
     assert shapes(convert_ldm_unet_checkpoint(ldm, dict(unet.config))) == shapes(unet.state_dict())
     assert shapes(convert_ldm_vae_checkpoint(ldm, dict(vae.config))) == shapes(vae.state_dict())
     unet_sd, vae_sd, _ = ldm_to_diffusers(ldm, UNetConfig.sd15(), VAEConfig.sd15())
@@ -199,7 +299,6 @@ def test_dtype_and_device_arguments(tiny_sd_dir):
 
 def copy_folder_with(tiny_sd_dir, tmp_path, component_file, edit):
     """A copy of tiny_sd_dir where `edit(state_dict)` changed one component's weights file."""
-    import shutil
     folder = tmp_path / "model"
     shutil.copytree(tiny_sd_dir, folder)
     state_dict = load_file(folder / component_file)
@@ -285,8 +384,6 @@ def test_sd2_and_sdxl_are_refused(tiny_sd_dir, tiny_ldm_file, tmp_path):
         with pytest.raises(CheckpointError, match=f"is an? (Stable Diffusion )?{family}.*1.x only"):
             load_stable_diffusion(tmp_path / f"{name}.safetensors")
 
-    import json
-    import shutil
     sdxl_index = {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
     for family, edit in (("2.x", lambda index, unet: unet.update(cross_attention_dim=1024)),
                          ("SDXL", lambda index, unet: index.update(sdxl_index))):
@@ -301,7 +398,6 @@ def test_sd2_and_sdxl_are_refused(tiny_sd_dir, tiny_ldm_file, tmp_path):
 
 
 def test_unsupported_unet_config_names_the_config_file(tmp_path):
-    import json
     (tmp_path / "config.json").write_text(json.dumps({**UNetConfig.tiny().to_diffusers(),
                                                       "use_linear_projection": True}))
     with pytest.raises(CheckpointError, match="config.json: unsupported UNet config: use_linear_projection"):
@@ -309,12 +405,10 @@ def test_unsupported_unet_config_names_the_config_file(tmp_path):
 
 
 def test_hub_id_without_huggingface_hub_or_network(monkeypatch):
-    import sys
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes `import huggingface_hub` fail
     with pytest.raises(CheckpointError, match="pip install huggingface_hub.*local path"):
         load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
 
-    import types
     def offline(repo_id, allow_patterns):
         assert "unet/diffusion_pytorch_model.safetensors" in allow_patterns
         raise OSError("we are offline")

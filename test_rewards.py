@@ -1,15 +1,15 @@
-"""Tests of rewards.py: reward loaders vs transformers on tiny random CLIPs, preprocessing vs PIL, gradients,
-JPEG golden values, refusal of pickled code, input errors.
+"""Tests of rewards.py: reward loaders vs transformers on tiny random CLIPs (CLIPScore too), preprocessing vs
+PIL, gradients, JPEG golden values, fp32 scores under bf16 autocast, one-line errors for bad weight files
+(pickled code, corrupt headers, missing files), input errors.
 
 The CLIP towers' own parity is test_clip.py's job; here every model goes through the reward loaders and file
 formats (HF folder, the aesthetic .pth, an OpenCLIP-named HPS checkpoint) and the reward formulas.
 """
 
-import importlib.metadata
-import importlib.util
 import io
 import os
 import pickle
+import re
 import sys
 from collections import OrderedDict
 from dataclasses import replace
@@ -22,8 +22,11 @@ from PIL import Image
 from torch import nn
 
 import rewards
-from clip import CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+from clip import CLIPTextConfig, CLIPVisionConfig
+from conftest import hf_clip_tokenizer, tokenizer_golden
 from rewards import clip_preprocess, get_reward
+from tokenizer import CLIPTokenizer
+from weights import CheckpointError
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on mars & a dog " * 12]  # the 2nd is > 77 tokens
 # Tiny towers in the two published layouts: OpenAI ViT-L/14 (quick_gelu) and OpenCLIP ViT-H/14 (exact gelu).
@@ -108,11 +111,11 @@ def test_convert_command_gives_the_same_aesthetic_score(aesthetic_files, tmp_pat
 
 def test_missing_and_mismatched_weights_name_the_file(aesthetic_files, tmp_path):
     _, state, clip_dir, mlp_path = aesthetic_files
-    with pytest.raises(FileNotFoundError, match="sac\\+logos\\+ava1-l14-linearMSE.pth"):
+    with pytest.raises(CheckpointError, match="sac\\+logos\\+ava1-l14-linearMSE.pth: no such file"):
         get_reward("aesthetic", clip_path=clip_dir, mlp_path=tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    with pytest.raises(FileNotFoundError, match="HPS_v2.1_compressed.pt"):
+    with pytest.raises(CheckpointError, match="HPS_v2.1_compressed.pt: no such file"):
         get_reward("hpsv2", path=tmp_path / "HPS_v2.1_compressed.pt")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(CheckpointError, match="config.json"):
         get_reward("pickscore", path=tmp_path)
     # A bare weight file is read with the real ViT-L/14 preset: the tiny file then cannot match.
     with pytest.raises(ValueError, match="model.safetensors.*key"):
@@ -176,17 +179,12 @@ def open_clip_state_dict(model):
 
 
 def openai_token_ids(prompts):
-    """open_clip.tokenize: OpenAI SimpleTokenizer (clip-anytorch's copy, loaded by path), 0-padded to 77."""
-    path = importlib.metadata.distribution("clip-anytorch").locate_file("clip/simple_tokenizer.py")
-    spec = importlib.util.spec_from_file_location("openai_simple_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tokenizer = module.SimpleTokenizer(bpe_path=str(rewards.Path(rewards.__file__).parent / "assets" /
-                                                    "bpe_simple_vocab_16e6.txt.gz"))
-    sot, eot = tokenizer.encoder["<|startoftext|>"], tokenizer.encoder["<|endoftext|>"]
+    """open_clip.tokenize: OpenAI SimpleTokenizer's ids (the committed golden file, no install), 0-padded."""
+    golden = {entry["text"]: entry["openai_ids"] for entry in tokenizer_golden()}
+    sot, eot = 49406, 49407
     ids = torch.zeros(len(prompts), 77, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        tokens = [sot, *tokenizer.encode(prompt), eot][:77]
+        tokens = [sot, *golden[prompt], eot][:77]
         tokens[-1] = eot  # open_clip's truncation keeps eot last
         ids[row, : len(tokens)] = torch.tensor(tokens)
     return ids
@@ -351,3 +349,112 @@ def test_score_command_reads_image_files(tmp_path, monkeypatch, capsys):
     rewards.main()
     printed = float(capsys.readouterr().out.split()[-1])
     assert printed == pytest.approx(get_reward("saturation")((x * 255).round() / 255, [""]).item(), abs=1e-4)
+
+
+def test_clipscore_equals_torchmetrics_definition_on_transformers_clip(aesthetic_files):
+    """torchmetrics' CLIPScore: 100 * max(cos(image, text), 0), with transformers' CLIPModel and
+    CLIPProcessor's text (transformers' tokenizer, padded to the longest prompt, with an attention mask)."""
+    model, _, clip_dir, _ = aesthetic_files
+    prompts = ["a photo of a cat", "a red car", "two dogs on the grass", PROMPTS[1]]
+    batch = hf_clip_tokenizer()(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    x = images(4, 48, 40, seed=6)
+    with torch.no_grad():
+        cosine = (hf_image_features(model, clip_preprocess(x, 30))
+                  * hf_text_features(model, batch.input_ids, batch.attention_mask)).sum(-1)
+        expected = 100 * cosine.clamp(min=0)
+        ours = get_reward("clipscore", clip_path=clip_dir)(x, prompts)
+    assert (cosine < 0).any() and (cosine > 0).any()  # both branches of the max are exercised
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def close_score_images(reward, count=8, gap=1e-4):
+    """`count` images whose float32 scores are ~`gap` apart: x0 moved along grad r / |grad r|^2 (the score
+    is affine in the pixels for tiny moves), the issue's close-candidate case."""
+    x0 = (0.2 + 0.6 * images(1, 32, 32, seed=5)).requires_grad_()
+    (grad,) = torch.autograd.grad(reward(x0, [""]).sum(), x0)
+    direction = grad / grad.pow(2).sum()
+    return torch.cat([x0.detach() + gap * k * direction for k in range(count)])
+
+
+def test_scores_are_float32_under_bf16_autocast_and_close_pairs_keep_their_order(aesthetic_files):
+    """Issue 10 item 1: the aesthetic score, shifted to the real predictor's range (~5.5), of 8 images whose
+    fp32 scores are ~1e-4 apart. Inside torch.autocast(bf16) the reward gives its fp32 scores (1e-5 relative)
+    and the same order for all 28 pairs; the same model run under autocast collapses them into ties."""
+    _, _, clip_dir, mlp_path = aesthetic_files
+    reward = get_reward("aesthetic", clip_path=clip_dir, mlp_path=mlp_path)
+    with torch.no_grad():
+        reward.mlp.layers[7].bias.add_(5.5 - reward(images(1, 32, 32, seed=5), [""]).item())
+    x = close_score_images(reward)
+    assert 0 <= x.min() and x.max() <= 1
+    with torch.no_grad():
+        fp32 = reward(x, [""] * 8)
+        with torch.autocast("cpu", torch.bfloat16):
+            under_autocast = reward(x, [""] * 8)
+            bf16_model = reward.score(x, [""] * 8)  # what scoring inside the caller's autocast did
+    gaps = fp32.diff()
+    assert ((gaps > 5e-5) & (gaps < 2e-4)).all() and (fp32 - 5.5).abs().max() < 0.01
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, fp32, rtol=1e-5, atol=0)
+    order = lambda scores: scores[:, None] > scores[None, :]
+    assert torch.equal(order(under_autocast), order(fp32))
+    assert not torch.equal(order(bf16_model.float()), order(fp32))  # the bug this guards against
+
+
+@pytest.mark.parametrize("name", ["clipscore", "saturation", "jpeg_incompressibility"])
+def test_other_rewards_ignore_the_callers_autocast(aesthetic_files, name):
+    paths = {"clip_path": aesthetic_files[2]} if name == "clipscore" else {}
+    reward, x = get_reward(name, **paths), images(3, 40, 40, seed=7)
+    with torch.no_grad():
+        fp32 = reward(x, ["a cat", "a dog", "a car"])
+        with torch.autocast("cpu", torch.bfloat16):
+            under_autocast = reward(x.bfloat16().float(), ["a cat", "a dog", "a car"])
+            bf16_images = reward(x.bfloat16(), ["a cat", "a dog", "a car"])  # bf16 input is cast, not refused
+    assert under_autocast.dtype == bf16_images.dtype == torch.float32
+    expected = reward(x.bfloat16().float(), ["a cat", "a dog", "a car"])
+    torch.testing.assert_close(under_autocast, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(bf16_images, expected, rtol=1e-5, atol=0)
+    assert fp32.shape == (3,)
+    with pytest.raises(ValueError, match="float32"):
+        get_reward(name, dtype=torch.bfloat16, **paths)
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_bad_file(tmp_path, kind):
+    """A bad weight file of each kind users meet, and the reason its error must give."""
+    if kind == "pickle_with_code":
+        path = tmp_path / "evil.pth"
+        path.write_bytes(pickle.dumps({"layers.0.weight": RunsCode(tmp_path / "pwned")}, protocol=2))
+        return path, "refused: this pickle would run code"
+    if kind == "corrupt_safetensors":  # a huge header length: safetensors' "header too large"
+        path = tmp_path / "broken.safetensors"
+        path.write_bytes(b"\xff" * 64)
+        return path, "is not a safetensors checkpoint .*header too large"
+    if kind == "corrupt_pickle":
+        path = tmp_path / "truncated.pt"
+        path.write_bytes(b"\x80\x02}q\x00(X")
+        return path, "cannot be read by torch.load\\(weights_only=True\\)"
+    return tmp_path / "missing.pth", "missing.pth: no such file"
+
+
+@pytest.mark.parametrize("kind", ["pickle_with_code", "corrupt_safetensors", "corrupt_pickle", "missing"])
+def test_bad_weight_files_give_one_line_errors(aesthetic_files, tmp_path, monkeypatch, kind):
+    """Issue 10 item 12: the reward loaders and `python rewards.py convert` report a bad file in one line that
+    names it and the reason (CheckpointError; the command prints it without a traceback); no code runs."""
+    path, reason = write_bad_file(tmp_path, kind)
+    with pytest.raises(CheckpointError, match=re.escape(path.name)) as error:
+        get_reward("aesthetic", clip_path=aesthetic_files[2], mlp_path=path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+    assert re.search(reason, str(error.value)) and "expected: aesthetic reward MLP" in str(error.value)
+    monkeypatch.setattr(sys, "argv", ["rewards.py", "convert", str(path), str(tmp_path / "out.safetensors")])
+    with pytest.raises(SystemExit) as exit_:
+        rewards.main()
+    message = str(exit_.value.code)
+    assert message.startswith("rewards.py: ") and "\n" not in message and re.search(reason, message)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out.safetensors").exists()

@@ -1,5 +1,6 @@
 """Tests of tailorpo.py: the shared-mean identity, the gradient-direction argument, TailorPO-G's guidance, the
-UNet-call floor and short CPU runs of the three methods (tiny random SD models, weight-free rewards)."""
+UNet-call floor, keyed randomness, precision, config validation, masked pairs and short CPU runs of the three
+methods (tiny random SD models, weight-free rewards)."""
 
 import copy
 import json
@@ -12,33 +13,25 @@ import torch
 import torch.nn.functional as F
 
 import tailorpo
-from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from conftest import UNetCallCounter, make_tiny_sd
 from rewards import get_reward
 from sampler import guided_eps
 from scheduler import NoiseSchedule, gaussian_log_prob
-from tailorpo import TailorPOConfig, UNetCallCounter, step_reward
-from unet import UNet2DConditionModel, UNetConfig
-from vae import AutoencoderKL, VAEConfig
-from weights import StableDiffusion
+from tailorpo import TailorPOConfig, step_reward
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
+BATCH = {"prompts": PROMPTS, "positions": [0, 1, 2, 3]}
 LATENT = 4  # 4x4 latents -> 32x32 images through the tiny VAE: the rollouts stay cheap on CPU
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return CLIPTokenizer.default()
-
-
-def tiny_sd(tokenizer, seed=0):
-    """A random tiny SD1.5-shaped model (unet / vae / clip tiny presets); VAE and text encoder frozen."""
-    torch.manual_seed(seed)
-    sd = StableDiffusion(unet=UNet2DConditionModel(UNetConfig.tiny()), vae=AutoencoderKL(VAEConfig.tiny()),
-                         text_encoder=CLIPTextModel(CLIPTextConfig.tiny()), tokenizer=tokenizer,
-                         schedule=NoiseSchedule.sd15())
-    sd.vae.requires_grad_(False)
-    sd.text_encoder.requires_grad_(False)
-    return sd
+def rollout(sd, cfg, reward, batch=BATCH, seed=0, method="tailorpo"):
+    """(pairs, metrics) of one rollout of `method` on `batch`."""
+    with torch.no_grad():
+        cond, uncond = sd.encode_prompts(batch["prompts"]), sd.encode_prompts([""])
+    run = tailorpo.Rollout(sd, reward, batch, cond, uncond, cfg, seed)
+    if method == "trajectory":
+        return tailorpo.rollout_trajectory(run)
+    return tailorpo.rollout_tailorpo(run, guided=method == "tailorpo-g")
 
 
 def random_pair(num_pairs, shape=(4, 3, 5), seed=0):
@@ -74,6 +67,7 @@ def test_shared_mean_identity_equals_the_four_log_prob_logit(reduction):
     loss, metrics = tailorpo.tailorpo_loss(x_w, x_l, mean_theta, mean_ref, sigma_t, beta, reduction)
     torch.testing.assert_close(loss, -F.logsigmoid(explicit).mean(), atol=1e-6, rtol=0)
     assert metrics["implicit_accuracy"] == (explicit > 0).double().mean()
+    assert set(metrics) == {"loss", "implicit_accuracy", "reward_margin"}  # dpo.dpo_loss's names
 
 
 def test_identity_through_eps_with_c_t():
@@ -82,8 +76,8 @@ def test_identity_through_eps_with_c_t():
     t = schedule.ddim_timesteps(num_steps)[[0, 10, 19]]  # 951, 451, 1
     g = torch.Generator().manual_seed(1)
     x_t, eps_theta, eps_ref, x_w, x_l = torch.randn(5, 3, 4, 2, 2, generator=g, dtype=torch.float64)
-    mean_theta, sigma_t = schedule.ddim_mean_std(eps_theta, t, x_t, num_steps, eta=1.0)
-    mean_ref, _ = schedule.ddim_mean_std(eps_ref, t, x_t, num_steps, eta=1.0)
+    _, mean_theta, sigma_t, _ = schedule.ddim_step(eps_theta, t, x_t, num_steps, eta=1.0)
+    mean_ref = schedule.ddim_step(eps_ref, t, x_t, num_steps, eta=1.0).mean
     alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(t - 50)
     c_t = (1 - alpha_bar_prev - sigma_t.flatten() ** 2).sqrt() - (alpha_bar_prev / alpha_bar_t).sqrt() * (
         1 - alpha_bar_t).sqrt()
@@ -120,16 +114,31 @@ def test_ratio_clipping_matches_d3po_spo():
     torch.testing.assert_close(loss, expected, atol=1e-9, rtol=0)
 
 
-def test_config_and_method_errors(tokenizer):
-    with pytest.raises(ValueError, match="eta must be > 0"):
-        TailorPOConfig(eta=0.0)
-    with pytest.raises(ValueError, match="log_prob_reduction"):
-        TailorPOConfig(log_prob_reduction="max")
-    sd = tiny_sd(tokenizer)
+@pytest.mark.parametrize("fields, message", [
+    (dict(eta=0.0), "eta must be > 0"),
+    (dict(log_prob_reduction="Mean"), "log_prob_reduction must be 'mean' or 'sum', got 'Mean'"),
+    (dict(next_state="Random"), "next_state must be 'preferred' or 'random', got 'Random'"),
+    (dict(num_steps=10, train_start_step=50), r"train_start_step must be in \[0, num_steps=10\)"),
+    (dict(beta=0.0), "beta must be > 0"),
+    (dict(clip_ratio=1.0), r"clip_ratio must be in \[0, 1\)"),
+    (dict(steps_per_rollout=-1), "steps_per_rollout must be >= 0"),
+])
+def test_config_validation_names_the_field_and_allowed_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TailorPOConfig(**fields)
+    cfg = TailorPOConfig()  # a config layer sets fields after construction, then re-validates
+    for name, value in fields.items():
+        setattr(cfg, name, value)
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+def test_method_errors():
+    sd = make_tiny_sd()
     with pytest.raises(ValueError, match="method must be one of"):
-        tailorpo.train_step(sd, sd.unet, PROMPTS, get_reward("brightness"), TailorPOConfig(), None, "d3po")
+        tailorpo.train_step(sd, sd.unet, BATCH, get_reward("brightness"), TailorPOConfig(), 0, "d3po")
     with pytest.raises(ValueError, match="needs a differentiable reward"):
-        tailorpo.train_step(sd, sd.unet, PROMPTS, get_reward("jpeg_compressibility"), TailorPOConfig(), None,
+        tailorpo.train_step(sd, sd.unet, BATCH, get_reward("jpeg_compressibility"), TailorPOConfig(), 0,
                             "tailorpo-g")
 
 
@@ -137,13 +146,13 @@ def test_config_and_method_errors(tokenizer):
 # The paper's arguments on a tiny model
 
 
-def test_gradient_direction_follows_the_step_wise_reward(tokenizer):
+def test_gradient_direction_follows_the_step_wise_reward():
     """The paper's gradient-direction argument: pairs drawn from the same x_t and ranked by step-wise reward
     give an update whose inner product with the gradient of the expected step-wise reward at x_t is positive
     (first order: E_z r(mu_theta(x_t) + sigma_t z) ~ r(mu_theta(x_t))); the same pairs flipped give a negative
     one. The policy is a perturbed copy of the reference so that theta != ref (the flipped case is then not
     just the negation)."""
-    sd = tiny_sd(tokenizer)
+    sd = make_tiny_sd()
     reference = copy.deepcopy(sd.unet).requires_grad_(False)
     with torch.no_grad():
         for p in sd.unet.parameters():
@@ -161,12 +170,12 @@ def test_gradient_direction_follows_the_step_wise_reward(tokenizer):
         return step_reward(sd, reward, x, eps, t_prev, ["a cat"] * len(x))
 
     def mean_theta():
-        return schedule.ddim_mean_std(guided_eps(sd.unet, x_t, t, cond, uncond, 5.0), t, x_t, num_steps, 1.0)
+        return schedule.ddim_step(guided_eps(sd.unet, x_t, t, cond, uncond, 5.0), t, x_t, num_steps, 1.0)[1:3]
 
     with torch.no_grad():
         mean, sigma_t = mean_theta()
         eps_ref = guided_eps(reference, x_t, t, cond, uncond, 5.0)
-        mean_ref, _ = schedule.ddim_mean_std(eps_ref, t, x_t, num_steps, 1.0)
+        mean_ref = schedule.ddim_step(eps_ref, t, x_t, num_steps, 1.0).mean
         x_0, x_1 = mean + sigma_t * torch.randn(2, *mean.shape, generator=torch.Generator().manual_seed(1))
         first_wins = (step_wise(x_0) >= step_wise(x_1)).view(-1, 1, 1, 1)
         x_w, x_l = torch.where(first_wins, x_0, x_1), torch.where(first_wins, x_1, x_0)
@@ -191,10 +200,10 @@ def test_gradient_direction_follows_the_step_wise_reward(tokenizer):
 
 
 @pytest.mark.parametrize("final_step", [False, True])
-def test_reward_guidance_widens_the_gap(tokenizer, final_step):
+def test_reward_guidance_widens_the_gap(final_step):
     """TailorPO-G: x^+ scores higher than x^w, and the gain grows with the step size (first order:
     step sigma_t ||g||, linear for small steps). At the final step the sample itself is scored."""
-    sd, reward = tiny_sd(tokenizer), get_reward("saturation")
+    sd, reward = make_tiny_sd(), get_reward("saturation")
     t_prev = -1 if final_step else int(sd.schedule.ddim_timesteps(5)[1])
     x_w = torch.randn(6, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -216,24 +225,19 @@ def test_reward_guidance_widens_the_gap(tokenizer, final_step):
 
 
 @pytest.mark.parametrize("method", tailorpo.METHODS)
-def test_unet_calls_per_trained_step_are_the_floor(tokenizer, method):
+def test_unet_calls_per_trained_step_are_the_floor(method):
     """Rollout: one CFG call per step (x_T, then the two candidates together), plus one per guided step before
     the last for TailorPO-G. Loss: ONE policy call and ONE reference call for all trained steps together."""
-    sd = tiny_sd(tokenizer)
+    sd = make_tiny_sd()
     reference = copy.deepcopy(sd.unet).requires_grad_(False)
     cfg = TailorPOConfig(num_steps=4, train_start_step=1, latent_size=LATENT)  # steps 1, 2, 3 trained
     batch, trained = len(PROMPTS), 3
     with torch.no_grad():
         cond, uncond = sd.encode_prompts(PROMPTS), sd.encode_prompts([""])
-    generator, reward = torch.Generator().manual_seed(0), get_reward("brightness")
-    with UNetCallCounter(sd.unet) as rollout:
-        if method == "trajectory":
-            pairs, _ = tailorpo.rollout_trajectory(sd, reward, PROMPTS, cond, uncond, cfg, generator)
-        else:
-            pairs, _ = tailorpo.rollout_tailorpo(sd, reward, PROMPTS, cond, uncond, cfg, generator,
-                                                 guided=method == "tailorpo-g")
+    with UNetCallCounter(sd.unet) as rollout_calls:
+        pairs, _ = rollout(sd, cfg, get_reward("brightness"), method=method)
     guided_calls = trained - 1 if method == "tailorpo-g" else 0  # no call after the final step
-    assert rollout.calls == cfg.num_steps + guided_calls
+    assert rollout_calls.calls == cfg.num_steps + guided_calls
     assert len(pairs["t"]) == trained * batch
     with UNetCallCounter(sd.unet) as policy, UNetCallCounter(reference) as ref:
         loss, _ = tailorpo.pair_loss(sd, reference, pairs, cond, uncond, cfg)
@@ -243,19 +247,83 @@ def test_unet_calls_per_trained_step_are_the_floor(tokenizer, method):
     assert loss.requires_grad
 
 
-def test_trained_step_subsets_random_next_state_and_dropped_pairs(tokenizer):
-    sd, reward = tiny_sd(tokenizer), get_reward("brightness")
-    with torch.no_grad():
-        cond, uncond = sd.encode_prompts(PROMPTS), sd.encode_prompts([""])
+def test_trained_step_subsets_and_random_next_state():
+    sd, reward = make_tiny_sd(), get_reward("brightness")
     cfg = TailorPOConfig(num_steps=4, steps_per_rollout=2, next_state="random", latent_size=LATENT)
-    pairs, metrics = tailorpo.rollout_tailorpo(sd, reward, PROMPTS, cond, uncond, cfg,
-                                               torch.Generator().manual_seed(0), guided=False)
-    assert len(pairs["t"].unique()) == 2 and len(pairs["t"]) == 2 * len(PROMPTS)
+    pairs, metrics = rollout(sd, cfg, reward)
+    assert len(pairs["t"]) == 2 * len(PROMPTS)  # each prompt trains its own 2 steps
+    for row in range(len(PROMPTS)):
+        assert len(pairs["t"][pairs["prompt_index"] == row].unique()) == 2
+    assert len(pairs["t"].unique()) > 2  # ... not all the same ones (keyed by position)
     assert (pairs["x_w"] != pairs["x_l"]).any() and metrics["reward_gap"] >= 0
-    cfg = TailorPOConfig(num_steps=2, min_reward_gap=1e9, latent_size=LATENT)  # every pair dropped
-    loss, metrics = tailorpo.train_step(sd, sd.unet, PROMPTS, reward, cfg, torch.Generator().manual_seed(0))
-    loss.backward()  # a zero loss the loop can still step on
-    assert loss.item() == 0 and metrics["pairs_kept"] == 0
+    assert pairs["x_t"].dtype == pairs["x_w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", tailorpo.METHODS)
+def test_pairs_below_the_gap_are_masked_with_the_same_forwards_and_keys(method):
+    """DDP: a rank whose pairs all fall below min_reward_gap still runs the same policy forward and
+    backward (the all-reduce happens) and reports the same metric keys; its loss is 0."""
+    sd = make_tiny_sd()
+    reference = copy.deepcopy(sd.unet).requires_grad_(False)
+    with torch.no_grad():
+        for p in sd.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    reward = get_reward("saturation")
+    results = []
+    for gap in (0.0, 1e9):
+        cfg = TailorPOConfig(num_steps=3, min_reward_gap=gap, latent_size=LATENT)
+        with UNetCallCounter(sd.unet) as counter:
+            loss, metrics = tailorpo.train_step(sd, reference, BATCH, reward, cfg, 0, method)
+        sd.unet.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in sd.unet.parameters()]
+        results.append((counter.calls, counter.rows, set(metrics), loss, metrics, grads))
+    (calls, rows, keys, loss, metrics, _), (calls_0, rows_0, keys_0, loss_0, metrics_0, grads_0) = results
+    assert (calls, rows, keys) == (calls_0, rows_0, keys_0)
+    assert metrics["pairs_kept"] == 1 and metrics_0["pairs_kept"] == 0
+    assert loss.item() > 0 and loss_0.item() == 0 and metrics_0["implicit_accuracy"] == 0
+    assert all(g is not None and g.abs().max() == 0 for g in grads_0)
+
+
+@pytest.mark.parametrize("method", tailorpo.METHODS)
+def test_two_half_batches_equal_one_full_batch(method):
+    """Every draw of a prompt's rollout is keyed by (seed, position): two processes with half the prompts
+    roll out exactly what one process with all of them does, so the mean of their losses is the full loss."""
+    sd = make_tiny_sd()
+    reference = copy.deepcopy(sd.unet).requires_grad_(False)
+    with torch.no_grad():
+        for p in sd.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = TailorPOConfig(num_steps=3, steps_per_rollout=2, next_state="random", latent_size=LATENT)
+    reward = get_reward("saturation")
+    batch = {"prompts": PROMPTS, "positions": [40, 41, 42, 43]}
+    full_loss, full_metrics = tailorpo.train_step(sd, reference, batch, reward, cfg, 5, method)
+    halves = [tailorpo.train_step(sd, reference, {key: value[rows] for key, value in batch.items()}, reward,
+                                  cfg, 5, method) for rows in (slice(0, 2), slice(2, 4))]
+    torch.testing.assert_close(sum(loss for loss, _ in halves) / 2, full_loss, rtol=1e-4, atol=1e-6)
+    for key in ("reward_w", "reward_l", "final_reward", "implicit_accuracy", "reward_margin"):
+        mean_of_halves = sum(m[key] for _, m in halves) / 2
+        torch.testing.assert_close(mean_of_halves, full_metrics[key], rtol=1e-4, atol=1e-6)
+    assert not math.isclose(full_loss.item(), math.log(2), rel_tol=1e-4)
+
+
+def test_rollout_and_rewards_in_float32_under_bf16_autocast():
+    """Precision policy: under torch.autocast(bf16) the rollout latents stay float32, and the step-wise
+    reward sees float32 images with autocast off."""
+    sd = make_tiny_sd()
+    sd.vae.to(torch.bfloat16)
+    brightness, seen = get_reward("brightness"), []
+
+    def reward(images, prompts):
+        seen.append((images.dtype, torch.is_autocast_enabled("cpu")))
+        return brightness(images, prompts)
+
+    reward.differentiable = True
+    cfg = TailorPOConfig(num_steps=2, latent_size=LATENT)
+    with torch.autocast("cpu", torch.bfloat16):
+        pairs, _ = rollout(sd, cfg, reward, method="tailorpo-g")
+    assert all(pairs[key].dtype == torch.float32 for key in ("x_t", "x_w", "x_l"))
+    assert seen and set(seen) == {(torch.float32, False)}
 
 
 # ----------------------------------------------------------------------------------------------------------

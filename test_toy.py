@@ -91,39 +91,3 @@ def test_shortened_default_pipeline_end_to_end(tiny_toy, tmp_path):
     grid = Image.open(saved["grid"])
     assert grid.size == (2 * 2 * 96 + 24, 3 * (96 + 14) + 14)  # 2 seeds x (base | aligned), 3 prompt rows
 
-
-def test_evaluate_on_tiny_sd_folder(tiny_sd_dir, tmp_path):
-    """evaluate.py on an SD-format folder with a prompt CSV: an aligned UNet equal to the base gives all ties
-    (win rate exactly 1/2, delta 0); a perturbed one changes the aligned scores but not the base scores, which
-    depend only on the seeds."""
-    from safetensors.torch import save_file
-
-    from weights import load_stable_diffusion
-
-    prompts = tmp_path / "prompts.csv"
-    prompts.write_text('Prompts,Category\n"a red apple, on a table",Food\na blue car,Vehicles\n')
-    assert evaluate.read_prompts(str(prompts)) == ["a red apple, on a table", "a blue car"]
-    unet = load_stable_diffusion(tiny_sd_dir).unet
-    save_file(unet.state_dict(), tmp_path / "same.safetensors")
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_file(unet.state_dict(), tmp_path / "changed.safetensors")
-    common = ["--model", str(tiny_sd_dir), "--prompts", str(prompts), "--seeds", "0,7", "--steps", "2",
-              "--rewards", "saturation"]
-    run = lambda name, out: evaluate.main(
-        [*common, "--unet", str(tmp_path / name), "--out", str(tmp_path / out)])
-    same, changed = run("same.safetensors", "a"), run("changed.safetensors", "b")
-    same, changed = same["rewards"]["saturation"], changed["rewards"]["saturation"]
-    assert same["win_rate"] == 0.5 and same["ties"] == 4 and same["delta"]["mean"] == 0
-    assert changed["base"] == same["base"] and changed["ties"] < 4
-    assert Image.open(tmp_path / "b" / "grid.png").size == (2 * 2 * 96 + 24, 2 * (96 + 14) + 14)
-
-
-def test_statistics_and_seed_parsing():
-    assert evaluate.parse_seeds("0-3") == [0, 1, 2, 3] and evaluate.parse_seeds("5,9") == [5, 9]
-    assert evaluate.parse_seeds("2") == [0, 1]
-    result = evaluate.win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 1.0, 1.0]))
-    assert result["win_rate"] == pytest.approx((1 + 0.5 + 1 + 0) / 4) and result["ties"] == 1
-    stats = evaluate.mean_stderr(torch.tensor([1.0, 3.0]))
-    assert stats["mean"] == 2.0 and stats["stderr"] == pytest.approx(2**0.5 / 2**0.5)

@@ -41,6 +41,7 @@ Deviations from Stable Diffusion (numbered):
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -51,6 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+
+from rewards import Reward
 
 # ----------------------------------------------------------------------------------------------------------
 # The world: prompts and procedurally drawn images
@@ -84,12 +87,10 @@ def parse_prompt(prompt: str) -> tuple[str, str, str]:
     return colour, shape, background
 
 
-def draw(prompt: str, size: int, generator: torch.Generator) -> torch.Tensor:
-    """One picture for `prompt`: [3, size, size] in [-1, 1]; position, size, vividness from `generator`."""
-    colour, shape, background = parse_prompt(prompt)
-    cx, cy, radius, vivid_fg, vivid_bg = torch.rand(5, generator=generator).tolist()
-    cx, cy = 0.3 + 0.4 * cx, 0.3 + 0.4 * cy  # centre in the middle 40% of the picture
-    radius = 0.2 + 0.12 * radius
+def shape_mask(shape: str, cx, cy, radius, size: int) -> torch.Tensor:
+    """Soft mask [..., size, size] in (0, 1) of a shape centred at (cx, cy) (fractions of the side) with
+    `radius`; cx, cy, radius are floats or tensors of one shape [...]. Anti-aliased edge about a pixel wide."""
+    cx, cy, radius = (torch.as_tensor(v, dtype=torch.float32)[..., None, None] for v in (cx, cy, radius))
     grid = (torch.arange(size) + 0.5) / size
     y, x = torch.meshgrid(grid, grid, indexing="ij")
     dx, dy = x - cx, y - cy
@@ -100,13 +101,23 @@ def draw(prompt: str, size: int, generator: torch.Generator) -> torch.Tensor:
     else:  # upward equilateral triangle, circumradius R: max of the three edges' half-plane distances
         R = 1.2 * radius
         distance = torch.maximum(dy - 0.5 * R, 0.866 * dx.abs() - 0.5 * dy - 0.5 * R)
-    mask = torch.sigmoid(-distance * size * 2.0)  # anti-aliased edge about one pixel wide
+    return torch.sigmoid(-distance * size * 2.0)
 
-    def shade(name: str, vividness: float) -> torch.Tensor:
-        saturation = 0.2 + 0.8 * vividness  # 0.2 = mostly grey, 1.0 = the pure colour
-        return (0.5 + saturation * (torch.tensor(COLOURS[name]) - 0.5)).view(3, 1, 1)
 
-    image = shade(background, vivid_bg) * (1 - mask) + shade(colour, vivid_fg) * mask
+def shade(colour: str, vividness: float) -> torch.Tensor:
+    """The colour mixed with mid-grey: [3] in [0, 1]; vividness 0 -> 20% of the colour, 1 -> the pure one."""
+    saturation = 0.2 + 0.8 * vividness
+    return 0.5 + saturation * (torch.tensor(COLOURS[colour]) - 0.5)
+
+
+def draw(prompt: str, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One picture for `prompt`: [3, size, size] in [-1, 1]; position, size, vividness from `generator`."""
+    colour, shape, background = parse_prompt(prompt)
+    cx, cy, radius, vivid_fg, vivid_bg = torch.rand(5, generator=generator).tolist()
+    cx, cy = 0.3 + 0.4 * cx, 0.3 + 0.4 * cy  # centre in the middle 40% of the picture
+    radius = 0.2 + 0.12 * radius
+    mask = shape_mask(shape, cx, cy, radius, size)
+    image = shade(background, vivid_bg).view(3, 1, 1) * (1 - mask) + shade(colour, vivid_fg).view(3, 1, 1) * mask
     return image * 2 - 1
 
 
@@ -115,6 +126,305 @@ def sample_batch(batch_size: int, size: int, generator: torch.Generator) -> tupl
     indices = torch.randint(len(PROMPTS), (batch_size,), generator=generator).tolist()
     prompts = [PROMPTS[i] for i in indices]
     return torch.stack([draw(p, size, generator) for p in prompts]), prompts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The toy human: a hidden utility u(image, prompt), the judge of every alignment result
+
+COLOUR_NAMES = tuple(COLOURS)
+_CHROMA = torch.tensor([COLOURS[name] for name in COLOUR_NAMES]) - 0.5  # [5, 3] colour minus mid-grey
+
+
+def _templates(size: int) -> torch.Tensor:
+    """[3 shapes, 13 * 13 * 7, size * size]: each shape at 13 x 13 centres and 7 radii spanning draw()'s."""
+    grid = torch.linspace(0.3, 0.7, 13)
+    cx, cy, radius = torch.meshgrid(grid, grid, torch.linspace(0.2, 0.32, 7), indexing="ij")
+    return torch.stack([shape_mask(shape, cx.flatten(), cy.flatten(), radius.flatten(), size).flatten(1)
+                        for shape in SHAPES])
+
+
+def colour_membership(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(membership [B, 5, H*W], vividness [B, H*W]) of images [B, 3, H, W] in [0, 1].
+
+    A pixel p is the colour k whose direction from grey its own chroma d = p - 0.5 points to (softmax over
+    the cosines, temperature 0.1), times a confidence min(1, |d| / 0.1) (grey pixels are no colour; 0.1 is
+    about the chroma of draw()'s dullest shade). Its vividness is |d| / |c_k - 0.5| of the nearest colour k
+    (draw()'s saturation 0.2 + 0.8 vividness for a clean drawing), capped at 1."""
+    d = images.flatten(2).transpose(1, 2) - 0.5  # [B, HW, 3]
+    norm = d.norm(dim=-1)  # [B, HW]
+    cosine = d @ F.normalize(_CHROMA, dim=-1).T / (norm[..., None] + 1e-6)  # [B, HW, 5]
+    membership = torch.softmax(cosine / 0.1, dim=-1) * (norm / 0.1).clamp(max=1)[..., None]
+    vividness = (norm / _CHROMA.norm(dim=-1)[cosine.argmax(-1)]).clamp(max=1)
+    return membership.transpose(1, 2), vividness
+
+
+@torch.no_grad()
+def judge(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The toy human's view of images [B, 3, H, W] in [0, 1]: {term: [B]}, each term in [0, 1].
+
+    With P_c the colour membership of each pixel (colour_membership), fg / bg the asked shape and background
+    colours, and T a template mask of a shape at one of 196 positions/sizes (_templates), a template explains
+    the picture as well as A(T) = mean_pixels(T P_fg + (1 - T) P_bg). T* is the best template of the asked
+    shape, T' the best of the other two shapes:
+        shape      = clip(0.5 + (A(T*) - A(T')) / 0.04, 0, 1)    the asked shape explains it best
+        colour     = <T*, P_fg> / <T*, 1>                         the shape area has the asked colour
+        background = <1 - T*, P_bg> / <1 - T*, 1>                 the rest has the asked background colour
+        vivid      = mean_pixels vividness                        (colour_membership)
+        clean      = exp(-mean (x - median3x3(x))^2 / 0.003)     pixel noise and ragged edges leave a
+                     residual after a 3x3 median filter; flat areas and straight edges do not
+    """
+    colour, shape, background = zip(*(parse_prompt(p) for p in prompts))
+    batch, _, height, width = images.shape
+    images = images.float().cpu()
+    membership, vividness = colour_membership(images)
+    rows = torch.arange(batch)
+    p_fg = membership[rows, torch.tensor([COLOUR_NAMES.index(c) for c in colour])]  # [B, HW]
+    p_bg = membership[rows, torch.tensor([COLOUR_NAMES.index(c) for c in background])]
+    # the picture's shape: anything that is not the background colour; its centroid and area place one
+    # template per shape (draw()'s shapes are centred on their centroid), the IoU says which fits
+    shape_area = (1 - p_bg).view(batch, height, width)
+    mass = shape_area.sum(dim=(1, 2)).clamp(min=1e-3)
+    grid = (torch.arange(height) + 0.5) / height
+    cy = (shape_area.sum(2) * grid).sum(1) / mass
+    cx = (shape_area.sum(1) * grid).sum(1) / mass
+    area = mass / (height * width)  # fraction of the picture; radius r of each shape with that area:
+    radii = {"circle": (area / math.pi).sqrt(), "square": area.sqrt() / 1.7, "triangle": (area / 1.8706).sqrt()}
+    templates = torch.stack([shape_mask(s, cx, cy, radii[s], height) for s in SHAPES], 1)  # [B, 3, H, W]
+    pair = torch.stack(torch.broadcast_tensors(templates, shape_area[:, None]))
+    iou = pair.amin(0).sum(dim=(2, 3)) / pair.amax(0).sum(dim=(2, 3))  # [B, 3], fuzzy Jaccard
+    asked = torch.tensor([SHAPES.index(s) for s in shape])
+    other = iou.masked_fill(F.one_hot(asked, len(SHAPES)).bool(), -1.0).max(dim=1).values
+    inside = (templates[rows, asked].flatten(1) > 0.5).float()  # [B, HW]: T* as a hard mask
+    median = F.pad(images, (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1).flatten(-2)
+    residual = (images - median.median(dim=-1).values).pow(2).mean(dim=(1, 2, 3))
+    return {
+        "shape": (0.5 + (iou[rows, asked] - other) / 0.1).clamp(0, 1) * (area / 0.05).clamp(max=1),
+        "colour": (inside * p_fg).sum(1) / inside.sum(1).clamp(min=1),
+        "background": ((1 - inside) * p_bg).sum(1) / (1 - inside).sum(1).clamp(min=1),
+        "vivid": vividness.mean(1),
+        "clean": torch.exp(-residual / 0.003),
+    }
+
+
+def fidelity(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Prompt fidelity [B] in [0, 1]: the mean of judge()'s shape, colour and background terms."""
+    terms = judge(images, prompts)
+    return (terms["shape"] + terms["colour"] + terms["background"]) / 3
+
+
+def utility(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The hidden utility u [B] in [0, 4] of images [B, 3, H, W] in [0, 1] for their toy prompts:
+        u = shape + colour + background + 0.5 (vivid + clean)          (terms of judge(), each in [0, 1])
+    Fidelity dominates: a wrong background (-1) is never made up for by quality (at most +1)."""
+    terms = judge(images, prompts)
+    return terms["shape"] + terms["colour"] + terms["background"] + 0.5 * (terms["vivid"] + terms["clean"])
+
+
+HELD_OUT_PROMPTS = tuple(p for i, p in enumerate(PROMPTS) if i % 5 == i // 20)  # 12 (colour, shape,
+#   background) combinations that no pair and no reward model sees; every colour, shape and background, and
+#   every pair of them, still appears among the other 48 (test_toy checks)
+TRAIN_PROMPTS = tuple(p for p in PROMPTS if p not in HELD_OUT_PROMPTS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A toy Pick-a-Pic: the toy human's noisy preferences between base-model samples
+
+
+@dataclass
+class PairsConfig:
+    images_per_prompt: int = 12  # base-model samples per prompt (seeds); every two of them make a pair
+    held_out_images: int = 6  # samples per held-out prompt (pairs for checks only, heldout/pairs.jsonl)
+    num_steps: int = 10  # DDIM steps (eta 0) and CFG scale of the samples: those of the default sampling
+    guidance: float = 3.0
+    tau: float = 0.1  # Bradley-Terry temperature on u: P(A > B) = sigmoid((u_A - u_B) / tau)
+    tie_margin: float = 0.02  # |u_A - u_B| below this: a tie (label 0.5; data.py skips ties)
+    seed: int = 0
+
+    def cache_key(self, model_key: str) -> str:
+        blob = json.dumps({"world": TOY_WORLD_VERSION, "model": model_key, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def preference_labels(u_0: torch.Tensor, u_1: torch.Tensor, tau: float, tie_margin: float,
+                      generator: torch.Generator) -> list[float]:
+    """label_0 per pair (1: image 0 preferred, 0: image 1, 0.5: a tie) from utilities [N], [N]: a noisy
+    Bradley-Terry judge, P(0 > 1) = sigmoid((u_0 - u_1) / tau); near-equal pairs are ties."""
+    first = torch.rand(len(u_0), generator=generator) < torch.sigmoid((u_0 - u_1) / tau)
+    return [0.5 if abs(a - b) < tie_margin else float(f) for a, b, f in zip(u_0.tolist(), u_1.tolist(),
+                                                                             first.tolist())]
+
+
+def _write_pairs(folder: str, sd, prompts, images_per_prompt: int, config: PairsConfig, seed: int):
+    """Sample images_per_prompt images per prompt (DDIM from x_T of seed*1000 + k), label every two of them
+    and write folder/pairs.jsonl + images/ (data.write_pairs_jsonl). Returns the utilities of the pairs."""
+    from data import write_pairs_jsonl
+    from sample import generate
+
+    images = torch.stack([generate(sd, list(prompts), num_steps=config.num_steps, guidance=config.guidance,
+                                   seed=seed * 1000 + k, progress=False)
+                          for k in range(images_per_prompt)], 1)  # [P, K, 3, H, W]
+    utilities = utility(images.flatten(0, 1), [p for p in prompts for _ in range(images_per_prompt)])
+    utilities = utilities.view(len(prompts), images_per_prompt)
+    index = torch.combinations(torch.arange(images_per_prompt))  # all pairs (a, b), a < b
+    captions = [p for p in prompts for _ in range(len(index))]
+    images_0 = images[:, index[:, 0]].flatten(0, 1)
+    images_1 = images[:, index[:, 1]].flatten(0, 1)
+    u_0, u_1 = utilities[:, index[:, 0]].flatten(), utilities[:, index[:, 1]].flatten()
+    labels = preference_labels(u_0, u_1, config.tau, config.tie_margin, torch.Generator().manual_seed(seed))
+    write_pairs_jsonl(folder, captions, list(images_0), list(images_1), labels)
+    return u_0, u_1, labels
+
+
+def make_pairs(cache_dir: str = ".cache/toy", config: PairsConfig | None = None, sd=None,
+               progress: bool = True) -> str:
+    """The toy Pick-a-Pic folder (cached): pairs.jsonl + images/ over TRAIN_PROMPTS for --method=dpo|sft, and
+    heldout/pairs.jsonl over HELD_OUT_PROMPTS (never trained on). Pairs are two base-model samples of one
+    prompt (different seeds), labelled by preference_labels on the hidden utility. sd: the base model
+    (default load_base_model(cache_dir)); the folder is keyed by its weights and `config`."""
+    config = config or PairsConfig()
+    sd = sd or load_base_model(cache_dir, progress=progress)
+    model_key = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
+                                        for p in sd.unet.parameters())).hexdigest()[:12]
+    folder = os.path.join(cache_dir, "pairs-" + config.cache_key(model_key))
+    if os.path.isdir(folder):
+        return folder
+    print(f"sampling the toy preference pairs (cached in {folder})")
+    start = time.time()
+    temporary = f"{folder}.tmp{os.getpid()}"
+    u_0, u_1, labels = _write_pairs(temporary, sd, TRAIN_PROMPTS, config.images_per_prompt, config,
+                                    config.seed)
+    _write_pairs(os.path.join(temporary, "heldout"), sd, HELD_OUT_PROMPTS, config.held_out_images, config,
+                 config.seed + 1)
+    with open(os.path.join(temporary, "config.json"), "w") as f:
+        json.dump({"world": TOY_WORLD_VERSION, "model": model_key, **asdict(config)}, f, indent=1)
+    decided = torch.tensor([label != 0.5 for label in labels])
+    agree = ((u_0 > u_1) == torch.tensor([label == 1.0 for label in labels]))[decided].float().mean()
+    print(f"{len(labels)} pairs ({(~decided).sum()} ties) in {time.time() - start:.0f} s; the label agrees "
+          f"with the utility order on {agree:.2f} of the others")
+    if os.path.isdir(folder):
+        shutil.rmtree(temporary)
+    else:
+        os.replace(temporary, folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A toy reward model (the role PickScore plays for SD): learned from the pairs, not the hidden utility
+
+
+class ToyRewardModel(Reward):
+    """r(image, prompt): a small CNN that sees the prompt as constant input planes.
+
+    The prompt enters as 9 extra channels beside the pixels' 3: the RGB values of the asked shape colour and
+    of the asked background colour, and a one-hot of the asked shape (the toy's stand-in for a pretrained
+    text encoder that knows what "red" looks like, as CLIP does for PickScore). Three 3x3 convolutions with
+    GELU (the last one with stride 2), a mean over the picture and a linear head give one number.
+    Images [B, 3, H, W] in [0, 1] -> scores [B]; differentiable in the images."""
+
+    name = "toy"
+
+    def __init__(self, width: int = 24):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(12, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1),
+                                    nn.Conv2d(width, width, 3, padding=1, stride=2)])
+        self.head = nn.Linear(width, 1)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        words = [parse_prompt(p) for p in prompts]
+        planes = torch.tensor([[*COLOURS[colour], *COLOURS[background], *F.one_hot(
+            torch.tensor(SHAPES.index(shape)), len(SHAPES)).tolist()] for colour, shape, background in words])
+        weight = self.head.weight
+        planes = planes.to(weight.device, weight.dtype)[:, :, None, None].expand(-1, -1, *images.shape[2:])
+        h = torch.cat([images.to(weight.dtype) * 2 - 1, planes * 2 - 1], dim=1)
+        for conv in self.convs:
+            h = F.gelu(conv(h))
+        return self.head(h.mean(dim=(2, 3))).squeeze(1)
+
+
+@dataclass
+class RewardModelConfig:
+    steps: int = 400  # AdamW steps of the Bradley-Terry loss
+    batch_size: int = 64  # pairs per step
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    validation: int = 256  # pairs of the training prompts kept out of training, for the accuracy report
+    seed: int = 0
+
+
+def _pair_tensors(folder: str):
+    """(winners [N,3,H,W], losers [N,3,H,W] in [0, 1], captions) of a pairs.jsonl folder, read by data.py
+    (ties skipped there; no flips, no prompt dropout)."""
+    from data import PreferencePairs
+
+    pairs = PreferencePairs(folder, resolution=16, hflip=False, prompt_dropout=0.0)
+    (batch,) = pairs.batches(len(pairs))
+    return (batch["pixels_w"] + 1) / 2, (batch["pixels_l"] + 1) / 2, batch["captions"]
+
+
+def pairwise_accuracy(reward_fn, winners, losers, captions) -> float:
+    """Fraction of pairs the reward orders as labelled (ties in score count 1/2)."""
+    with torch.no_grad():
+        margin = reward_fn(winners, captions) - reward_fn(losers, captions)
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+
+
+def train_reward_model(pairs_folder: str, config: RewardModelConfig | None = None, progress: bool = True):
+    """Fit ToyRewardModel to the pairs with the Bradley-Terry loss -log sigmoid(r(x_w) - r(x_l)) (the reward
+    model step of RLHF; horizontal flips as augmentation). Returns (model, metrics: accuracies on the
+    held-out pairs of the training prompts and of the held-out prompts)."""
+    config = config or RewardModelConfig()
+    winners, losers, captions = _pair_tensors(pairs_folder)
+    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
+    validation, train = order[:config.validation], order[config.validation:]
+    torch.manual_seed(config.seed)
+    model = ToyRewardModel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    for step in tqdm(range(config.steps), desc="toy reward model", disable=not progress):
+        batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
+        flip = torch.rand(len(batch), generator=generator) < 0.5
+        flipped = lambda x: torch.where(flip[:, None, None, None], x.flip(-1), x)
+        texts = [captions[i] for i in batch]
+        margin = model(flipped(winners[batch]), texts) - model(flipped(losers[batch]), texts)
+        loss = -F.logsigmoid(margin).mean()  # Bradley-Terry
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for group in optimizer.param_groups:  # cosine decay to 0
+            group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / config.steps))
+    model.eval().requires_grad_(False)
+    held_out = _pair_tensors(os.path.join(pairs_folder, "heldout"))
+    metrics = {
+        "train_accuracy": pairwise_accuracy(model, winners[train], losers[train], [captions[i] for i in train]),
+        "validation_accuracy": pairwise_accuracy(model, winners[validation], losers[validation],
+                                                 [captions[i] for i in validation]),
+        "held_out_prompts_accuracy": pairwise_accuracy(model, *held_out),
+        "utility_held_out_prompts_accuracy": pairwise_accuracy(utility, *held_out),
+    }
+    return model, metrics
+
+
+def load_reward_model(cache_dir: str = ".cache/toy", device="cpu", config: RewardModelConfig | None = None,
+                      pairs_folder: str | None = None, progress: bool = True) -> ToyRewardModel:
+    """The learned toy reward model (rewards.get_reward("toy")), frozen; trained on make_pairs(cache_dir) and
+    cached beside the pairs on the first call."""
+    config = config or RewardModelConfig()
+    pairs_folder = pairs_folder or make_pairs(cache_dir, progress=progress)
+    blob = json.dumps({"pairs": os.path.basename(os.path.normpath(pairs_folder)), **asdict(config)},
+                      sort_keys=True)
+    path = os.path.join(pairs_folder, f"reward-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.safetensors")
+    if not os.path.isfile(path):
+        start = time.time()
+        model, metrics = train_reward_model(pairs_folder, config, progress)
+        print(f"trained the toy reward model in {time.time() - start:.0f} s; pairwise accuracy: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in metrics.items()))
+        save_file(model.state_dict(), f"{path}.tmp{os.getpid()}", metadata={k: str(v) for k, v in
+                                                                           metrics.items()})
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+    from weights import load_strict
+
+    model = load_strict(ToyRewardModel(), load_file(path), path)
+    return model.eval().requires_grad_(False).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,6 +458,8 @@ class IdentityVAE(nn.Module):
     def __init__(self):
         super().__init__()
         self.config = IdentityVAEConfig()
+        # no weights, but a dtype and device like a real VAE (moved by .to(); not saved)
+        self.register_buffer("dtype_carrier", torch.zeros(()), persistent=False)
 
     def encode(self, x: torch.Tensor) -> IdentityLatent:
         return IdentityLatent(x)
@@ -192,7 +504,8 @@ class ToyConfig:
 
 def build_models(config: ToyConfig):
     """Fresh (unet, text_encoder, tokenizer) at toy size, initialised from config.seed."""
-    from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from clip import CLIPTextConfig, CLIPTextModel
+    from tokenizer import CLIPTokenizer
     from unet import UNet2DConditionModel, UNetConfig
 
     text_config = CLIPTextConfig.tiny()

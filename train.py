@@ -1,241 +1,157 @@
-"""The one training loop: Diffusion-DPO and SFT on preference pairs, TailorPO / TailorPO-G / the trajectory
-baseline online.
+"""The one training loop: Diffusion-DPO and SFT on preference pairs; TailorPO, TailorPO-G and the trajectory
+baseline online. It reads top to bottom like nanoGPT's: config -> models -> data -> loop -> save.
 
-It reads top to bottom like nanoGPT's train.py: config -> distributed setup -> models (policy + reference) ->
-data -> optimizer -> checkpoints -> the loop -> weights and plots. The per-batch math is not here. Each method
-is one function returning (loss with its graph attached, metrics dict of floats or 0-d tensors):
-    dpo.dpo_train_step(sd, reference_unet, batch, beta, generator)    Diffusion-DPO (Wallace et al., Eq. 14)
-    dpo.sft_train_step(sd, batch, generator)                          the SFT baseline on the preferred images
-    tailorpo.train_step(sd, reference_unet, prompts, reward_fn, cfg, generator, method)   (Ren et al. 2025)
-Here sd is a weights.StableDiffusion whose sd.unet is the trainable policy (LoRA-injected or full), and
-reference_unet(x_t, t, context) -> eps_pred runs without grad (adapters off via lora.lora_disabled, or a
-frozen copy); batch = {"pixels_w", "pixels_l": [B,3,H,W] in [-1,1], "prompts": list[str]} (data.py).
-This loop does gradient accumulation, backward, clipping, the AdamW step, checkpoints and logging.
+    python train.py                              # the toy world (toy.py): Diffusion-DPO on toy pairs, on a CPU
+    python train.py --method=tailorpo            # the toy world, online against the toy reward model
+    python train.py --method=dpo --model=PATH --data=PICKAPIC --lora_rank=0 --learning_rate=2.048e-5
+    python train.py @run.txt --resume            # flags read from a file (# comments); on from the last checkpoint
+    torchrun --nproc_per_node=8 train.py ...     # DistributedDataParallel; python train.py --help: every flag
 
-    python train.py                                    # the toy-world default (CPU, minutes; toy.py)
-    python train.py --method=dpo --model=PATH --data=FOLDER --lora_rank=0 --learning_rate=2.048e-5
-    python train.py --config=run.txt --resume          # settings from a file; on from the latest checkpoint
-    torchrun --nproc_per_node=8 train.py ...           # DistributedDataParallel, data sharded by rank
-    python train.py --help                             # every TrainConfig field with its comment
+The per-batch math is not here: dpo.dpo_train_step (Diffusion-DPO, Wallace et al. Eq. 14), dpo.sft_train_step
+and tailorpo.train_step (Ren et al. 2025) each return (loss with graph, metrics). Every random draw of a
+training sample is a pure function of (seed, the sample's global stream position), so N processes equal one
+process with an N x batch, and a resume on any process count sees the same draws.
+
+Precision policy (--mixed_precision): trainable weights and AdamW state fp32; frozen weights (the LoRA base,
+VAE, text encoder) stored in the compute dtype; autocast around the UNet forwards only (Autocast), which
+return fp32; latents, noise, x_t, schedule arithmetic, log-probs, losses and rewards fp32. The full
+fine-tune's reference is an fp32 copy under the same autocast as the policy, so step 0 gives loss = log 2 and
+implicit accuracy 0 exactly. fp16 uses loss scaling (torch.amp.GradScaler), for GPUs without bf16.
 
 Deviations from the official Diffusion-DPO train.py (SalesforceAIResearch/DiffusionDPO), numbered:
 1. --learning_rate is the LR used (no --scale_lr). The official SD1.5 run: 1e-8 x 2048 pairs = 2.048e-5 at
    2048 pairs per step (16 GPUs x 1 pair x 128 accumulation), warmup 500 of 2000 steps, beta 5000.
-2. bf16 autocast instead of fp16 + GradScaler (bf16 needs no loss scaling). The frozen reference copy of a
-   full fine-tune is bf16 on GPU, as the official one is fp16.
-3. Warmup counts optimizer steps and starts at lr/warmup_steps, not 0 (the official code multiplies it by the
-   process count, because accelerate steps the scheduler once per process).
-4. A checkpoint is one safetensors file; the official code saves accelerate.save_state folders of pickles.
-5. The data stream is a pure function of (seed, position) (data.py; prompt_batches here), so a resumed run
-   sees exactly the data of an uninterrupted one, and N ranks see what one process sees with an N x batch.
+2. bf16 autocast by default instead of fp16 + GradScaler; the full fine-tune's reference is fp32 (official:
+   fp16), for the exact step-0 identity above.
+3. Warmup counts optimizer steps and starts at lr/warmup_steps, not 0.
+4. A checkpoint is one safetensors file (checkpoint.py), with no RNG state: draws are keyed by position.
 """
 
-import ast
 import contextlib
 import copy
 import dataclasses
-import difflib
-import glob
-import inspect
 import itertools
 import json
 import math
 import os
-import random
-import re
 import sys
 import time
-import typing
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import checkpoint
+import config
 import data
 import dpo
+import evaluate
 import lora
 import plot
+import rewards
 import tailorpo
+import weights
 from tailorpo import TailorPOConfig
 
 METHODS = ("dpo", "sft") + tailorpo.METHODS
-LIVE_METRICS = ("loss", "implicit_acc", "implicit_accuracy", "reward_gap", "eval_reward", "grad_norm")  # tqdm
-DEFAULT_PROMPTS = [f"a photo of a {animal}" for animal in  # DDPO-style simple animals, for online methods
-                   ("cat", "dog", "horse", "rabbit", "fox", "owl", "turtle", "lion", "panda", "duck")]
-
-# ----------------------------------------------------------------------------------------------------------
-# Config: one dataclass of defaults; each field's comment is its --help text
+LIVE_METRICS = ("loss", "implicit_accuracy", "val_implicit_accuracy", "eval_reward", "grad_norm")  # tqdm
+PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ANIMALS = [f"a photo of a {animal}" for animal in  # DDPO-style simple animals: online methods without --prompts
+           ("cat", "dog", "horse", "rabbit", "fox", "owl", "turtle", "lion", "panda", "duck")]
+opt = lambda default, help, **more: field(default=default, metadata={"help": help, **more})  # noqa: A002
 
 
 @dataclass
-class TrainConfig:
-    method: str = "tailorpo"  # dpo | sft (pairs from --data) | tailorpo | tailorpo-g | trajectory (online)
-    model: str = "toy"  # SD1.5 diffusers folder, single .safetensors/.ckpt file, hub id, or "toy" (toy.py)
-    lora_rank: int = 4  # LoRA rank on the attention projections (lora.py); 0 = full fine-tune
-    lora_alpha: float = 4.0  # the LoRA update is scaled by lora_alpha / lora_rank
-    data: str = ""  # dpo/sft: a folder with pairs.jsonl, or Pick-a-Pic parquet shards (a file or a folder)
-    resolution: int = 512  # dpo/sft: images are resized and cropped to this many pixels
-    random_crop: bool = False  # dpo/sft: random instead of center crop (official --random_crop)
-    hflip: bool = True  # dpo/sft: random horizontal flips (official default)
-    prompt_dropout: float = 0.2  # dpo/sft: fraction of captions replaced by "" (official 0.2)
-    prompts: str = ""  # online: text file, one prompt per line ("": toy.PROMPTS for the toy, else animals)
-    reward: str = "saturation"  # rewards.get_reward name: the online reward, and the ranker of --ai_feedback
-    reward_paths: str = ""  # weight files of the reward as KEY=FILE[,KEY=FILE], e.g. mlp_path=aes.pth
-    ai_feedback: bool = False  # dpo/sft: re-rank every pair with --reward, ignoring the human label
-    beta: float = 5000.0  # Diffusion-DPO beta, mean-MSE convention of the official code (paper: 2000-5000)
-    learning_rate: float = 1e-4  # peak AdamW LR (official full-FT SD1.5: 2.048e-5 at 2048 pairs per step)
-    warmup_steps: int = 0  # linear warmup, then constant (official SD1.5: 500)
-    max_steps: int = 200  # optimizer steps (official: 2000)
-    batch_size: int = 4  # pairs (dpo/sft) or prompts (online) per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step; effective batch = batch_size*grad_accum*processes
-    grad_clip: float = 1.0  # max global gradient norm (official 1.0)
-    weight_decay: float = 1e-2  # AdamW weight decay (official 1e-2)
-    gradient_checkpointing: bool = False  # recompute UNet blocks in backward: less memory, ~25% slower
-    out_dir: str = "out"  # checkpoints, exported weights, metrics.jsonl and plots
-    save_every: int = 100  # steps between checkpoints and weight exports; the last step always saves
-    keep_checkpoints: int = 2  # keep the newest N checkpoints, delete older ones
-    eval_every: int = 50  # online: mean reward of fresh samples every N steps (0 = never)
-    eval_prompts: int = 16  # online: that many prompts from the list, fixed seeds
-    resume: bool = False  # continue from the latest checkpoint in out_dir (from scratch if there is none)
-    seed: int = 0  # everything random derives from it (rank r draws its noise from seed + r)
-    device: str = "auto"  # auto = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
-    num_workers: int = 0  # dpo/sft: DataLoader worker processes decoding images (resume stays exact)
-    tailorpo: TailorPOConfig = field(default_factory=TailorPOConfig)  # online methods
-
-
-# The toy world (toy.py: 16 px pictures, a 272k-parameter UNet; the default --model) gets its own defaults,
-# applied before --config files and the command line: 10-step rollouts and a larger LR make the default run
-# finish in minutes on a CPU (saturation 0.47 -> 0.80 in 100 steps; README). SD1.5 runs keep the fields above.
-TOY_DEFAULTS = {"learning_rate": "3e-3", "max_steps": "100", "eval_every": "25", "tailorpo.num_steps": "10",
-                "tailorpo.guidance_scale": "3"}
-
-
-class ConfigError(ValueError):
-    """A bad option, config file line or combination of settings; the message says which."""
-
-
-BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def config_fields(cfg, prefix=""):
-    """{dotted key: (owner, field name, type, help)}, nested dataclasses as "tailorpo.beta"; the help is the
-    field's trailing `# comment` in the class source."""
-    hints = typing.get_type_hints(type(cfg))
-    helps = dict(re.findall(r"^\s+(\w+):[^=\n]*=[^#\n]*#\s*(.+)$", inspect.getsource(type(cfg)), re.M))
-    out = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(config_fields(value, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = (cfg, f.name, hints[f.name], helps.get(f.name, ""))
-    return out
-
-
-def set_value(cfg, key: str, text: str, source: str):
-    """cfg.<key> = text parsed as the field's type (bool, int, float, str, or a literal such as a tuple)."""
-    fields = config_fields(cfg)
-    if key not in fields:
-        close = difflib.get_close_matches(key, list(fields), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{source}: unknown config key {key!r}{hint}; `python train.py --help` lists them")
-    owner, name, typ, _ = fields[key]
-    try:
-        if typ is bool:
-            value = BOOLS[text.lower()]
-        elif typ in (int, float, str):
-            value = typ(text)
-        else:
-            value, origin = ast.literal_eval(text), typing.get_origin(typ) or typ
-            value = tuple(value) if origin is tuple and isinstance(value, list) else value
-            if not isinstance(value, origin):
-                raise ValueError(value)
-    except (KeyError, ValueError, SyntaxError):
-        raise ConfigError(f"{source}: {key} expects {getattr(typ, '__name__', typ)}, got {text!r}") from None
-    setattr(owner, name, value)
-
-
-def read_config_file(path: str) -> list[tuple[str, str]]:
-    """(key, value) pairs from `key = value` lines, written as on the command line (tailorpo.beta = 10), with
-    # comments. Not Python (nanoGPT exec()s its config files) and not JSON: the same syntax as the flags."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    pairs = []
-    for number, line in enumerate(lines, 1):
-        key, equals, value = line.split("#", 1)[0].partition("=")
-        if key.strip() and not equals:
-            raise ConfigError(f"{path}:{number}: expected `key = value`, got {line.strip()!r}")
-        pairs += [(key.strip(), value.strip())] if equals else []
-    return pairs
+class TrainConfig:  # each field is a flag --name=value; its help text is the string beside it
+    method: str = opt("dpo", "dpo | sft (pairs) | tailorpo | tailorpo-g | trajectory (online)", choices=METHODS)
+    model: str = opt("toy", "SD1.5 diffusers folder, .safetensors/.ckpt file, hub id, or toy (toy.py)")
+    lora_rank: int = opt(4, "LoRA rank on the attention projections (lora.py); 0 = full fine-tune")
+    lora_alpha: float = opt(4.0, "the LoRA update is scaled by lora_alpha / lora_rank")
+    data: str = opt("", "dpo/sft: a pairs.jsonl folder, or Pick-a-Pic parquet (file or folder)")
+    val_pairs: int = opt(0, "dpo/sft: pairs held out of training, scored every eval_every steps")
+    resolution: int = opt(512, "dpo/sft: images are resized and cropped to this many pixels")
+    random_crop: bool = opt(False, "dpo/sft: random instead of center crop (official --random_crop)")
+    hflip: bool = opt(True, "dpo/sft: random horizontal flips (official default)")
+    prompt_dropout: float = opt(0.2, "dpo/sft: fraction of captions replaced by '' (official 0.2)")
+    prompts: str = opt("", "online: text file, one prompt per line (default: toy prompts, or animals)")
+    reward: str = opt("", "the online reward and the --ai_feedback ranker", choices=("", *rewards.REWARDS))
+    reward_paths: str = opt("", "weight files of the reward as KEY=FILE[,KEY=FILE], e.g. mlp_path=aes.pth")
+    report_rewards: str = opt("", "rewards of the final base-vs-aligned report, A,B (default: --reward)")
+    ai_feedback: bool = opt(False, "dpo/sft: re-rank every pair with --reward, ignoring the human label")
+    beta: float = opt(5000.0, "Diffusion-DPO beta, mean-MSE convention of the official code")
+    learning_rate: float = opt(1e-4, "peak AdamW LR (official full-FT SD1.5: 2.048e-5, 2048 pairs/step)")
+    warmup_steps: int = opt(0, "linear warmup, then constant (official SD1.5: 500)")
+    max_steps: int = opt(200, "optimizer steps (official: 2000)")
+    batch_size: int = opt(4, "pairs (dpo/sft) or prompts (online) per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (effective batch: batch_size*grad_accum*procs)")
+    grad_clip: float = opt(1.0, "max global gradient norm (official 1.0)")
+    weight_decay: float = opt(1e-2, "AdamW weight decay (official 1e-2)")
+    mixed_precision: str = opt("auto", "auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16 (loss scaling)",
+                               choices=("auto", *PRECISIONS))
+    gradient_checkpointing: bool = opt(False, "recompute UNet blocks in backward: less memory, ~25% slower")
+    out_dir: str = opt("out", "checkpoints, exported weights, metrics.jsonl, plots and the final report")
+    save_every: int = opt(100, "steps between checkpoints and weight exports; the last step always saves")
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints, delete older ones")
+    eval_every: int = opt(50, "steps between validation (dpo/sft) or fresh-sample rewards (online); 0: never")
+    eval_prompts: int = opt(16, "online: the first N prompts, fixed seeds, for the fresh-sample reward")
+    resume: bool = opt(False, "continue from the latest checkpoint in out_dir (from scratch if none)")
+    seed: int = opt(0, "every random draw derives from it and the sample's stream position")
+    device: str = opt("auto", "auto = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu")
+    num_workers: int = opt(0, "dpo/sft: DataLoader processes decoding images (resume stays exact)")
+    tailorpo: TailorPOConfig = field(default_factory=TailorPOConfig)  # online methods: --tailorpo.KEY
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
-    """--key=value or --key value (a bare --flag means true); --config=FILE is applied first."""
-    pairs, args = [], list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            defaults = TrainConfig()
-            print(__doc__.split("\n\n")[0], "\nOptions (--key=value; --config=FILE of `key = value` lines):")
-            for key, (owner, name, _, comment) in config_fields(defaults).items():
-                print(f"  --{key}={getattr(owner, name)}".ljust(36), comment)
-            print("With --model=toy (the default) these come first:",
-                  " ".join(f"--{key}={value}" for key, value in TOY_DEFAULTS.items()))
-            raise SystemExit(0)
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; options look like --key=value")
-        key, equals, value = arg[2:].partition("=")
-        if not equals:
-            value = args.pop(0) if args and not args[0].startswith("--") else "true"
-        pairs.append((key.replace("-", "_"), value))
-    files = [(key.replace("-", "_"), value, path) for path in [v for k, v in pairs if k == "config"]
-             for key, value in read_config_file(path)]
-    settings = files + [(key, value, "command line") for key, value in pairs if key != "config"]
-    model = next((value for key, value, _ in reversed(settings) if key == "model"), TrainConfig.model)
-    if model == "toy":  # the toy world's defaults come first
-        settings = [(key, value, "TOY_DEFAULTS") for key, value in TOY_DEFAULTS.items()] + settings
-    cfg = TrainConfig()
-    for key, value, source in settings:  # defaults, then files, then the command line: the last one wins
-        set_value(cfg, key, value, source)
-    if cfg.method not in METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {cfg.method!r}")
-    if cfg.method in ("dpo", "sft") and not cfg.data:
-        raise ConfigError(f"--method={cfg.method} trains on preference pairs: give --data=FOLDER_OR_PARQUET")
-    if (cfg.method in tailorpo.METHODS or cfg.ai_feedback) and not cfg.reward:
-        raise ConfigError(f"--method={cfg.method}{' --ai_feedback' * cfg.ai_feedback} needs --reward=NAME")
-    if cfg.ai_feedback and cfg.method not in ("dpo", "sft"):
-        raise ConfigError("--ai_feedback relabels preference pairs: it needs --method=dpo or sft")
-    if min(cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.save_every, cfg.keep_checkpoints) < 1:
-        raise ConfigError("batch_size, grad_accum, max_steps, save_every and keep_checkpoints must be >= 1")
+    """TrainConfig from the flags; with --model=toy, toy.TRAIN_DEFAULTS[method] replace the defaults."""
+    import toy
+
+    toy_defaults = lambda given: getattr(toy, "TRAIN_DEFAULTS", {}).get(given.get("method", "dpo"), {}) \
+        if given.get("model", "toy") == "toy" else {}
+    cfg = config.parse(TrainConfig, argv, __doc__.split("\n\n")[0], toy_defaults)
+    validate(cfg)
     return cfg
 
 
+def validate(cfg: TrainConfig):
+    """Every option and path, checked before any model is built or pretrained."""
+    def need(ok, message: str):
+        if not ok:
+            raise config.ConfigError(message)
+
+    pairs, online, names = cfg.method in ("dpo", "sft"), cfg.method in tailorpo.METHODS, ", ".join(rewards.REWARDS)
+    need(min(cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.save_every, cfg.keep_checkpoints) >= 1,
+         "--batch_size, --grad_accum, --max_steps, --save_every and --keep_checkpoints must be >= 1")
+    need(min(cfg.lora_rank, cfg.val_pairs, cfg.eval_every, cfg.warmup_steps, cfg.num_workers) >= 0,
+         "--lora_rank, --val_pairs, --eval_every, --warmup_steps and --num_workers must be >= 0")
+    need(0 <= cfg.prompt_dropout <= 1, f"--prompt_dropout must be in [0, 1], got {cfg.prompt_dropout}")
+    need(cfg.beta > 0 and cfg.learning_rate >= 0, "--beta must be > 0 and --learning_rate >= 0")
+    need(pairs or not (cfg.ai_feedback or cfg.val_pairs or cfg.data),
+         f"--ai_feedback, --val_pairs and --data are for --method=dpo or sft, not {cfg.method}")
+    need(not pairs or cfg.data or cfg.model == "toy", f"--method={cfg.method} needs --data=FOLDER_OR_PARQUET")
+    need(not cfg.data or os.path.exists(cfg.data), f"--data={cfg.data}: no such file or folder")
+    need(not cfg.prompts or os.path.isfile(cfg.prompts), f"--prompts={cfg.prompts}: no such file")
+    need(cfg.model == "toy" or os.path.exists(cfg.model) or not cfg.model.endswith(weights.SUFFIXES),
+         f"--model={cfg.model}: no such file")
+    need(cfg.reward or not (online or cfg.ai_feedback), f"--method={cfg.method}"
+         f"{' --ai_feedback' * cfg.ai_feedback} needs --reward, one of {names}")
+    for name in filter(None, cfg.report_rewards.split(",")):
+        need(name in rewards.REWARDS, f"--report_rewards: unknown reward {name!r}; one of {names}")
+    for item in filter(None, cfg.reward_paths.split(",")):
+        need(os.path.exists(item.partition("=")[2]), f"--reward_paths: {item!r} is not KEY=EXISTING_FILE")
+    try:
+        cfg.tailorpo.validate()
+    except ValueError as error:
+        raise config.ConfigError(f"--tailorpo.{error}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Setup: processes, models, data
+# Models
 
 
-def setup_distributed(cfg) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun, joins the process group: nccl on GPU, gloo on CPU."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if cfg.device == "auto" else cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", device.index or int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-class DDP(DistributedDataParallel):
-    """DistributedDataParallel passing attribute lookups (config, conv_in, ...) on to the wrapped UNet, so the
-    methods use sd.unet alike in one process or many."""
+class Wrapper(torch.nn.Module):
+    """Passes attribute lookups (config, conv_in, ...) on to the wrapped UNet."""
 
     def __getattr__(self, name):
         try:
@@ -244,232 +160,123 @@ class DDP(DistributedDataParallel):
             return getattr(self.module, name)
 
 
-def build_models(cfg, device):
-    """(sd, trainable params, reference_unet, base). sd.unet is the policy; reference_unet(x_t, t, context) ->
-    eps_ref without grad: the same UNet with LoRA off, or (full fine-tune) the frozen copy `base`, bf16 on
-    GPU (None with LoRA)."""
+class DDP(Wrapper, DistributedDataParallel):
+    pass
+
+
+class Autocast(Wrapper):
+    """The precision policy's one autocast region: the UNet forward runs in `dtype` and returns float32. As
+    the reference: no grad, LoRA adapters off (a LoRA policy's base, or a frozen copy that has none)."""
+
+    def __init__(self, module, dtype: torch.dtype, reference: bool = False):
+        super().__init__()
+        self.module, self.dtype, self.reference = module, dtype, reference
+        self.device_type = next(module.parameters()).device.type
+
+    def forward(self, *args):
+        with (torch.autocast(self.device_type, self.dtype, enabled=self.dtype != torch.float32),
+              torch.no_grad() if self.reference else contextlib.nullcontext(),
+              lora.lora_disabled(self.module) if self.reference else contextlib.nullcontext()):
+            return self.module(*args).float()
+
+
+def build_models(cfg, device, dtype):
+    """(sd, trainable params, reference): sd.unet is the policy with fp32 trainable weights; the reference
+    is the same UNet with LoRA off, or (full fine-tune) a frozen fp32 copy; frozen weights in `dtype`."""
     import toy
-    import weights
 
     torch.manual_seed(cfg.seed)  # the LoRA initialisation: the same on every rank
-    if cfg.model == "toy":
-        sd = toy.load_base_model(device=device)
-    else:
-        sd = weights.load_stable_diffusion(cfg.model, device)
-    sd.vae.requires_grad_(False).eval()
-    sd.text_encoder.requires_grad_(False).eval()
+    sd = toy.load_base_model(device=device) if cfg.model == "toy" else weights.load_stable_diffusion(cfg.model,
+                                                                                                     device)
+    sd.vae.requires_grad_(False).eval().to(dtype)
+    sd.text_encoder.requires_grad_(False).eval().to(dtype)
     unet = sd.unet
     if cfg.lora_rank > 0:
-        if device.type == "cuda":  # the frozen base in bf16, as the diffusers DPO LoRA script (fp16 there)
-            unet.to(torch.bfloat16)
-        params = lora.inject_lora(unet, cfg.lora_rank, cfg.lora_alpha)  # fp32 adapters; freezes the base
-
-        def reference_unet(x_t, t, context):
-            with torch.no_grad(), lora.lora_disabled(unet):
-                return unet(x_t, t, context)
-        reference = None
+        params, reference = lora.inject_lora(unet.to(dtype), cfg.lora_rank, cfg.lora_alpha), unet  # fp32 A, B
     else:
         reference = copy.deepcopy(unet).requires_grad_(False).eval()
-        reference.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
         params = list(unet.requires_grad_(True).parameters())
-
-        def reference_unet(x_t, t, context):
-            with torch.no_grad():
-                dtype = reference.conv_in.weight.dtype
-                return reference(x_t.to(dtype), t, context.to(dtype)).float()
-    unet.train()
-    unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
-    return sd, params, reference_unet, reference
+    unet.train().set_gradient_checkpointing(cfg.gradient_checkpointing)
+    return sd, params, Autocast(reference, dtype, reference=True)
 
 
-def prompt_batches(prompts: list[str], batch_size: int, rank: int, world: int, seed: int, start: int):
-    """Endless prompt lists positioned like data.PairBatches: micro-batch m of rank r holds stream positions
-    (m * world + r) * batch_size + [0, batch_size), position p being prompts[perm_e[p % N]], e = p // N, and
-    perm_e a permutation seeded by seed + e. A pure function of (seed, m), like the pairs."""
-    for m in itertools.count(start):
-        batch = []
-        for position in range((m * world + rank) * batch_size, (m * world + rank + 1) * batch_size):
-            epoch, i = divmod(position, len(prompts))
-            order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch))
-            batch.append(prompts[order[i]])
-        yield batch
+# ----------------------------------------------------------------------------------------------------------
+# Data
 
 
 def load_data(cfg, rank: int, world: int, start: int):
-    """(items, batches): the preference pairs (dpo/sft; data.py) or prompts (online), and this rank's endless
-    stream of micro-batches from optimizer step `start` on."""
+    """(items, val_batches, batches): pairs (dpo/sft) or prompts (online), the validation batches, and this
+    rank's endless micro-batches from micro-batch `start` on; batch["positions"] keys every random draw."""
+    import toy
+
     if cfg.method in ("dpo", "sft"):
-        pairs = data.PreferencePairs(cfg.data, cfg.resolution, cfg.random_crop, cfg.hflip, cfg.prompt_dropout,
+        folder = cfg.data or toy.make_pairs()
+        pairs = data.PreferencePairs(folder, cfg.resolution, cfg.random_crop, cfg.hflip, cfg.prompt_dropout,
                                      cfg.seed)
-        return pairs, iter(data.PairBatches(pairs, cfg.batch_size, start * cfg.grad_accum, rank, world,
-                                            cfg.num_workers))
+        pairs, val = pairs.split_validation(cfg.val_pairs) if cfg.val_pairs else (pairs, None)
+        val_batches = val.batches(cfg.batch_size) if val else []
+        return pairs, val_batches, iter(data.PairBatches(pairs, cfg.batch_size, start, rank, world,
+                                                         cfg.num_workers))
     if cfg.prompts:
         with open(cfg.prompts) as f:
             prompts = [line.strip() for line in f if line.strip()]
     else:
-        import toy
-
-        prompts = list(toy.PROMPTS) if cfg.model == "toy" else DEFAULT_PROMPTS
-    return prompts, prompt_batches(prompts, cfg.batch_size, rank, world, cfg.seed, start * cfg.grad_accum)
+        prompts = list(toy.PROMPTS) if cfg.model == "toy" else ANIMALS
+    return prompts, [], prompt_batches(prompts, cfg.batch_size, rank, world, cfg.seed, start)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: one safetensors file with what an exact resume needs, written atomically
-
-
-def write_atomically(tensors: dict, metadata: dict, path: str):
-    """Write path.tmp, fsync it, rename it to path: a crash leaves the old file or the new one, never half."""
-    temporary = f"{path}.tmp"
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)  # atomic on POSIX and Windows
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    os.fsync(directory)  # makes the rename itself durable
-    os.close(directory)
-
-
-def rng_state(generator: torch.Generator) -> dict:
-    """Every random stream the loop draws from: tensors, plus python/numpy as JSON strings."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)
-    return {"torch": torch.get_rng_state(), "generator": generator.get_state(), "cuda": cuda,
-            "python": json.dumps(random.getstate()), "numpy": json.dumps([name, keys.tolist(), position,
-                                                                          has_gauss, gauss])}
-
-
-def set_rng_state(state: dict, generator: torch.Generator):
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if state["cuda"].numel():
-        torch.cuda.set_rng_state(state["cuda"])
-    version, internal, gauss = json.loads(state["python"])
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, position, has_gauss, cached = json.loads(state["numpy"])
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-
-
-def trainable(unet) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(cfg, unet, optimizer, step: int, generator, rank: int, world: int):
-    """out_dir/ckpt_<step>.safetensors: trainable weights, AdamW state, step, every rank's RNG states. The
-    data position is step * grad_accum, the LR a function of the step. Exports the weights; rank 0 writes."""
-    states = [rng_state(generator)] * world
-    if world > 1:
-        dist.all_gather_object(states, states[0])
-    if rank == 0:
-        tensors = {f"model.{name}": p.detach() for name, p in trainable(unet).items()}
-        optimizer_state = optimizer.state_dict()
-        for index, state in optimizer_state["state"].items():  # AdamW: step, exp_avg, exp_avg_sq per param
-            tensors.update({f"optim.{index}.{key}": value for key, value in state.items()})
-        metadata = {"step": str(step), "micro_batches": str(step * cfg.grad_accum), "world_size": str(world),
-                    "param_groups": json.dumps(optimizer_state["param_groups"]),
-                    "config": json.dumps(dataclasses.asdict(cfg))}
-        for r, state in enumerate(states):
-            tensors.update({f"rng.{r}.{key}": state[key] for key in ("torch", "generator", "cuda")})
-            metadata.update({f"rng.{r}.{key}": state[key] for key in ("python", "numpy")})
-        write_atomically(tensors, metadata, os.path.join(cfg.out_dir, f"ckpt_{step:08d}.safetensors"))
-        for old in sorted(glob.glob(os.path.join(cfg.out_dir, "ckpt_*.safetensors")))[:-cfg.keep_checkpoints]:
-            os.remove(old)
-        export_weights(cfg, unet)
-    if world > 1:
-        dist.barrier()
-
-
-def export_weights(cfg, unet):
-    """Public formats. Full fine-tune: out_dir/unet/, a diffusers UNet folder (config.json and
-    diffusion_pytorch_model.safetensors). LoRA: out_dir/lora.safetensors (lora_state_dict, PEFT names)."""
-    if cfg.lora_rank > 0:
-        return write_atomically(lora.lora_state_dict(unet), {"format": "pt"},
-                                os.path.join(cfg.out_dir, "lora.safetensors"))
-    os.makedirs(os.path.join(cfg.out_dir, "unet"), exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "unet", "config.json"), "w") as f:
-        json.dump({"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()}, f, indent=1)
-    write_atomically({k: v.contiguous() for k, v in unet.state_dict().items()}, {"format": "pt"},
-                     os.path.join(cfg.out_dir, "unet", "diffusion_pytorch_model.safetensors"))
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.safetensors")))  # zero-padded step numbers
-    return paths[-1] if paths else None
-
-
-def load_checkpoint(path: str, unet, optimizer, generator, rank: int, world: int) -> int:
-    """Restore what save_checkpoint wrote, in place; returns the step."""
-    tensors = load_file(path)
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata()
-    params = trainable(unet)
-    saved = {key[len("model."):] for key in tensors if key.startswith("model.")}
-    missing, unexpected = sorted(params.keys() - saved), sorted(saved - params.keys())
-    if missing or unexpected:
-        first = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise ValueError(f"{path}: {first} ({len(missing)} missing, {len(unexpected)} unexpected trainable "
-                         "tensors); resume with the --method/--model/--lora_rank of the run that wrote it")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"model.{name}"])
-    state = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    if int(metadata["world_size"]) == world:
-        rng = {key: tensors[f"rng.{rank}.{key}"] for key in ("torch", "generator", "cuda")}
-        rng.update({key: metadata[f"rng.{rank}.{key}"] for key in ("python", "numpy")})
-        set_rng_state(rng, generator)
-    elif rank == 0:
-        print(f"{path} was written by {metadata['world_size']} processes, not {world}: new random streams")
-    return int(metadata["step"])
+def prompt_batches(prompts: list[str], batch_size: int, rank: int, world: int, seed: int, start: int):
+    """Endless {"prompts", "positions"} positioned like data.PairBatches: position p holds prompt
+    perm_e[p % N], e = p // N, perm_e seeded by seed + e: a pure function of (seed, position)."""
+    order = lambda epoch: torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch))
+    for step in itertools.count(start):
+        positions = data.batch_positions(step, batch_size, rank, world)
+        yield {"prompts": [prompts[order(p // len(prompts))[p % len(prompts)]] for p in positions],
+               "positions": positions}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
 
-def method_step(cfg, sd, reference_unet, batch, reward_fn, generator):
+def method_step(cfg, sd, reference_unet, batch, reward_fn):
     """One micro-batch of the configured method -> (loss with graph, metrics)."""
     if cfg.ai_feedback:  # the paper's AI-feedback variant: the reward re-ranks every pair, online (official)
-        batch = data.relabel_with_reward(batch, reward_fn)
+        batch, relabelled = data.relabel_with_reward(batch, reward_fn)
     if cfg.method == "dpo":
-        return dpo.dpo_train_step(sd, reference_unet, batch, cfg.beta, generator)
-    if cfg.method == "sft":
-        return dpo.sft_train_step(sd, batch, generator)
-    return tailorpo.train_step(sd, reference_unet, batch, reward_fn, cfg.tailorpo, generator, cfg.method)
+        loss, metrics = dpo.dpo_train_step(sd, reference_unet, batch, cfg.beta, cfg.seed)
+    elif cfg.method == "sft":
+        loss, metrics = dpo.sft_train_step(sd, batch, cfg.seed)
+    else:
+        loss, metrics = tailorpo.train_step(sd, reference_unet, batch, reward_fn, cfg.tailorpo, cfg.seed,
+                                            cfg.method)
+    return loss, {**metrics, **({"pairs_relabelled": float(relabelled)} if cfg.ai_feedback else {})}
 
 
 def to_floats(metrics: dict, world: int) -> dict[str, float]:
-    """{name: float} averaged over the ranks, with ONE device-to-host copy for all tensor metrics."""
-    tensors = {k: v for k, v in metrics.items() if torch.is_tensor(v)}
-    values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])
+    """{name: float} averaged over the ranks, with ONE device-to-host copy for all metrics."""
+    values = torch.stack([torch.as_tensor(v).detach().float().reshape(()).cpu() for v in metrics.values()])
     if world > 1:
         dist.all_reduce(values)  # a sum: gloo has no ReduceOp.AVG
-    values = (values / world).tolist()
-    return {**{k: float(v) for k, v in metrics.items() if k not in tensors}, **dict(zip(tensors, values))}
+    return dict(zip(metrics, (values / world).tolist()))
 
 
 @torch.no_grad()
-def fresh_sample_reward(cfg, sd, prompts, reward_fn) -> float:
-    """Mean reward of new samples from fixed seeds (the same x_T every time): the online reward curve."""
-    import sample
-
-    online = cfg.tailorpo
-    images = sample.generate(sd, prompts, num_steps=online.num_steps, guidance=online.guidance_scale,
-                             eta=online.eta, seed=cfg.seed + 12345, progress=False)
-    return reward_fn(images.to(sd.unet.conv_in.weight.device), prompts).mean().item()
+def evaluation(cfg, sd, base_unet, items, val_batches, reward_fn) -> dict:
+    """dpo/sft: the mean metrics of the held-out pairs (their positions fix every draw: a smooth curve);
+    online: the mean reward of fresh samples from fixed seeds."""
+    if val_batches:
+        rows = [to_floats(method_step(cfg, sd, base_unet, batch, reward_fn)[1], 1) for batch in val_batches]
+        return {f"val_{key}": sum(row[key] for row in rows) / len(rows) for key in rows[0]}
+    prompts, online = items[:cfg.eval_prompts], cfg.tailorpo
+    images = evaluate.generate(sd, prompts, [cfg.seed + 12345], online.num_steps, online.guidance_scale,
+                               online.eta, progress=False)
+    return {"eval_reward": reward_fn(images, prompts).mean().item()}
 
 
 def open_log(cfg, start: int):
     """out_dir/metrics.jsonl, one JSON object per step; a resumed run drops the rows after its checkpoint."""
-    path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    kept = []
+    path, kept = os.path.join(cfg.out_dir, "metrics.jsonl"), []
     if start and os.path.exists(path):
         with open(path) as f:
             kept = [line for line in f if json.loads(line)["step"] <= start]
@@ -478,49 +285,55 @@ def open_log(cfg, start: int):
     return log
 
 
-def report_before_after(cfg, sd, reference, items):
-    """The reward before -> after training on held-out seeds, the win rate, and a base-vs-aligned grid
-    (evaluate.py); the base is the reference UNet (LoRA off, or the frozen copy)."""
-    import evaluate
-
-    prompts = items if isinstance(items, list) else sorted({row[0] for row in items.rows})  # pair captions
-    base = None if reference is None else dataclasses.replace(sd, unet=reference)
-    report, grid = evaluate.compare(sd, prompts[:64], [cfg.reward], list(range(100, 104)),
-                                    os.path.join(cfg.out_dir, "eval"), base_sd=base,
-                                    num_steps=cfg.tailorpo.num_steps, guidance=cfg.tailorpo.guidance_scale,
-                                    progress=False)
-    print("reward before -> after (mean +- stderr, held-out seeds 100-103):")
-    print(" ", evaluate.format_report(report))
-    print("  grid (base | aligned):", grid)
+def final_report(cfg, aligned_sd, base_sd, items, reward_fn, device):
+    """Base vs aligned on held-out seeds (evaluate.py): each reward's mean +- stderr, the paired difference,
+    the win rate, per prompt category; the images, report.md/json and the base | aligned grid."""
+    names = (cfg.report_rewards or cfg.reward).split(",")
+    paths = dict(item.split("=", 1) for item in cfg.reward_paths.split(",") if item)
+    reward_fns = {**evaluate.load_rewards([n for n in names if n != cfg.reward], device, paths),
+                  **({cfg.reward: reward_fn} if cfg.reward in names else {})}
+    prompts = evaluate.read_prompts("toy") if cfg.model == "toy" else evaluate.PromptSet(
+        "train", items if isinstance(items, list) else sorted({row[0] for row in items.rows})[:64], None)
+    report = evaluate.compare(aligned_sd, prompts.prompts, reward_fns, list(range(1000, 1004)),
+                              os.path.join(cfg.out_dir, "eval"), base_sd=base_sd, categories=prompts.categories,
+                              num_steps=cfg.tailorpo.num_steps, guidance=cfg.tailorpo.guidance_scale)
+    print(evaluate.format_markdown(report))
 
 
 def main(argv: list[str] | None = None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    rank, world, device = setup_distributed(cfg)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else "bf16" if device.type == "cuda" else "no"
+    dtype = PRECISIONS[precision]
     os.makedirs(cfg.out_dir, exist_ok=True)
-    sd, params, reference_unet, reference = build_models(cfg, device)
-    policy = DDP(sd.unet, broadcast_buffers=False) if world > 1 else sd.unet
-    train_sd = dataclasses.replace(sd, unet=policy)  # the methods call sd.unet: gradients sync through DDP
-    reward_fn = None
-    if cfg.method in tailorpo.METHODS or cfg.ai_feedback:
-        import rewards
 
-        paths = dict(item.split("=", 1) for item in cfg.reward_paths.split(",") if item)
-        reward_fn = rewards.get_reward(cfg.reward, device, **paths)
+    # models: the policy (DDP-wrapped across processes), its frozen reference, the reward
+    sd, params, base_unet = build_models(cfg, device, dtype)
+    policy = Autocast(DDP(sd.unet, broadcast_buffers=False) if world > 1 else sd.unet, dtype)
+    train_sd, eval_sd = (dataclasses.replace(sd, unet=unet) for unet in (policy, Autocast(sd.unet, dtype)))
+    paths = dict(item.split("=", 1) for item in cfg.reward_paths.split(",") if item)
+    reward_fn = rewards.get_reward(cfg.reward, device, **paths) if cfg.reward else None
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    generator = torch.Generator(device).manual_seed(cfg.seed + rank)  # the methods' noise, per rank
-    torch.manual_seed(cfg.seed + rank)
-    checkpoint = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    start = load_checkpoint(checkpoint, sd.unet, optimizer, generator, rank, world) if checkpoint else 0
-    items, batches = load_data(cfg, rank, world, start)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    path = checkpoint.latest(cfg.out_dir) if cfg.resume else None
+    start = checkpoint.load(path, sd.unet, optimizer, scaler) if path else 0
+
+    # data: pairs or prompts, from this run's position on
+    items, val_batches, batches = load_data(cfg, rank, world, start * cfg.grad_accum)
     log = open_log(cfg, start) if rank == 0 else None
-    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-    evaluate = rank == 0 and cfg.method in tailorpo.METHODS and cfg.eval_every > 0  # fresh samples
-    if evaluate and start == 0:
-        with autocast():
-            reward = fresh_sample_reward(cfg, sd, items[:cfg.eval_prompts], reward_fn)
-        log.write(json.dumps({"step": 0, "eval_reward": reward}) + "\n")
+    evaluates = rank == 0 and cfg.eval_every > 0 and (bool(val_batches) or cfg.method in tailorpo.METHODS)
+    evaluate_now = lambda step: evaluates and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+    if evaluates and start == 0:
+        log.write(json.dumps({"step": start, **evaluation(cfg, eval_sd, base_unet, items, val_batches,
+                                                            reward_fn)}) + "\n")
 
     progress = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=rank != 0)
     for step in progress:
@@ -529,39 +342,39 @@ def main(argv: list[str] | None = None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum):  # DDP all-reduces the gradients in the last backward only
-            with policy.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext():
-                with autocast():
-                    loss, metrics = method_step(cfg, train_sd, reference_unet, next(batches), reward_fn,
-                                                generator)
-                (loss / cfg.grad_accum).backward()
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else policy.module.no_sync():
+                loss, metrics = method_step(cfg, train_sd, base_unet, next(batches), reward_fn)
+                scaler.scale(loss / cfg.grad_accum).backward()
             for key, value in {**metrics, "loss": loss.detach()}.items():
                 sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # the same on every rank
         row = {"step": step + 1, "lr": lr, **to_floats({**sums, "grad_norm": grad_norm}, world)}
-        if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
-            last = latest_checkpoint(cfg.out_dir)
-            raise SystemExit(f"step {step + 1}: loss {row['loss']}, gradient norm {row['grad_norm']}: stop "
-                             f"before the update. The last good checkpoint is {last}; lower --learning_rate "
-                             "(or --beta) and --resume.")
-        optimizer.step()
+        if not math.isfinite(row["loss"]) or not (scaler.is_enabled() or math.isfinite(row["grad_norm"])):
+            raise SystemExit(f"step {step + 1}: loss {row['loss']}, gradient norm {row['grad_norm']}: stop before "
+                             f"the update. The last good checkpoint is {checkpoint.latest(cfg.out_dir)}; lower "
+                             "--learning_rate (or --beta) and --resume.")
+        scaler.step(optimizer)  # skipped by fp16 loss scaling when the gradients overflowed
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(cfg, sd.unet, optimizer, step + 1, generator, rank, world)
-        if evaluate and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-            with autocast():
-                row["eval_reward"] = fresh_sample_reward(cfg, sd, items[:cfg.eval_prompts], reward_fn)
+        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps):
+            checkpoint.save(cfg, sd.unet, optimizer, scaler, step + 1)
+        if world > 1:
+            dist.barrier()
+        if evaluate_now(step + 1):
+            row.update(evaluation(cfg, eval_sd, base_unet, items, val_batches, reward_fn))
         if log:
             log.write(json.dumps({**row, "seconds": time.time() - started}) + "\n")
             log.flush()
             progress.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in LIVE_METRICS})
+
+    # save: plots, data counts and the base-vs-aligned report (rank 0)
     if log:
         log.close()
-        if hasattr(items, "stats"):
-            print(items.stats.summary())
-        print("wrote", *plot.plot_metrics(log.name), log.name, cfg.out_dir, sep="\n  ")
-        if reward_fn is not None:
-            with autocast():
-                report_before_after(cfg, sd, reference, items)
+        print(*([items.stats.summary()] if hasattr(items, "stats") else []), "wrote", *plot.plot_metrics(log.name), cfg.out_dir, sep="\n  ")
+        if cfg.report_rewards or cfg.reward:
+            final_report(cfg, eval_sd, dataclasses.replace(sd, unet=base_unet), items, reward_fn, device)
     if world > 1:
         dist.destroy_process_group()
 
@@ -569,5 +382,5 @@ def main(argv: list[str] | None = None):
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as error:
+    except (config.ConfigError, weights.CheckpointError, checkpoint.CheckpointMismatch) as error:
         raise SystemExit(f"train.py: {error}") from None

@@ -20,10 +20,6 @@ Deviations from the paper / official code:
     the same nearest-neighbour result.
  5. diffusers divides every ResNet and attention output by output_scale_factor / rescale_output_factor, both
     1.0 in SD1.5; these no-op divisions are left out.
- 6. On CPU, a convolution with few output pixels (batch * H_out * W_out <= 128: the 1280-channel 8x8 and 4x4
-    levels at a 32x32 latent) runs as unfold (im2col) + one matrix product instead of through oneDNN; same
-    math, float rounding ~1e-6; the UNet forward takes ~14% less time on a 2-core CPU (bench_unet.py). GPU
-    and large feature maps keep nn.Conv2d.
 """
 
 import math
@@ -31,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -119,38 +116,19 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d that, on CPU, runs small feature maps as one im2col matrix product (deviation 6)."""
-
-    max_gemm_rows = 128  # B*H_out*W_out up to which the GEMM wins (2-core AVX2 CPU, SD1.5 widths)
-
-    def forward(self, x):
-        B, _, H, W = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        H_out, W_out = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-        if x.device.type != "cpu" or B * H_out * W_out > self.max_gemm_rows:
-            return super().forward(x)
-        # why: with few output pixels oneDNN's conv is bound by re-laying out the large weight on each call
-        # (1280 ch at 4x4: ~2x slower than this GEMM, measured); the GEMM reads the weight as stored
-        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, C_in*kh*kw, HW)
-        cols = cols.transpose(1, 2).reshape(B * H_out * W_out, -1)  # one row per output pixel
-        out = F.linear(cols, self.weight.flatten(1), self.bias)  # (B*H_out*W_out, C_out): one addmm
-        return out.view(B, H_out, W_out, -1).permute(0, 3, 1, 2).contiguous()  # NCHW, as nn.Conv2d returns
-
-
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the time embedding added in between, and a (1x1 conv) shortcut."""
 
     def __init__(self, in_channels, out_channels, time_dim, groups):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-5)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(time_dim, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-5)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Identity()  # no parameters: diffusers has conv_shortcut only when in != out
         if in_channels != out_channels:
-            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x, time_act):  # time_act = SiLU(time embedding) [B, time_dim]
         h = self.conv1(F.silu(self.norm1(x)))
@@ -173,10 +151,9 @@ class Attention(nn.Module):
     def forward(self, x, context=None):
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        B, N, C = q.shape
-        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # B,h,N,d
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # Attention Is All You Need Eq. 1, as in LDM Sec. 3.3
-        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, h*d)
+        out = rearrange(out, "b h n d -> b n (h d)")
         return self.to_out[1](self.to_out[0](out))
 
 
@@ -225,25 +202,22 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels, heads, context_dim, groups):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)  # 1e-6 here, unlike the ResNet blocks
-        self.proj_in = Conv2d(channels, channels, 1)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
-        self.proj_out = Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x, context):
-        B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
+        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")  # one token per pixel
         h = self.transformer_blocks[0](h, context)
-        # contiguous: a channels-last view would make every later conv / GroupNorm run channels-last, which
-        # measured 15% slower on CPU for the whole UNet
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        # contiguous: a channels-last view would make every later conv / GroupNorm run channels-last
+        h = rearrange(h, "b (h w) c -> b c h w", h=x.shape[2]).contiguous()
         return self.proj_out(h) + x
 
 
 class Downsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.conv(x)
@@ -252,7 +226,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
@@ -282,7 +256,7 @@ class UNet2DConditionModel(nn.Module):
         super().__init__()
         self.config = cfg = config
         widths, L = cfg.block_out_channels, cfg.layers_per_block
-        self.conv_in = Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(widths[0], 4 * widths[0])
 
         skip_widths = [widths[0]]  # widths of the feature maps the down path stores for the up path
@@ -295,6 +269,17 @@ class UNet2DConditionModel(nn.Module):
 
         self.mid_block = UNetLevel([widths[-1]] * 2, widths[-1], cfg, 1)  # ResNet, attention, ResNet
 
+        # SD1.5 expanded (block_out_channels 320, 640, 1280, 1280; L = 2), ResNet in -> out widths; an up
+        # ResNet's input is cat([h, skip]); "attn": a transformer after each ResNet (test_models checks this):
+        #   down_blocks.0 attn: 320->320, 320->320, downsample     skips: 320 (conv_in), 320, 320, 320
+        #   down_blocks.1 attn: 320->640, 640->640, downsample     skips: 640, 640, 640
+        #   down_blocks.2 attn: 640->1280, 1280->1280, downsample  skips: 1280, 1280, 1280
+        #   down_blocks.3:      1280->1280, 1280->1280             skips: 1280, 1280
+        #   mid_block:          1280->1280, attn, 1280->1280
+        #   up_blocks.0:        2560->1280, 2560->1280, 2560->1280, upsample
+        #   up_blocks.1 attn:   2560->1280, 2560->1280, 1920->1280, upsample
+        #   up_blocks.2 attn:   1920->640, 1280->640, 960->640, upsample
+        #   up_blocks.3 attn:   960->320, 640->320, 640->320; GroupNorm, SiLU, conv_out 320->4
         self.up_blocks = nn.ModuleList()
         h_width = widths[-1]
         for level, (width, attention) in reversed(list(enumerate(zip(widths, cfg.cross_attention)))):
@@ -303,7 +288,7 @@ class UNet2DConditionModel(nn.Module):
             h_width = width
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, widths[0], eps=1e-5)
-        self.conv_out = Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
 
     def set_gradient_checkpointing(self, enabled: bool):

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 GROUP_NORM_EPS = 1e-6  # every VAE GroupNorm uses 1e-6 (the UNet uses 1e-5)
@@ -137,12 +138,11 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
 
     def forward(self, x):
-        b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C]
+        tokens = rearrange(self.group_norm(x), "b c h w -> b (h w) c")  # one token per pixel
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, hw, C]
         out = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # Attention Is All You Need Eq. 1, one head
         out = self.to_out[1](self.to_out[0](out))
-        return x + out.transpose(1, 2).reshape(b, c, h, w)  # [B, hw, C] -> [B, C, h, w]
+        return x + rearrange(out, "b (h w) c -> b c h w", h=x.shape[2])
 
 
 class Downsample(nn.Module):

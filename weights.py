@@ -20,16 +20,19 @@ Deviations from diffusers' loaders:
     vocabulary, which is the SD1.5 tokenizer (the single file contains no tokenizer).
 """
 
+import itertools
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, convert_hf_clip_keys
+from clip import CLIPTextConfig, CLIPTextModel, convert_hf_clip_keys
 from scheduler import NoiseSchedule
+from tokenizer import CLIPTokenizer
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig, convert_legacy_vae_keys
 
@@ -38,7 +41,17 @@ SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 class CheckpointError(ValueError):
-    """A weights file or folder that cannot be loaded; the message says which file and why."""
+    """A weights file or folder that cannot be loaded. The message is ONE line that names the file and the
+    reason; every weight reader (read_state_dict, load_strict, the loaders here and in rewards.py) raises it,
+    so a command line catches this one exception and prints str(error)."""
+
+
+def _reason(error: Exception) -> str:
+    """The informative line of a torch.load / safetensors error (they span many lines of boilerplate)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Weights only load failed", "Check the doc",
+                                                            "Please file an issue"))] or lines or [""]
+    return f"{type(error).__name__}: {lines[-1]}"[:300]
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
@@ -53,14 +66,21 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except Exception as error:  # safetensors raises its own error types for a bad header
-            raise CheckpointError(f"{path} is not a safetensors checkpoint ({error})") from error
+            raise CheckpointError(f"{path} is not a safetensors checkpoint ({_reason(error)})") from None
     if path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown weights format; expected one of {', '.join(SUFFIXES)}")
     try:  # weights_only=True unpickles tensors and plain containers only, never arbitrary code
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # one line of error, not a warning about the pickle protocol first
+            warnings.simplefilter("ignore")
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{path} cannot be read by torch.load(weights_only=True): it is corrupt, not a "
-                              f"checkpoint, or contains pickled code, which is refused ({error})") from error
+        blocked = re.search(r"GLOBAL (\S+)", str(error))
+        if blocked:  # the pickle names a callable to run when unpickled (os.system, a class constructor, ...)
+            raise CheckpointError(f"{path}: refused: this pickle would run code ({blocked[1]}) when "
+                                  "unpickled; pickled code, which is refused by "
+                                  "torch.load(weights_only=True), never runs here") from None
+        raise CheckpointError(f"{path} cannot be read by torch.load(weights_only=True): corrupt or not a "
+                              f"PyTorch checkpoint ({_reason(error)})") from None
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         content = content["state_dict"]  # Lightning .ckpt files (the original SD release) wrap the weights
     content = content if isinstance(content, dict) else {}
@@ -106,15 +126,43 @@ class StableDiffusion:
     tokenizer: CLIPTokenizer
     schedule: NoiseSchedule
 
+    # The frozen models run in their own parameter dtype with autocast off and return float32 (train.py's
+    # precision policy); a model with no weights (the toy's identity VAE) carries its dtype in a buffer.
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text conditioning: CLIP's last hidden state for the 77 padded tokens, [B, 77, D]."""
+        """Text conditioning: CLIP's last hidden state for the 77 padded tokens, [B, 77, D] float32."""
         device = self.text_encoder.text_model.embeddings.token_embedding.weight.device
-        return self.text_encoder(self.tokenizer(prompts).to(device))[0]
+        with torch.autocast(device.type, enabled=False):
+            return self.text_encoder(self.tokenizer(prompts).to(device))[0].float()
+
+    def encode_images(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """pixels [N, 3, H, W] in [-1, 1] -> latents [N, C, H/f, W/f] float32, scaled by scaling_factor: the
+        posterior sample mean + std * noise (AEVB's reparameterisation trick); the mean if noise is None."""
+        device, dtype = _device_dtype(self.vae)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            posterior = self.vae.encode(pixels.to(device, dtype))
+            latents = posterior.mean.float()
+            if noise is not None:
+                latents = latents + posterior.std.float() * noise.to(device, torch.float32)
+        return latents * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [N, C, h, w] -> images [N, 3, H, W] in [0, 1] float32. Differentiable (TailorPO-G's
+        reward gradient flows through it)."""
+        device, dtype = _device_dtype(self.vae)
+        with torch.autocast(device.type, enabled=False):
+            images = self.vae.decode((latents.float() / self.vae.config.scaling_factor).to(device, dtype))
+        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def to(self, device=None, dtype=None):
         for model in (self.unet, self.vae, self.text_encoder):
             model.to(device=device, dtype=dtype)
         return self
+
+
+def _device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    tensor = next(itertools.chain(module.parameters(), module.buffers()))
+    return tensor.device, tensor.dtype
 
 
 def load_stable_diffusion(path_or_hub_id, device="cpu", dtype=torch.float32) -> StableDiffusion:

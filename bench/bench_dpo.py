@@ -1,30 +1,41 @@
-"""Benchmark: one Diffusion-DPO training step (full fine-tune, and LoRA), our code vs a diffusers UNet driven
-by the official recipe's computation; same batch, same weights, same run.
+"""Benchmark: one Diffusion-DPO training step (full fine-tune, and LoRA), our trainer vs the official recipe
+built on diffusers' UNet; same batch, same weights. bench_gpu.py runs the same steps (this file's
+`dpo_step`) on a GPU, with the optimizer step, gradient checkpointing and model FLOPs utilisation.
 
-    ours       unet.UNet2DConditionModel + dpo.dpo_batch_loss; the reference is a frozen copy (full fine-tune,
-               bf16 on GPU as train.py) or the same UNet with the LoRA adapters off (lora.lora_disabled)
-    official   diffusers.UNet2DConditionModel + the DiffusionDPO train.py loss transcribed (lines 1014-1146):
-               a separate frozen ref_unet (fp16 on GPU there: bf16 here), cat([w, l]), shared noise and t,
+    ours       train.build_models + train.method_step (dpo.dpo_train_step) with train.py's precision policy:
+               trainable weights fp32, the LoRA base in the compute dtype, the full fine-tune's reference an
+               fp32 copy, autocast around the UNet forwards only (train.Autocast), latents/noise/x_t fp32;
+               the LoRA reference is the same UNet with its adapters off (lora.lora_disabled)
+    official   diffusers UNet2DConditionModel + AutoencoderKL, transformers CLIPTextModel, and the
+               DiffusionDPO train.py loss transcribed (lines 1014-1146, `official_dpo_loss`): VAE and text
+               encoder in the compute dtype (weight_dtype there), latents in that dtype, a separate frozen
+               ref_unet in the compute dtype (fp16 there, bf16 on GPU here), cat([w, l]), shared noise and t,
                per-sample mean-MSE, inside = -0.5 * beta * (model_diff - ref_diff), loss -logsigmoid(inside);
-               with LoRA, the same lora.py adapters on the diffusers UNet and still a separate ref_unet
-One step = noise + policy forward on [w; l] + reference forward + loss + backward; the AdamW step is left out
-(the same parameters and the same torch AdamW on both sides; with it a full fine-tune would not fit in the
-24 GB of RAM of the CPU machine next to the two UNets and their gradients).
+               the policy fp32 under autocast (accelerate's mixed precision); with LoRA, the same lora.py
+               adapters on the diffusers UNet and still a separate ref_unet (the official code has no LoRA)
+One step = VAE-encode both images + encode the prompts + policy forward on [w; l] + reference forward + loss
++ backward (+ gradient clipping and AdamW with --optimizer: on GPU always; on CPU left out by default, since
+a full fine-tune with AdamW state does not fit in the 24 GB of RAM of the CPU machine next to two UNets).
+Both sides use torch AdamW (ours fused on CUDA as train.py; official: torch's default, foreach).
 
 Method. Every (implementation, mode) runs in a fresh subprocess, so that nothing one leaves allocated counts
-against the other: SD1.5 UNet config, random weights (seed 0, the same tensors for both), 1 pair per step,
-one warm-up step then the median of --reps timed steps. Time: wall clock of the step (and process CPU time,
-less disturbed by other processes on a shared machine). Memory on CPU: the growth of the process's peak
-resident set (resource.getrusage ru_maxrss) from after the imports to after the steps, i.e. weights +
-reference + gradients + activations (tracemalloc does not see torch's allocator); on GPU:
-torch.cuda.max_memory_allocated. Writes the table to bench/results/bench_dpo.md.
+against the other: SD1.5 configs (--config tiny: the test presets), random weights (each tensor seeded by its
+name: the same values on both sides), --pairs pairs per step, one warm-up step then the median of --reps
+timed steps. Time: wall clock of the step (and process CPU time, less disturbed by other processes on a shared
+machine). Memory on CPU: the growth of the process's peak resident set (resource.getrusage ru_maxrss) from
+after the imports to after the steps (tracemalloc does not see torch's allocator); on GPU:
+torch.cuda.max_memory_allocated. Winner/loser noise and t: ours draws them keyed by (seed, position), the
+official recipe from a generator, so LoRA losses differ by the draws; without --optimizer a full fine-tune
+stays at step 0, where both losses should be log 2 (the official recipe's bf16 reference breaks that on GPU:
+train.py deviation 2).
 
-    python -m bench.bench_dpo                # CPU, 32x32 latents: about 3 minutes on 2 cores
-    python -m bench.bench_dpo --latent 64    # GPU (cuda if available): the SD1.5 512 px training resolution
+    python -m bench.bench_dpo                # CPU, 32x32 latents (256 px): a few minutes on 2 cores
+    python -m bench.bench_dpo --config tiny  # seconds: checks the code paths
 """
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import resource
@@ -33,54 +44,81 @@ import subprocess
 import sys
 import time
 import zlib
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
+import lora
+import train
+import weights
+from clip import CLIPTextConfig, CLIPTextModel
+from scheduler import NoiseSchedule
+from tokenizer import CLIPTokenizer
+from unet import UNet2DConditionModel, UNetConfig
+from vae import AutoencoderKL, VAEConfig
+
+BETA = 5000.0  # the official SD1.5 beta (mean-MSE convention)
+
+
+def model_configs(name: str):
+    """(UNetConfig, VAEConfig, CLIPTextConfig) of "sd15" or "tiny" (the test presets)."""
+    if name == "sd15":
+        return UNetConfig.sd15(), VAEConfig.sd15(), CLIPTextConfig.sd15()
+    unet_config = UNetConfig.tiny()
+    return unet_config, VAEConfig.tiny(), dataclasses.replace(CLIPTextConfig.tiny(),
+                                                               hidden_size=unet_config.cross_attention_dim)
+
 
 def fill_weights(model, only=""):
-    """Fan-in scaled normal weights, unit norm scales, zero biases; each tensor seeded by its name, so that
-    both implementations get the same values whatever order they register their modules in."""
+    """Fan-in scaled normal weights, unit norm scales, zero biases; each tensor seeded by its name (without
+    transformers' "text_model." prefix), so that both implementations get the same values whatever order
+    they register their modules in. Drawn on the parameter's device (fast on a GPU)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if only not in name:
                 continue
-            generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            seed = zlib.crc32(name.removeprefix("text_model.").encode())
+            generator = torch.Generator(p.device).manual_seed(seed)
             std = 1e-3 if "lora_B" in name else p[0].numel() ** -0.5
-            value = torch.randn(p.shape, generator=generator) * std if p.ndim > 1 else torch.full(
-                p.shape, 1.0 if "norm" in name else 0.0)
-            p.copy_(value)
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=generator, device=p.device) * std)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
 
 
-def build(implementation: str, mode: str, device: torch.device):
-    """(policy, reference_eps_fn, forward(unet, x_t, t, context) -> eps) with identical weights for both."""
+def random_sd(config: str, device) -> weights.StableDiffusion:
+    """Our Stable Diffusion with random weights (fill_weights), built on `device`, fp32."""
+    unet_config, vae_config, text_config = model_configs(config)
+    with torch.device(device):
+        models = UNet2DConditionModel(unet_config), AutoencoderKL(vae_config), CLIPTextModel(text_config)
+    for model in models:
+        fill_weights(model)
+    return weights.StableDiffusion(*models, CLIPTokenizer.default(), NoiseSchedule.sd15())
+
+
+def diffusers_models(config: str, device):
+    """diffusers' UNet and VAE and transformers' CLIP text model, with the same weights as random_sd's."""
+    from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers import UNet2DConditionModel as DiffusersUNet
+    from transformers import CLIPTextConfig as HFTextConfig
+    from transformers import CLIPTextModel as HFTextModel
 
-    import lora
-    from unet import UNet2DConditionModel, UNetConfig
+    unet_config, vae_config, text_config = model_configs(config)
+    with torch.device(device):
+        models = (DiffusersUNet(**unet_config.to_diffusers()), DiffusersVAE(**vae_config.to_diffusers()),
+                  HFTextModel(HFTextConfig(**text_config.to_hf())))
+    for model in models:
+        fill_weights(model)
+    return models
 
-    config = UNetConfig.sd15()
-    with torch.device("meta"):
-        policy = UNet2DConditionModel(config) if implementation == "ours" else DiffusersUNet(
-            **config.to_diffusers())
-    policy.to_empty(device=device)
-    fill_weights(policy)
-    forward = (lambda unet, *a: unet(*a)) if implementation == "ours" else (lambda unet, *a: unet(*a).sample)
-    ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if mode == "lora":
-        frozen_copy = implementation != "ours"
-        separate_ref = copy.deepcopy(policy).requires_grad_(False).to(ref_dtype) if frozen_copy else None
-        lora.inject_lora(policy, rank=8)
-        fill_weights(policy, only="lora_")  # B != 0, as after some training (B starts at zero)
-        if separate_ref is None:
-            def reference(x_t, t, context):
-                with lora.lora_disabled(policy):
-                    return forward(policy, x_t, t, context)
-            return policy.train(), reference, forward
-    else:
-        separate_ref = copy.deepcopy(policy).requires_grad_(False).to(ref_dtype)
-    reference = lambda x_t, t, c: forward(separate_ref, x_t.to(ref_dtype), t, c.to(ref_dtype)).float()
-    return policy.train(), reference, forward
+
+def make_batch(pairs: int, image_size: int, device) -> dict:
+    """A Diffusion-DPO batch as data.PairBatches yields it: pixels in [-1, 1], prompts, global positions."""
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.rand(2, pairs, 3, image_size, image_size, generator=generator) * 2 - 1
+    return {"pixels_w": pixels[0].to(device), "pixels_l": pixels[1].to(device),
+            "prompts": [f"a photo of a cat, pair {i}" for i in range(pairs)], "positions": list(range(pairs))}
 
 
 def official_dpo_loss(unet, ref_unet, schedule, latents_w, latents_l, context, beta, generator, forward):
@@ -103,36 +141,97 @@ def official_dpo_loss(unet, ref_unet, schedule, latents_w, latents_l, context, b
     return -F.logsigmoid(inside_term).mean()
 
 
-def measure(implementation: str, mode: str, latent: int, reps: int, threads: int) -> dict:
+def build_ours(config: str, device, dtype, lora_rank: int, checkpointing: bool, method: str = "dpo",
+               tailorpo=None, random_lora: bool = True):
+    """train.py's models for a random-weight SD: (train config, sd with the Autocast policy, trainable params,
+    reference). train.build_models runs as in train.py; only the weight loader returns random_sd's model.
+    random_lora: LoRA B != 0, as after some training (False: B = 0, the policy equals its reference)."""
+    cfg = dataclasses.replace(train.TrainConfig(), model="random", method=method, lora_rank=lora_rank,
+                              lora_alpha=float(max(lora_rank, 1)), gradient_checkpointing=checkpointing,
+                              **({"tailorpo": tailorpo} if tailorpo else {}))
+    sd = random_sd(config, device)
+    with mock.patch.object(weights, "load_stable_diffusion", lambda *args, **kwargs: sd):
+        sd, params, reference = train.build_models(cfg, torch.device(device), dtype)
+    if lora_rank and random_lora:
+        fill_weights(sd.unet, only="lora_")
+    return cfg, dataclasses.replace(sd, unet=train.Autocast(sd.unet, dtype)), params, reference
+
+
+def optimizer_step(loss, params, optimizer):
+    """train.py's update: backward, clip the global gradient norm to 1, AdamW (None: backward only)."""
+    loss.backward()
+    if optimizer is not None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:  # keep the gradient buffers, as between optimizer steps
+        for p in params:
+            p.grad = None if p.grad is None else p.grad.zero_()
+
+
+def dpo_step(implementation: str, config: str, mode: str, device, dtype, checkpointing: bool = False,
+             optimizer: bool = True):
+    """(step(batch) -> loss, models to keep alive) for one side of the comparison; the models are built on
+    `device` (fp32, the compute dtype where the side's policy says so)."""
+    lora_rank = 8 if mode == "lora" else 0
+    if implementation == "ours":
+        cfg, sd, params, reference = build_ours(config, device, dtype, lora_rank, checkpointing)
+        fused = torch.device(device).type == "cuda"  # as train.py
+        adamw = torch.optim.AdamW(params, lr=1e-6, fused=fused) if optimizer else None
+
+        def step(batch):
+            loss, _ = train.method_step(cfg, sd, reference, batch, None)
+            optimizer_step(loss, params, adamw)
+            return loss.detach()
+
+        return step, (sd, reference)
+    unet, vae, text_encoder = diffusers_models(config, device)
+    vae.requires_grad_(False).to(dtype)
+    text_encoder.requires_grad_(False).to(dtype)
+    ref_unet = copy.deepcopy(unet).requires_grad_(False).to(dtype)
+    params = lora.inject_lora(unet, rank=lora_rank) if lora_rank else list(unet.parameters())
+    if lora_rank:
+        fill_weights(unet, only="lora_")
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    adamw = torch.optim.AdamW(params, lr=1e-6) if optimizer else None
+    tokenizer, schedule = CLIPTokenizer.default(), NoiseSchedule.sd15()
+    device_type = torch.device(device).type
+    generator = torch.Generator(device).manual_seed(0)
+    forward = lambda model, *args: model(*args).sample  # noqa: E731
+    reference = lambda x_t, t, c: forward(ref_unet, x_t.to(dtype), t, c.to(dtype)).float()  # noqa: E731
+
+    def step(batch):
+        with torch.autocast(device_type, dtype, enabled=dtype != torch.float32):
+            with torch.no_grad():
+                feed = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(dtype)
+                latents = vae.encode(feed).latent_dist.sample(generator) * vae.config.scaling_factor
+                context = text_encoder(tokenizer(batch["prompts"]).to(device))[0]
+            loss = official_dpo_loss(unet, reference, schedule, *latents.chunk(2), context, BETA, generator,
+                                     forward)
+        optimizer_step(loss, params, adamw)
+        return loss.detach()
+
+    return step, (unet, ref_unet, vae, text_encoder)
+
+
+def measure(implementation: str, mode: str, config: str, latent: int, pairs: int, reps: int, threads: int,
+            optimizer: bool) -> dict:
     """Runs in its own process: build, warm up, time `reps` steps; returns times, memory and the last loss."""
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     import diffusers  # noqa: F401 (both sides pay the same import before the memory baseline)
-
-    import dpo
-    from scheduler import NoiseSchedule
+    import transformers  # noqa: F401
 
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    policy, reference, forward = build(implementation, mode, device)
-    schedule = NoiseSchedule.sd15()
-    inputs = torch.Generator().manual_seed(1)
-    latents_w, latents_l = torch.randn(2, 1, 4, latent, latent, generator=inputs).to(device)
-    context = torch.randn(1, 77, 768, generator=inputs).to(device)
-    enabled = device.type == "cuda"
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=enabled)
+    step, _ = dpo_step(implementation, config, mode, device, dtype, optimizer=optimizer)
+    batch = make_batch(pairs, latent * 8, device)
     walls, cpus, loss = [], [], None
     for rep in range(reps + 1):
-        generator = torch.Generator(device).manual_seed(rep)  # the same noise and t for both implementations
         wall, cpu = time.perf_counter(), time.process_time()
-        with autocast:
-            if implementation == "ours":
-                loss = dpo.dpo_batch_loss(lambda *a: forward(policy, *a), reference, schedule, latents_w,
-                                          latents_l, context, 5000.0, generator)[0]
-            else:
-                loss = official_dpo_loss(policy, reference, schedule, latents_w, latents_l, context, 5000.0,
-                                         generator, forward)
-        loss.backward()
-        policy.zero_grad(set_to_none=False)  # keep the gradient buffers, as between optimizer steps
+        loss = step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if rep:  # rep 0 is the warm-up
@@ -146,13 +245,15 @@ def measure(implementation: str, mode: str, latent: int, reps: int, threads: int
             "loss": loss.item(), "device": str(device)}
 
 
-def report(results: dict, latent: int, reps: int, threads: int) -> str:
+def report(results: dict, args) -> str:
     """The markdown table of {(implementation, mode): measure() result}, with how to read it."""
     device = results["ours", "full"]["device"]
     memory = "peak RSS growth (MiB)" if device == "cpu" else "peak CUDA memory (MiB)"
-    lines = [f"# bench_dpo: one Diffusion-DPO step, SD1.5 UNet, 1 pair, {latent}x{latent} latents, {device}",
-             "", f"torch {torch.__version__}, {threads} thread(s); command: `python -m bench.bench_dpo --latent "
-             f"{latent} --reps {reps} --threads {threads}`; load average at the end: "
+    lines = [f"# bench_dpo: one Diffusion-DPO step, {args.config} config, {args.pairs} pair(s), "
+             f"{args.latent}x{args.latent} latents, {device}", "",
+             f"torch {torch.__version__}, {args.threads} thread(s); command: `python -m bench.bench_dpo "
+             f"--config {args.config} --latent {args.latent} --pairs {args.pairs} --reps {args.reps} "
+             f"--threads {args.threads}{' --optimizer' if args.optimizer else ''}`; load average at the end: "
              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", "",
              "| mode | wall s ours / official | wall ratio | CPU s ours / official | CPU-time ratio | "
              f"{memory} ours / official | memory ratio | loss ours / official |",
@@ -164,42 +265,46 @@ def report(results: dict, latent: int, reps: int, threads: int) -> str:
                      f"{ours['cpu']:.1f} / {official['cpu']:.1f} | {cpu:.2f}x | "
                      f"{ours['memory_mb']:.0f} / {official['memory_mb']:.0f} | {mem:.2f}x | "
                      f"{ours['loss']:.6f} / {official['loss']:.6f} |")
-    saved = results["official", "lora"]["memory_mb"] - results["ours", "lora"]["memory_mb"]
     lines += ["", "How to read it (method: the module docstring of bench_dpo.py):",
-              "- The losses agree (same weights, noise and timesteps) up to float rounding amplified by "
-              "beta: the UNets' eps differ by ~1e-6 (unet.py deviation 6), and the logit multiplies "
-              "error differences by 0.5 * beta = 2500.",
-              "- Both sides do the same arithmetic (policy forward + backward on [w; l], one reference "
-              "forward), so the time ratio is the ratio of the two UNet implementations (bench_unet.py). On "
-              "a shared CPU, wall time follows the machine's load; process CPU time (1 thread) is steadier.",
-              "- Full fine-tune: both sides hold a frozen reference copy (fp32 on CPU), so memory is equal. "
-              f"LoRA: our reference is the same UNet with the adapters off, {saved:.0f} MiB less here; one "
-              "fp32 SD1.5 UNet is 859.5M parameters = 3279 MiB."]
+              "- Both sides do the same arithmetic (VAE encode, text encode, policy forward + backward on "
+              "[w; l], one reference forward), so the time ratio is mostly the ratio of the two UNet "
+              "implementations (bench_unet.py). On a shared CPU, wall time follows the machine's load; "
+              "process CPU time (1 thread) is steadier.",
+              "- Full fine-tune on CPU: both sides hold a frozen fp32 reference copy, so memory is about "
+              "equal. LoRA: our reference is the same UNet with the adapters off, the official recipe keeps "
+              "a second UNet; one fp32 SD1.5 UNet is 859.5M parameters = 3279 MiB.",
+              "- Losses: a full fine-tune without --optimizer stays at step 0: log 2 = 0.693147 on both "
+              "sides; LoRA (B != 0) differs by the noise and t draws (keyed by position here, a generator "
+              "there)."]
     return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="sd15", choices=("sd15", "tiny"), help="model configs")
     parser.add_argument("--latent", type=int, default=32, help="latent side (32: 256 px, 64: SD1.5's 512 px)")
+    parser.add_argument("--pairs", type=int, default=1, help="preference pairs per step")
     parser.add_argument("--reps", type=int, default=1, help="timed steps per case, after one warm-up step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per case (1: CPU time is not "
                         "inflated by threads spinning while the machine is busy)")
-    parser.add_argument("--out", default="bench/results/bench_dpo.md", help="where to write the markdown table")
+    parser.add_argument("--optimizer", action="store_true", help="include gradient clipping and AdamW")
+    parser.add_argument("--out", default="bench/results/bench_dpo.md", help="markdown table to write")
     parser.add_argument("--one", nargs=2, metavar=("IMPLEMENTATION", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # the subprocess side
-        print(json.dumps(measure(*args.one, args.latent, args.reps, args.threads)))
+        print(json.dumps(measure(*args.one, args.config, args.latent, args.pairs, args.reps, args.threads,
+                                 args.optimizer)))
         return
     results = {}
     for mode in ("full", "lora"):
         for implementation in ("ours", "official"):
-            command = [sys.executable, __file__, "--one", implementation, mode, f"--latent={args.latent}",
-                       f"--reps={args.reps}", f"--threads={args.threads}"]
+            command = [sys.executable, "-m", "bench.bench_dpo", "--one", implementation, mode,
+                       *sys.argv[1:]]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[implementation, mode] = json.loads(output.strip().splitlines()[-1])
             print(implementation, mode, results[implementation, mode], flush=True)
 
-    table = report(results, args.latent, args.reps, args.threads)
+    table = report(results, args)
     print(table)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-import sample as sample_cli
-from sampler import sample
+from sampler import generate, sample
 
 
 class TimedForward:
@@ -62,8 +61,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from clip import CLIPTokenizer
     from conftest import build_tiny_pipeline  # the tests' tiny SD; diffusers is the reference here
+    from tokenizer import CLIPTokenizer
     from weights import load_stable_diffusion
 
     folder = Path(tempfile.mkdtemp()) / "tiny_sd"
@@ -92,7 +91,7 @@ def main():
                                                   output_type="latent"), theirs_unet),
         "ours: UNet alone": (lambda: [sd.unet(x_twice, t, context) for _ in range(steps)], None),
         "diffusers: UNet alone": (lambda: [pipe.unet(x_twice, t, context) for _ in range(steps)], None),
-        "ours: end to end": (lambda: sample_cli.generate(sd, prompts, num_steps=steps, progress=False), None),
+        "ours: end to end": (lambda: generate(sd, prompts, num_steps=steps, progress=False), None),
         "diffusers: end to end": (lambda: pipe(prompts, num_inference_steps=steps, output_type="pt",
                                                generator=torch.Generator().manual_seed(0)), None),
     }

@@ -25,14 +25,14 @@ from dataclasses import replace
 import torch
 
 import tailorpo
-from clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from conftest import UNetCallCounter, make_tiny_sd
+from dpo import dpo_loss
 from rewards import get_reward
 from sampler import guided_eps
-from scheduler import NoiseSchedule, gaussian_log_prob
-from tailorpo import TailorPOConfig, UNetCallCounter
-from unet import UNet2DConditionModel, UNetConfig
-from vae import AutoencoderKL, VAEConfig
-from weights import StableDiffusion
+from scheduler import gaussian_log_prob
+from tailorpo import TailorPOConfig
+from tokenizer import CLIPTokenizer
+from unet import UNetConfig
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 
@@ -40,13 +40,13 @@ PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 def log_prob(sd, unet, x, x_t, t, context, uncond, cfg):
     """log p(x | x_t) under `unet` from its own CFG forward at x_t, as a per-sample implementation does."""
     eps_pred = guided_eps(unet, x_t, t, context, uncond, cfg.guidance_scale)
-    mean, sigma_t = sd.schedule.ddim_mean_std(eps_pred, t, x_t, cfg.num_steps, cfg.eta)
+    _, mean, sigma_t, _ = sd.schedule.ddim_step(eps_pred, t, x_t, cfg.num_steps, cfg.eta)
     return gaussian_log_prob(x, mean, sigma_t, cfg.log_prob_reduction)
 
 
 def naive_pair_loss(sd, reference_unet, pairs, cond, uncond, cfg: TailorPOConfig):
     """The loss without the identity: every log-probability gets its own CFG forward, step by step."""
-    log_ratios_w, log_ratios_l = [], []
+    log_ratios_w, log_ratios_l, keeps = [], [], []
     for t in pairs["t"].unique(sorted=True).flip(0).tolist():
         rows = pairs["t"] == t
         state = (pairs["x_t"][rows], t, cond[pairs["prompt_index"][rows]], uncond, cfg)
@@ -57,19 +57,9 @@ def naive_pair_loss(sd, reference_unet, pairs, cond, uncond, cfg: TailorPOConfig
             log_p_ref_l = log_prob(sd, reference_unet, x_l, *state)
         log_ratios_w.append(log_p_theta_w - log_p_ref_w)
         log_ratios_l.append(log_p_theta_l - log_p_ref_l)
+        keeps.append(pairs["keep"][rows])
     log_ratio_w, log_ratio_l = torch.cat(log_ratios_w), torch.cat(log_ratios_l)
-    return tailorpo.preference_loss(log_ratio_w, log_ratio_l, cfg.beta, cfg.clip_ratio)
-
-
-def build_sd(unet_config, tokenizer):
-    torch.manual_seed(0)
-    text_config = replace(CLIPTextConfig.tiny(), hidden_size=unet_config.cross_attention_dim)
-    sd = StableDiffusion(unet=UNet2DConditionModel(unet_config), vae=AutoencoderKL(VAEConfig.tiny()),
-                         text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
-                         schedule=NoiseSchedule.sd15())
-    sd.vae.requires_grad_(False)
-    sd.text_encoder.requires_grad_(False)
-    return sd
+    return dpo_loss(log_ratio_w, log_ratio_l, cfg.beta, mask=torch.cat(keeps))  # (clip_ratio 0 here)
 
 
 def time_losses(loss_fns, sd, reference, pairs, cond, uncond, cfg, repeats):
@@ -87,13 +77,13 @@ def time_losses(loss_fns, sd, reference, pairs, cond, uncond, cfg, repeats):
     return results
 
 
-def bench_loss(tokenizer, repeats):
+def bench_loss(repeats):
     small = replace(UNetConfig.tiny(), block_out_channels=(64, 128), cross_attention=(True, True),
                     num_heads=4, norm_num_groups=16, sample_size=16)
     rows = []
     for name, unet_config, latent in (("tiny (32, 64), 8x8", UNetConfig.tiny(), 8),
                                       ("small (64, 128), 16x16", small, 16)):
-        sd = build_sd(unet_config, tokenizer)
+        sd = make_tiny_sd(unet_config=unet_config)
         reference = copy.deepcopy(sd.unet).requires_grad_(False)
         with torch.no_grad():  # a little training so that policy != reference
             for p in sd.unet.parameters():
@@ -102,10 +92,12 @@ def bench_loss(tokenizer, repeats):
         with torch.no_grad():
             cond, uncond = sd.encode_prompts(PROMPTS), sd.encode_prompts([""])
         reward, rollout_seconds = get_reward("brightness"), math.inf
+        batch = {"prompts": PROMPTS, "positions": list(range(len(PROMPTS)))}
         for _ in range(2):  # the faster of two identical rollouts (the same pairs)
-            generator, start = torch.Generator().manual_seed(0), time.perf_counter()
+            start = time.perf_counter()
             with UNetCallCounter(sd.unet) as rollout:
-                pairs, _ = tailorpo.rollout_tailorpo(sd, reward, PROMPTS, cond, uncond, cfg, generator, False)
+                run = tailorpo.Rollout(sd, reward, batch, cond, uncond, cfg, seed=0)
+                pairs, _ = tailorpo.rollout_tailorpo(run, guided=False)
             rollout_seconds = min(rollout_seconds, time.perf_counter() - start)
         losses = (tailorpo.pair_loss, naive_pair_loss)
         ours, naive = time_losses(losses, sd, reference, pairs, cond, uncond, cfg, repeats)
@@ -152,7 +144,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=3, help="train.py runs per method (0: skip)")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps of each train.py run")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--out", default="bench/results/bench_tailorpo.md", help="markdown file for the tables")
+    parser.add_argument("--out", default="bench/results/bench_tailorpo.md", help="markdown file (tables)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +154,7 @@ def main():
              "", "| model | pairs | UNet calls ours / naive | per trained step | loss ms per trained step "
              "ours / naive | ratio | full step ratio (incl. rollout) | rollout calls | abs loss diff |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for row in bench_loss(CLIPTokenizer.default(), args.repeats):
+    for row in bench_loss(args.repeats):
         lines.append("| " + " | ".join(str(v) for v in row.values()) + " |")
     if args.seeds:
         rises = bench_reward_rise(args.seeds, args.steps)

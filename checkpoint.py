@@ -1,0 +1,91 @@
+"""Checkpoints for train.py: one safetensors file with what an exact resume needs, written atomically, and
+the public exports of the trained weights.
+
+A checkpoint holds the trainable weights, the AdamW state, the fp16 loss scale and the step. Nothing else is
+needed for a bit-exact resume: every random draw of training is a pure function of (seed, the sample's
+stream position) and the data position is step * grad_accum. No pickles: safetensors tensors plus JSON
+metadata. Exports: LoRA -> lora.safetensors (PEFT names, diffusers' load_lora_weights reads it); full
+fine-tune -> a diffusers UNet2DConditionModel folder (config.json + diffusion_pytorch_model.safetensors).
+"""
+
+import dataclasses
+import glob
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lora
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not fit the model being resumed; the message names the first bad key."""
+
+
+def write_atomically(tensors: dict, metadata: dict, path: str):
+    """Write path.tmp, fsync it, rename it to path: a crash leaves the old file or the new one, never half."""
+    temporary = f"{path}.tmp"
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)  # atomic on POSIX and Windows
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def trainable(unet) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
+
+
+def save(cfg, unet, optimizer, scaler, step: int):
+    """out_dir/ckpt_<step>.safetensors: trainable weights, AdamW state, the fp16 loss scale, the step; then
+    the public export (LoRA: lora.safetensors, PEFT names; full: a diffusers UNet folder out_dir/unet)."""
+    tensors = {f"model.{name}": p.detach() for name, p in trainable(unet).items()}
+    optimizer_state = optimizer.state_dict()
+    for index, state in optimizer_state["state"].items():  # AdamW: step, exp_avg, exp_avg_sq per param
+        tensors.update({f"optim.{index}.{key}": value for key, value in state.items()})
+    metadata = {"step": str(step), "param_groups": json.dumps(optimizer_state["param_groups"]),
+                "scaler": json.dumps(scaler.state_dict()), "config": json.dumps(dataclasses.asdict(cfg))}
+    write_atomically(tensors, metadata, os.path.join(cfg.out_dir, f"ckpt_{step:08d}.safetensors"))
+    for old in sorted(glob.glob(os.path.join(cfg.out_dir, "ckpt_*.safetensors")))[:-cfg.keep_checkpoints]:
+        os.remove(old)
+    if cfg.lora_rank > 0:
+        return write_atomically(lora.lora_state_dict(unet), {"format": "pt"},
+                                os.path.join(cfg.out_dir, "lora.safetensors"))
+    os.makedirs(os.path.join(cfg.out_dir, "unet"), exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "unet", "config.json"), "w") as f:
+        json.dump({"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()}, f, indent=1)
+    write_atomically({k: v.contiguous() for k, v in unet.state_dict().items()}, {"format": "pt"},
+                     os.path.join(cfg.out_dir, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def latest(out_dir: str) -> str | None:
+    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.safetensors")))  # zero-padded step numbers
+    return paths[-1] if paths else None
+
+
+def load(path: str, unet, optimizer, scaler) -> int:
+    """Restore what save wrote, in place; returns the step. A mismatch names the first bad key."""
+    tensors, params = load_file(path), trainable(unet)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    saved = {key[len("model."):] for key in tensors if key.startswith("model.")}
+    bad = sorted(params.keys() - saved) + sorted(saved - params.keys())
+    if bad:
+        raise CheckpointMismatch(f"{path}: trainable tensor {bad[0]!r} is in only one of the checkpoint and the "
+                                 "model; resume with the --method/--model/--lora_rank of the run that wrote it")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"model.{name}"])
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    scaler.load_state_dict(json.loads(metadata["scaler"]))
+    return int(metadata["step"])

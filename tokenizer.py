@@ -1,0 +1,206 @@
+"""The CLIP tokenizer: byte-level BPE text -> the 77 token ids SD1.5's text encoder reads.
+
+CLIP (Radford et al. 2021) Sec. 2.4: "lower-cased byte pair encoding (BPE) representation of the text with a
+49,152 vocab size", bracketed with [SOS] / [EOS] (here <|startoftext|> = 49406, <|endoftext|> = 49407). BPE
+(Sennrich et al. 2016) runs on UTF-8 bytes mapped to printable characters (bytes_to_unicode), one pre-token
+at a time, merging the lowest-ranked adjacent pair until no merge applies; a word-final "</w>" marker makes
+"cat" inside a word differ from "cat" at its end. Like SD1.5's tokenizer, the ids are truncated to 75
+tokens and padded with eos to 77. The vocabulary files load in OpenAI's format (the bundled
+assets/bpe_simple_vocab_16e6.txt.gz, identical to SD1.5's) and in transformers' (vocab.json + merges.txt,
+or tokenizer.json). Upstream read (not copied): openai/CLIP clip/simple_tokenizer.py, transformers
+models/clip/tokenization_clip.py.
+
+Deviations from the official code (OpenAI clip, transformers):
+1. Text cleaning has two modes, because the two references disagree on some text:
+   "hf" (default) reproduces transformers' CLIPTokenizer, used by diffusers' SD1.5 pipelines and PickScore:
+   NFC, whitespace collapsed, char-by-char lower-casing (no word-final sigma), special tokens recognised
+   only verbatim in the raw text. "openai" reproduces OpenAI clip / open_clip (HPSv2): ftfy.fix_text,
+   html.unescape twice, whitespace collapsed, str.lower(), special tokens recognised after lower-casing.
+   They differ e.g. on "don’t" (ftfy straightens the quote), "&amp;", fullwidth forms and ligatures.
+   ftfy is optional: without it "openai" applies NFC instead of fix_text, with a warning; that differs
+   from OpenAI only on text ftfy repairs (curly quotes, fullwidth forms, ligatures, mojibake, controls).
+2. The pre-tokenizer regex uses Python's `re`; the \\p{L} / \\p{N} classes it lacks are built once from
+   `unicodedata` (Unicode 14 on Python 3.11; the `regex` module may know newer code points).
+"""
+
+import gzip
+import html
+import json
+import re
+import sys
+import unicodedata
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+DEFAULT_BPE = Path(__file__).with_name("assets") / "bpe_simple_vocab_16e6.txt.gz"
+
+
+@lru_cache
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte -> printable character (printable Latin-1 bytes map to themselves, the other 68 bytes to
+    chr(256 + n) in byte order), so that BPE works on strings without whitespace or control characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    table = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
+
+
+# Unicode White_Space: what `\s` means in the `regex` module and in transformers' Rust tokenizers.
+# (Python's `re` adds \x1c-\x1f, which OpenAI's own whitespace_clean does use.)
+WHITESPACE = "\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+SPECIAL_TOKENS = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+
+
+@lru_cache
+def pretokenizer(mode: str = "hf") -> re.Pattern:
+    """OpenAI's split regex; \\p{L} (letters) and \\p{N} (numbers) spelled out as ranges (deviation 2)."""
+    ranges = {"L": [], "N": []}
+    for code in range(sys.maxunicode + 1):
+        kind = ranges.get(unicodedata.category(chr(code))[0])
+        if kind is None:
+            continue
+        if kind and kind[-1][1] == code - 1:
+            kind[-1][1] = code
+        else:
+            kind.append([code, code])
+    letter, number = ("".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges[k]) for k in "LN")
+    # transformers finds the special tokens before this split (verbatim, in the raw text); OpenAI in it.
+    specials = r"<\|startoftext\|>|<\|endoftext\|>|" if mode == "openai" else ""
+    # OpenAI's regex.IGNORECASE makes U+0345 (it case-folds to a letter) match no branch, so it is dropped.
+    dropped = "\u0345" if mode == "openai" else ""
+    # Specials, English contractions, letter runs, single digits, runs of other non-space symbols.
+    return re.compile(rf"{specials}'s|'t|'re|'ve|'m|'ll|'d"
+                      rf"|[{letter}]+|[{number}]|[^{WHITESPACE}{letter}{number}{dropped}]+")
+
+
+def clean_text(text: str, mode: str = "hf") -> str:
+    """Text normalisation before the split (deviation 1)."""
+    if mode == "openai":  # OpenAI's basic_clean + whitespace_clean
+        try:
+            import ftfy
+            text = ftfy.fix_text(text)
+        except ImportError:
+            text = unicodedata.normalize("NFC", text)
+        text = re.sub(r"\s+", " ", html.unescape(html.unescape(text)))
+    elif mode == "hf":  # transformers' normalizers: NFC, Replace(\s+, " "), Lowercase
+        text = re.sub(f"[{WHITESPACE}]+", " ", unicodedata.normalize("NFC", text))
+        text = text.replace("Σ", "σ")  # Lowercase maps char by char: no word-final ς as in str.lower()
+    else:
+        raise ValueError(f"text cleaning mode must be 'hf' or 'openai', got {mode!r}")
+    return text.strip().lower()
+
+
+class CLIPTokenizer:
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], text_cleaning: str = "hf",
+                 max_length: int = 77):
+        self.vocab, self.merges = vocab, merges
+        self.text_cleaning, self.max_length = text_cleaning, max_length
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
+        self.byte_to_char = bytes_to_unicode()
+        self._cache = {}
+        clean_text("", text_cleaning)  # validate the mode now
+        if text_cleaning == "openai":
+            try:
+                import ftfy  # noqa: F401
+            except ImportError:
+                warnings.warn("ftfy is not installed: 'openai' text cleaning applies NFC instead of "
+                              "ftfy.fix_text (differs on curly quotes, fullwidth forms, ligatures, mojibake)",
+                              stacklevel=2)
+
+    @classmethod
+    def from_files(cls, vocab_json, merges_txt, **kwargs) -> "CLIPTokenizer":
+        """HF format (SD1.5 `tokenizer/vocab.json` + `merges.txt`)."""
+        vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+        for special in (BOS, EOS):
+            if special not in vocab:
+                raise ValueError(f"{vocab_json}: not a CLIP vocabulary (no {special} token)")
+        lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        return cls(vocab, merges, **kwargs)
+
+    @classmethod
+    def from_tokenizer_json(cls, path, **kwargs) -> "CLIPTokenizer":
+        """HF "fast" format (`tokenizer/tokenizer.json`, all that transformers >= 5 saves): the vocabulary
+        and merges in one file; merges are "a b" strings or [a, b] pairs depending on the writer."""
+        model = json.loads(Path(path).read_text(encoding="utf-8")).get("model", {})
+        if model.get("type") != "BPE" or BOS not in model.get("vocab", {}):
+            raise ValueError(f"{path}: not a CLIP BPE tokenizer.json")
+        merges = [tuple(m.split() if isinstance(m, str) else m) for m in model["merges"]]
+        return cls(model["vocab"], merges, **kwargs)
+
+    @classmethod
+    def from_bpe_gz(cls, path, **kwargs) -> "CLIPTokenizer":
+        """OpenAI format: a gzipped merge list; the vocabulary is rebuilt from it like OpenAI's code does."""
+        lines = gzip.open(path).read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # skip header; 48,894 used
+        chars = list(bytes_to_unicode().values())
+        tokens = [*chars, *(c + "</w>" for c in chars), *("".join(pair) for pair in merges), BOS, EOS]
+        return cls({token: i for i, token in enumerate(tokens)}, merges, **kwargs)
+
+    @classmethod
+    def default(cls, **kwargs) -> "CLIPTokenizer":
+        """The bundled OpenAI vocabulary (assets/bpe_simple_vocab_16e6.txt.gz), identical to SD1.5's."""
+        return cls.from_bpe_gz(DEFAULT_BPE, **kwargs)
+
+    def bpe(self, word: str) -> list[str]:
+        """BPE on one pre-token (as byte-characters): merge the lowest-ranked adjacent pair while any."""
+        if word in self._cache:
+            return self._cache[word]
+        symbols = [*word[:-1], word[-1] + "</w>"]  # the word-end marker makes "cat" and "cat</w>" different
+        while len(symbols) > 1:
+            best = min(zip(symbols, symbols[1:]), key=lambda pair: self.ranks.get(pair, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence of `best`, left to right, without overlap
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        self._cache[word] = symbols
+        return symbols
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids without bos/eos."""
+        mode, ids = self.text_cleaning, []
+        for segment in SPECIAL_TOKENS.split(text) if mode == "hf" else [text]:  # see pretokenizer()
+            special = segment in (BOS, EOS)
+            pieces = [segment] if special else pretokenizer(mode).findall(clean_text(segment, mode))
+            for piece in pieces:
+                if piece in (BOS, EOS):
+                    ids.append(self.vocab[piece])
+                else:
+                    word = "".join(self.byte_to_char[b] for b in piece.encode("utf-8"))
+                    ids.extend(self.vocab[symbol] for symbol in self.bpe(word))
+        return ids
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        """[bos] + tokens (truncated to max_length - 2) + [eos], eos-padded -> LongTensor [B, max_length]."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        rows = []
+        for prompt in prompts:
+            ids = [self.bos_id, *self.encode(prompt)[: self.max_length - 2], self.eos_id]
+            rows.append(ids + [self.eos_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def save_hf_files(self, folder) -> None:
+        """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (SD1.5 layout)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges)
+        (folder / "merges.txt").write_text(merges, encoding="utf-8")
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+        config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length,
+                  "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
