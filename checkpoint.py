@@ -1,11 +1,10 @@
-"""Checkpoints for train.py: one safetensors file with what an exact resume needs, written atomically, and
+"""Checkpoints for train.py: one safetensors file with what a bit-exact resume needs, written atomically, and
 the public exports of the trained weights.
 
-A checkpoint holds the trainable weights, the AdamW state, the fp16 loss scale and the step. Nothing else is
-needed for a bit-exact resume: every random draw of training is a pure function of (seed, the sample's
-stream position) and the data position is step * grad_accum. No pickles: safetensors tensors plus JSON
-metadata. Exports: LoRA -> lora.safetensors (PEFT names, diffusers' load_lora_weights reads it); full
-fine-tune -> a diffusers UNet2DConditionModel folder (config.json + diffusion_pytorch_model.safetensors).
+A checkpoint holds the trainable weights, the AdamW state, the fp16 loss scale and the step; nothing else is
+needed, since every random draw is a pure function of (seed, the sample's stream position) and the data
+position is step * grad_accum. No pickles. Exports: LoRA -> lora.safetensors (PEFT names, diffusers'
+load_lora_weights reads it); full fine-tune -> a diffusers UNet folder (config.json + safetensors).
 """
 
 import dataclasses
@@ -42,8 +41,7 @@ def trainable(unet) -> dict[str, torch.nn.Parameter]:
 
 
 def save(cfg, unet, optimizer, scaler, step: int):
-    """out_dir/ckpt_<step>.safetensors: trainable weights, AdamW state, the fp16 loss scale, the step; then
-    the public export (LoRA: lora.safetensors, PEFT names; full: a diffusers UNet folder out_dir/unet)."""
+    """Write out_dir/ckpt_<step>.safetensors (keeping the last keep_checkpoints), then the export."""
     tensors = {f"model.{name}": p.detach() for name, p in trainable(unet).items()}
     optimizer_state = optimizer.state_dict()
     for index, state in optimizer_state["state"].items():  # AdamW: step, exp_avg, exp_avg_sq per param
@@ -76,8 +74,8 @@ def load(path: str, unet, optimizer, scaler) -> int:
     saved = {key[len("model."):] for key in tensors if key.startswith("model.")}
     bad = sorted(params.keys() - saved) + sorted(saved - params.keys())
     if bad:
-        raise CheckpointMismatch(f"{path}: trainable tensor {bad[0]!r} is in only one of the checkpoint and the "
-                                 "model; resume with the --method/--model/--lora_rank of the run that wrote it")
+        raise CheckpointMismatch(f"{path}: trainable tensor {bad[0]!r} is in only one of checkpoint and "
+                                 "model; resume with the --method, --model, --lora_rank that wrote it")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"model.{name}"])
@@ -89,3 +87,20 @@ def load(path: str, unet, optimizer, scaler) -> int:
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
     scaler.load_state_dict(json.loads(metadata["scaler"]))
     return int(metadata["step"])
+
+
+def open_log(out_dir: str, start: int):
+    """out_dir/metrics.jsonl, one JSON object per step; a run resumed at `start` drops the rows after it."""
+    path, kept = os.path.join(out_dir, "metrics.jsonl"), []
+    if start and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= start]
+    log = open(path, "w")
+    log.writelines(kept)
+    return log
+
+
+def resume(out_dir: str, unet, optimizer, scaler) -> int:
+    """Restore the latest checkpoint in out_dir, if any; returns its step (0: none, a fresh start)."""
+    path = latest(out_dir)
+    return load(path, unet, optimizer, scaler) if path else 0

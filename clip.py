@@ -1,47 +1,67 @@
 """CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision").
 
-Two models, both loadable from the public files with HF CLIPModel / CLIPTextModel key names and strict=True:
-* CLIPTextModel: the causal text transformer (Sec. 2.4 of the paper). Stable Diffusion 1.5 conditions its
-  UNet on the full 77-token last hidden state (after the final LayerNorm) of the OpenAI ViT-L/14 text tower.
+Two models, loadable from the public files with HF CLIPModel / CLIPTextModel key names and strict=True:
+* CLIPTextModel: the causal text transformer (Sec. 2.4). Stable Diffusion 1.5 conditions its UNet on the full
+  77-token last hidden state (after the final LayerNorm) of the OpenAI ViT-L/14 text tower.
 * CLIPModel: text + vision transformers with the projection heads and logit_scale (Sec. 2.3, the symmetric
-  contrastive objective: logits = exp(logit_scale) * cos(image, text)); reward models (aesthetic, PickScore,
-  HPSv2) use its image/text features in the ViT-L/14 (quick-GELU) and ViT-H/14 (exact GELU) layouts.
+  contrastive objective: logits = exp(logit_scale) * cos(image, text)); the reward models (aesthetic,
+  PickScore, HPSv2) use its features in the ViT-L/14 (quick-GELU) and ViT-H/14 (exact GELU) layouts.
 
 Deviations from the official code (OpenAI clip, transformers):
-1. No `position_ids` buffer: positions are arange(L) on the fly, so files that carry the (legacy,
-   non-persistent in transformers >= 4.31) `*.embeddings.position_ids` tensors must drop them first:
-   convert_hf_clip_keys() does, and also restores the `text_model.` prefix that transformers >= 5
-   leaves out when it saves a bare CLIPTextModel.
-2. The pooled text feature is taken at the FIRST eos (49407) position. transformers pools at
-   input_ids.argmax() when a (legacy, e.g. SD1.5) config says eos_token_id == 2; with CLIP's vocabulary
-   49407 is the largest id, so both pick the same position whenever the ids contain an eos.
+1. No `position_ids` buffer: positions are arange(L) on the fly, so convert_hf_clip_keys() drops the
+   (legacy) `*.embeddings.position_ids` tensors of a file; it also restores the `text_model.` prefix that
+   transformers >= 5 leaves out when it saves a bare CLIPTextModel.
+2. The pooled text feature is taken at the FIRST eos (49407). transformers pools at input_ids.argmax() when a
+   (legacy, e.g. SD1.5) config says eos_token_id == 2; 49407 is CLIP's largest id, so both pick the same
+   position whenever the ids contain an eos.
 3. Attention through F.scaled_dot_product_attention (is_causal=True for text); no dropout, no attention
    mask input (SD1.5 and the reward models pass none), no position-embedding interpolation.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-# ----------------------------------------------------------------------------------------------------------
-# Configs
+# Our config fields that transformers names differently.
+HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "max_positions": "max_position_embeddings"}
 
 
 @dataclass
-class CLIPTextConfig:
-    vocab_size: int = 49408
+class TowerConfig:
+    """The shape of a transformer tower, from / to transformers' names. A config.json may leave out any key
+    whose value is transformers' default; HF_DEFAULTS lists those defaults where they differ from ours."""
+
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
-    max_positions: int = 77
     hidden_act: str = "quick_gelu"  # "quick_gelu" (OpenAI ViT-L/14) or "gelu" (exact erf, OpenCLIP ViT-H/14)
     layer_norm_eps: float = 1e-5
+    HF_DEFAULTS: ClassVar[dict] = {}
+
+    @classmethod
+    def from_hf(cls, config: dict):
+        """From a transformers CLIPTextConfig / CLIPVisionConfig dict."""
+        defaults = {**asdict(cls()), **cls.HF_DEFAULTS}
+        return cls(**{name: config.get(HF_NAMES.get(name, name), value) for name, value in defaults.items()})
+
+    def to_hf(self) -> dict:
+        """Keyword arguments for transformers' CLIPTextConfig / CLIPVisionConfig (the parity tests')."""
+        return {HF_NAMES.get(name, name): value for name, value in asdict(self).items()}
+
+
+@dataclass
+class CLIPTextConfig(TowerConfig):  # defaults: SD1.5's text encoder (OpenAI ViT-L/14)
+    vocab_size: int = 49408
+    max_positions: int = 77
     eos_token_id: int = 49407  # pooling position (deviation 2)
     projection_dim: int = 768  # width of text_projection / visual_projection in CLIPModel
+    HF_DEFAULTS = dict(hidden_size=512, num_heads=8, intermediate_size=2048, projection_dim=512)
 
     @classmethod
     def sd15(cls):
@@ -58,31 +78,21 @@ class CLIPTextConfig:
 
     @classmethod
     def from_hf(cls, config: dict, projection_dim: int | None = None):
-        """From a transformers CLIPTextConfig dict (a CLIPModel passes its text_config and projection_dim)."""
-        fields = from_hf_names(config, HF_TEXT_DEFAULTS)
-        if fields["eos_token_id"] == 2:  # legacy configs (SD1.5's) say 2; see deviation 2
-            fields["eos_token_id"] = 49407
-        return cls(**{**fields, "projection_dim": projection_dim or fields["projection_dim"]})
-
-    def to_hf(self) -> dict:
-        """Keyword arguments for transformers.CLIPTextConfig (used by the parity tests)."""
-        return {HF_NAMES.get(name, name): value for name, value in asdict(self).items()}
+        """A CLIPModel passes its text_config and projection_dim; legacy configs (SD1.5's) say eos 2."""
+        text = super().from_hf(config)
+        return replace(text, eos_token_id=49407 if text.eos_token_id == 2 else text.eos_token_id,
+                       projection_dim=projection_dim or text.projection_dim)
 
 
 @dataclass
-class CLIPVisionConfig:
-    hidden_size: int = 1024
-    num_layers: int = 24
-    num_heads: int = 16
-    intermediate_size: int = 4096
+class CLIPVisionConfig(TowerConfig):
     patch_size: int = 14
     image_size: int = 224
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
+    HF_DEFAULTS = dict(patch_size=32)
 
     @classmethod
     def vit_l14(cls):  # OpenAI CLIP ViT-L/14 (aesthetic predictor)
-        return cls()
+        return cls(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
 
     @classmethod
     def vit_h14(cls):  # OpenCLIP ViT-H/14 (PickScore, HPSv2)
@@ -93,32 +103,6 @@ class CLIPVisionConfig:
         return cls(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, patch_size=6,
                    image_size=30)
 
-    @classmethod
-    def from_hf(cls, config: dict):
-        """From a transformers CLIPVisionConfig dict."""
-        return cls(**from_hf_names(config, HF_VISION_DEFAULTS))
-
-    def to_hf(self) -> dict:
-        return {HF_NAMES.get(name, name): value for name, value in asdict(self).items()}
-
-
-# Our config fields that transformers names differently, and transformers' defaults for keys that a
-# config.json leaves out (older files store only the values that differ from these).
-HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-            "max_positions": "max_position_embeddings"}
-HF_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, num_layers=12, num_heads=8, intermediate_size=2048,
-                        max_positions=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=49407,
-                        projection_dim=512)
-HF_VISION_DEFAULTS = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, patch_size=32,
-                          image_size=224, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-
-
-def from_hf_names(config: dict, defaults: dict) -> dict:
-    return {name: config.get(HF_NAMES.get(name, name), default) for name, default in defaults.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Transformer (shared by both towers; pre-LayerNorm residual blocks)
 
 # quick_gelu: the sigmoid approximation x * sigmoid(1.702 x) of GELU (Hendrycks & Gimpel 2016, Sec. 2)
 ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
@@ -211,8 +195,8 @@ class CLIPTextModel(nn.Module):
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
-        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
         width, patch = cfg.hidden_size, cfg.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(width))
         self.patch_embedding = nn.Conv2d(3, width, patch, stride=patch, bias=False)
         self.position_embedding = nn.Embedding((cfg.image_size // patch) ** 2 + 1, width)  # +1: class token
 
@@ -266,13 +250,8 @@ class CLIPModel(nn.Module):
 
 
 def convert_hf_clip_keys(state_dict: dict) -> dict:
-    """Make a transformers CLIP(Text)Model file load into ours with strict=True.
-
-    Drops the `*.embeddings.position_ids` buffers (deviation 1) and, for a bare CLIPTextModel saved by
-    transformers >= 5 (keys `embeddings.*`, `encoder.*`, `final_layer_norm.*`), restores `text_model.`.
-    """
+    """A transformers CLIP(Text)Model file in our keys: no `*.embeddings.position_ids` (deviation 1), and
+    `text_model.` restored on a bare CLIPTextModel saved by transformers >= 5 (keys `embeddings.*`, ...)."""
     bare_text_model = ("embeddings.", "encoder.", "final_layer_norm.")
-    return {
-        ("text_model." + key if key.startswith(bare_text_model) else key): tensor
-        for key, tensor in state_dict.items() if not key.endswith("embeddings.position_ids")
-    }
+    return {("text_model." + key if key.startswith(bare_text_model) else key): tensor
+            for key, tensor in state_dict.items() if not key.endswith("embeddings.position_ids")}

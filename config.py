@@ -2,14 +2,19 @@
 
 Every field of the dataclass is a flag --name=value (nested dataclasses give --outer.name=value), parsed to
 the field's type, with the help text from the field's metadata; a bare boolean flag means true; `@FILE` reads
-flags from a file (# comments). --ai-feedback is --ai_feedback. An unknown flag is refused with the closest known one. A caller's
-`overrides` (the toy world's defaults) replace the dataclass defaults; the command line wins over both.
+flags from a file (# comments); --ai-feedback is --ai_feedback. An unknown flag is refused with the closest
+known one. A caller's `defaults` (the toy world's) replace the dataclass defaults; the command line wins.
 """
 
 import argparse
 import dataclasses
 import difflib
 from functools import reduce
+
+
+def opt(default, help: str, **more):  # noqa: A002
+    """A config field with its --help text, and optionally choices=(...), low=, high= (checked bounds)."""
+    return dataclasses.field(default=default, metadata={"help": help, **more})
 
 
 class ConfigError(ValueError):
@@ -48,8 +53,8 @@ def parse(cls, argv: list[str], description: str = "", defaults=lambda given: {}
         parser.add_argument(f"--{key}", dest=key, default=None,
                             type=boolean if f.type is bool else f.type, choices=f.metadata.get("choices"),
                             help=f.metadata.get("help", " "), **flag)
-    dashes = lambda arg: arg.partition("=")[0].replace("-", "_").replace("__", "--", 1) + "".join(arg.partition("=")[1:])
-    given, unknown = parser.parse_known_args([dashes(arg) if arg.startswith("--") else arg for arg in argv])
+    undash = lambda arg: "--" + arg[2:].partition("=")[0].replace("-", "_") + "".join(arg.partition("=")[1:])
+    given, unknown = parser.parse_known_args([undash(arg) if arg.startswith("--") else arg for arg in argv])
     for arg in unknown:
         close = difflib.get_close_matches(arg.split("=")[0].lstrip("-").replace("-", "_"), list(fields), n=1)
         raise ConfigError(f"unknown option {arg!r}" + (f" (did you mean --{close[0]}?)" if close else ""))
@@ -59,6 +64,15 @@ def parse(cls, argv: list[str], description: str = "", defaults=lambda given: {}
         parser.set_defaults(**values)
         raise SystemExit(parser.print_help())
     for key, value in {**values, **given}.items():
+        low, high = fields[key].metadata.get("low", value), fields[key].metadata.get("high", value)
+        if not low <= value <= high:
+            raise ConfigError(f"--{key} must be in [{low}, {high}], got {value}" if high != value else
+                              f"--{key} must be >= {low}, got {value}")
         *owner, name = key.split(".")
         setattr(reduce(getattr, owner, cfg), name, value)
+    for key in {key.rpartition(".")[0] for key in fields} - {""}:  # nested configs check themselves
+        try:
+            reduce(getattr, key.split("."), cfg).validate()
+        except ValueError as error:  # e.g. "eta must be > 0, got 0"
+            raise ConfigError(f"--{key}.{error}") from None
     return cfg

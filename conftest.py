@@ -113,7 +113,7 @@ def shapes(state_dict) -> dict:
 @functools.cache
 def tokenizer_golden() -> list[dict]:
     """assets/tokenizer_golden.json's entries {"text", "openai_ids"}: strings and the ids OpenAI's
-    SimpleTokenizer gives them (written by assets/make_tokenizer_golden.py, which documents them)."""
+    SimpleTokenizer gives them (written by test_tokenizer.py, which documents them)."""
     path = Path(__file__).with_name("assets") / "tokenizer_golden.json"
     return json.loads(path.read_text(encoding="ascii"))["strings"]
 

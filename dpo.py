@@ -2,33 +2,30 @@
 
 DPO (Rafailov et al. 2023, Eq. 7) fits a policy to preference pairs through the implicit reward
 beta log(p_theta / p_ref): L = -log sigmoid(beta [log-ratio(winner) - log-ratio(loser)]). `dpo_loss` is that
-objective on given log-ratios, in the shape of the DPO reference `preference_loss`; both papers of this
-project optimise it and differ only in the log-ratio (TailorPO: one denoising transition, tailorpo.py).
-
-Diffusion-DPO has no log p(x_0); it bounds it by the ELBO, and with the forward process q(x_{1:T}|x_0)
-standing in for the reverse posterior the loss becomes a contrast of denoising errors (Sec. 4, Eq. 14):
+objective on given log-ratios (the DPO reference's `preference_loss`); both papers optimise it and differ
+only in the log-ratio (TailorPO: one denoising transition, tailorpo.py). Diffusion-DPO bounds log p(x_0) by
+the ELBO with q(x_{1:T}|x_0) for the reverse posterior: a contrast of denoising errors (Sec. 4, Eq. 14):
 
     L(theta) = -E_{(x_0^w, x_0^l) ~ D, t ~ U(0,T), x_t^w ~ q(x_t^w|x_0^w), x_t^l ~ q(x_t^l|x_0^l)}
       log sigmoid( -beta T omega(lambda_t) ( ||eps^w - eps_theta(x_t^w,t)||^2 - ||eps^w - eps_ref(x_t^w,t)||^2
                                          - ||eps^l - eps_theta(x_t^l,t)||^2 + ||eps^l - eps_ref(x_t^l,t)||^2))
 
 i.e. dpo_loss with log-ratio(x) = -0.5 (err_theta(x) - err_ref(x)) per sample (`diffusion_log_ratio`): the
-policy is pushed to denoise the preferred image better than the frozen reference does, the other one worse.
+policy learns to denoise the preferred image better than the frozen reference does, the other one worse.
 
-Deviations from the paper's Eq. 14, all following the official code (SalesforceAIResearch/DiffusionDPO
-train.py) so that its beta=5000 means the same thing here:
+Deviations from Eq. 14, all as the official code (SalesforceAIResearch/DiffusionDPO train.py), so that its
+beta=5000 means the same here:
   1. The squared errors are MEANS over the C*H*W latent elements, not sums (||.||^2 / D).
-  2. T*omega(lambda_t) is a constant and the log-ratio carries the factor 0.5: logits = -0.5*beta*(...).
-     Hence official beta_code corresponds to the paper's beta*T*omega = 0.5*beta_code/D (test_dpo checks it).
-  3. Winner and loser share the noise eps and the timestep t (Eq. 14 writes eps^w and eps^l; the official
-     code shares them: `noise.chunk(2)[0].repeat(2, 1, 1, 1)`, see also DiffusionDPO issue #1).
-  4. Implicit accuracy counts a tie (logits == 0) as wrong, as the official code does, so it is 0 at
-     initialisation when policy == reference; diffusers' research script counts ties as 0.5 (`tie_credit`).
+  2. T*omega(lambda_t) is a constant and the log-ratio carries the factor 0.5: logits = -0.5*beta*(...);
+     official beta_code is the paper's beta*T*omega = 0.5*beta_code/D (test_dpo checks it).
+  3. Winner and loser share eps and t (Eq. 14 writes eps^w and eps^l; the official code shares them:
+     `noise.chunk(2)[0].repeat(2, 1, 1, 1)`, see also DiffusionDPO issue #1).
+  4. Implicit accuracy counts a tie (logits == 0) as wrong, as the official code, so it is 0 at init when
+     policy == reference; diffusers' research script counts ties as 0.5 (`tie_credit`).
   5. The prompt is encoded once per pair and repeated for the loser (same caption by construction).
-  6. Randomness: the VAE posterior noise of winner and loser, t and eps of a pair are drawn from streams keyed
-     by (seed, the pair's global position) (scheduler.keyed_randn), so N processes equal one process with an
-     N x batch; the official code draws them from a per-process generator.
-SFT (the paper's baseline): plain eps-MSE on the preferred image only, with the winner's streams.
+  6. The VAE posterior noise of winner and loser, t and eps of a pair come from streams keyed by (seed, the
+     pair's global position) (scheduler.keyed_randn): N processes equal one with an N x batch (official: a
+     per-process generator).
 """
 
 import torch
@@ -40,8 +37,7 @@ from scheduler import keyed_generator, keyed_randn
 def dpo_loss(log_ratio_w, log_ratio_l, beta: float, tie_credit: float = 0.0, mask=None):
     """The DPO objective (Rafailov et al. 2023, Eq. 7) on per-pair log-ratios; returns (loss 0-d, metrics).
 
-    Shape: log_ratio_w [N], log p_theta(winner) - log p_ref(winner) (with graph through the policy).
-    Shape: log_ratio_l [N], the same for the loser.
+    Shape: log_ratio_w, log_ratio_l [N]: log p_theta - log p_ref of the winner / loser (graph via the policy).
     Shape: mask [N] or None: 1 for pairs that count, 0 for pairs kept only so that every call runs the same
         forward (DDP); the loss is the mean over counted pairs (0 with a graph when none counts).
     metrics (the same keys on every call): loss; implicit_accuracy, the fraction of pairs with logits > 0, a
@@ -105,14 +101,13 @@ def dpo_train_step(sd, reference_unet, batch: dict, beta: float, seed: int):
     ref_err_w, ref_err_l = per_sample_mse(eps_ref, eps).chunk(2)
     loss, metrics = dpo_loss(diffusion_log_ratio(model_err_w, ref_err_w),
                              diffusion_log_ratio(model_err_l, ref_err_l), beta)  # Eq. 14 (Diffusion-DPO)
-    errors = {"model_err_w": model_err_w, "model_err_l": model_err_l, "ref_err_w": ref_err_w,
-              "ref_err_l": ref_err_l}
+    errors = dict(model_err_w=model_err_w, model_err_l=model_err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
     return loss, {**metrics, **{key: value.detach().mean() for key, value in errors.items()}}
 
 
 def sft_train_step(sd, batch: dict, seed: int):
-    """train.py plug-in for the SFT baseline: eps-MSE (DDPM L_simple, Ho et al. 2020 Eq. 14) on the preferred
-    images batch["pixels_w"] only. Returns (loss, {"loss", "model_err_w"})."""
+    """train.py plug-in for the paper's SFT baseline: eps-MSE (DDPM L_simple, Ho et al. 2020 Eq. 14) on
+    the preferred images batch["pixels_w"] only (winner's streams). Returns (loss, {loss, model_err_w})."""
     latents = keyed_latents(sd, batch["pixels_w"], seed, batch["positions"], "w")
     t, eps = keyed_t_and_eps(sd, latents, seed, batch["positions"])
     eps_pred = sd.unet(sd.schedule.add_noise(latents, eps, t), t, sd.encode_prompts(batch["prompts"]))

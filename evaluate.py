@@ -1,75 +1,55 @@
 """Evaluate an aligned model against its base: same prompts and seeds, rewards, win rates, a picture grid.
 
-The evaluation protocol of both papers, reduced to what a user can run anywhere: for each prompt i and seed s,
-one image from the base model and one from the aligned model, both from the SAME initial noise x_T (so a
-pair differs only by the fine-tuning), every image saved as a PNG and scored by every requested reward:
-
-    per reward: mean +- standard error of base and of aligned (over the prompt x seed images);
-    the paired difference aligned - base, mean +- standard error;
-    the win rate P(reward(aligned) > reward(base)) over the pairs, ties counted 1/2, +- its binomial stderr;
-    the same per prompt category (DrawBench's 11, PartiPrompts' 12).
-
-Diffusion-DPO reports win rates of the aligned model against the base (PartiPrompts, HPSv2's prompts);
-TailorPO and the seed report mean rewards (the seed: SD1.5-DPO on DrawBench). The published numbers are
-printed beside ours for reference (PUBLISHED), labelled as not measured here.
+Per prompt i and seed s, one image from the base and one from the aligned model from the SAME x_T (a pair
+differs only by the fine-tuning), saved as PNGs and scored by every reward: base and aligned mean +- stderr,
+the paired difference, the win rate P(reward(aligned) > reward(base)) +- its binomial stderr, overall and per
+prompt category. Diffusion-DPO reports win rates against the base (PartiPrompts, HPSv2's prompts); TailorPO
+and the seed report means (the seed's SD1.5-DPO DrawBench row, PUBLISHED, is printed beside ours).
 
     python evaluate.py --model path/to/stable-diffusion-v1-5 --lora out/lora.safetensors \\
         --prompts drawbench --rewards aesthetic,hpsv2,pickscore,clipscore --seeds 0-3 --out out/eval
-    python evaluate.py --model toy --lora out/lora.safetensors --rewards saturation --seeds 0-3
 
-Outputs in --out: images/{base,aligned}/p{prompt index:03d}_s{seed}.png (the index into the prompt list
-used), report.md (the tables, also printed), report.json, grid.png (per prompt one row: base | aligned).
-Images are reused: a second run in the same --out generates only missing images, so adding a reward only
-scores. Each images/ folder keeps a settings.json (sampler settings, model files, prompts by index); a run
-with other settings or another model refuses to mix its images with them.
+--out gets images/{base,aligned}/p{prompt index:03d}_s{seed}.png, report.md (also printed), report.json and
+grid.png (per prompt: base | aligned). A rerun generates only missing images (adding a reward only scores);
+each images/ folder's settings.json (sampler, model files, prompts) refuses to mix in other runs' images.
 
-Choices where the papers are silent (numbered):
-1. Ties (equal scores, e.g. a reward saturated on both images) count 1/2 in the win rate, as in the
-   Diffusion-DPO paper's human study (ties split).
+Choices where the papers are silent:
+1. Ties count 1/2 in the win rate (e.g. a saturated reward), as the Diffusion-DPO paper's human study.
 2. The standard errors treat the prompt x seed pairs as independent draws (no clustering by prompt).
 3. Sampling defaults: DDIM, 50 steps, guidance 7.5, eta 0 for SD1.5 (the DPO paper's quick_samples setting);
    the toy world uses 10 steps and guidance 3 (its alignment runs' rollout settings).
 4. x_T of image (i, s) is torch.randn with torch.Generator("cpu").manual_seed(s), the same for every prompt:
-   image (i, s) is what diffusers' pipeline gives for (prompt i, generator seed s), whatever the batch size,
-   --max-prompts or which images were reused. (With eta > 0 the per-step noise depends on the batch.)
-5. Rewards score the saved PNGs (uint8), not the float images, so a reused image scores exactly as when it
-   was generated, and other tools scoring the PNGs see what we scored.
+   what diffusers' pipeline gives for (prompt i, generator seed s), whatever the batch size, --max-prompts or
+   which images were reused. (With eta > 0 the per-step noise depends on the batch.)
+5. Rewards score the saved PNGs (uint8), not the float images: a reused image scores as when it was made,
+   and other tools scoring the PNGs see what we scored.
 """
 
 import argparse
 import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import lora
 import rewards
+from data import to_pil
 from sampler import generate_latents, initial_latents
-from weights import CheckpointError, load_stable_diffusion, load_strict, load_unet, read_state_dict
+from weights import CheckpointError, build, load_stable_diffusion, load_unet, read_state_dict
 
-PROMPT_SETS = {  # name -> file; source and licence in assets/prompts/README.md
-    "drawbench": Path(__file__).with_name("assets") / "prompts" / "drawbench.csv",
-    "parti": Path(__file__).with_name("assets") / "prompts" / "parti.tsv",
-}
-PUBLISHED = {  # DrawBench means reported by the seed (DiffusionDPO reference numbers): printed, not measured
-    "drawbench": {
-        "label": "published by the seed / DiffusionDPO reference numbers, not measured here",
-        "metrics": {"aesthetic": "LAION aesthetic", "hpsv2": "HPSv2", "sbert": "SentenceBERT text alignment"},
-        "rows": {"SD1.5-DPO": {"aesthetic": 5.6205, "hpsv2": 0.2672, "sbert": 0.6075},
-                 "LCM-DPO": {"aesthetic": 6.043, "hpsv2": 0.2814, "sbert": 0.572}},
-    },
-}
-
-# ----------------------------------------------------------------------------------------------------------
-# Prompts, seeds and statistics
+PROMPTS_DIR = Path(__file__).with_name("assets") / "prompts"  # sources and licences: its README.md
+PROMPT_SETS = {"drawbench": PROMPTS_DIR / "drawbench.csv", "parti": PROMPTS_DIR / "parti.tsv"}
+PUBLISHED = {"drawbench": {  # the seed's DrawBench means (sbert: SentenceBERT text alignment), not ours
+    "SD1.5-DPO": {"aesthetic": 5.6205, "hpsv2": 0.2672, "sbert": 0.6075},
+    "LCM-DPO": {"aesthetic": 6.043, "hpsv2": 0.2814, "sbert": 0.572}}}
 
 
 @dataclasses.dataclass
@@ -78,38 +58,34 @@ class PromptSet:
     prompts: list[str]
     categories: list[str]  # one per prompt; "" where the source has none
 
-    def head(self, count: int) -> "PromptSet":
-        return PromptSet(self.name, self.prompts[:count or None], self.categories[:count or None])
 
-
-def read_prompts(spec: str) -> PromptSet:
-    """'drawbench', 'parti' (assets/prompts), 'toy' (toy.PROMPTS), a .txt file (one prompt per line) or a
-    .csv/.tsv file: the column prompt/prompts/caption/text (any case; else the first) and, if present, the
-    column category. TSV files are read without quote processing (PartiPrompts has unbalanced quotes)."""
+def read_prompts(spec: str, max_prompts: int = 0) -> PromptSet:
+    """The first max_prompts (0: all) of 'drawbench', 'parti' (assets/prompts), 'toy' (toy.PROMPTS), a .txt
+    file (a prompt per line) or a .csv/.tsv file: the column prompt/prompts/caption/text (any case; else the
+    first) and the column category if any (PartiPrompts' TSV has unbalanced quotes: read without quoting)."""
+    path = PROMPT_SETS.get(spec, Path(spec))
     if spec == "toy":
         import toy
-
-        return PromptSet("toy", list(toy.PROMPTS), [""] * len(toy.PROMPTS))
-    path = PROMPT_SETS.get(spec, Path(spec))
-    if not path.is_file():
+        rows = [["prompt"]] + [[prompt] for prompt in toy.PROMPTS]
+    elif not path.is_file():
         raise ValueError(f"--prompts {spec!r}: no such file; give {', '.join(PROMPT_SETS)}, 'toy', or a "
                          ".txt/.csv/.tsv file")
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.suffix in (".csv", ".tsv"):
-            tsv = path.suffix == ".tsv"
-            rows = list(csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else 0))
-            names = [name.strip().lower() for name in rows[0]] if rows else []
-            column = next((names.index(n) for n in ("prompt", "prompts", "caption", "text") if n in names), 0)
-            category = names.index("category") if "category" in names else None
-            rows = [row for row in rows[1:] if len(row) > column and row[column].strip()]
-            prompts = [row[column].strip() for row in rows]
-            categories = [row[category].strip() if category is not None else "" for row in rows]
-        else:
-            prompts = [line.strip() for line in f if line.strip()]
-            categories = [""] * len(prompts)
-    if not prompts:
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.suffix == ".txt":
+                rows = [["prompt"]] + [[line] for line in f]
+            else:  # .csv, or .tsv without quote processing
+                tsv = path.suffix == ".tsv"
+                rows = list(csv.reader(f, delimiter="\t" if tsv else ",",
+                                       quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
+    names = [name.strip().lower() for name in rows[0]] if rows else []
+    column = next((names.index(n) for n in ("prompt", "prompts", "caption", "text") if n in names), 0)
+    rows = [row for row in rows[1:] if len(row) > column and row[column].strip()][:max_prompts or None]
+    if not rows:
         raise ValueError(f"--prompts {path}: no prompts found")
-    return PromptSet(spec if spec in PROMPT_SETS else path.stem, prompts, categories)
+    categories = [row[names.index("category")].strip() if "category" in names else "" for row in rows]
+    name = spec if spec in (*PROMPT_SETS, "toy") else path.stem
+    return PromptSet(name, [row[column].strip() for row in rows], categories)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -118,10 +94,8 @@ def parse_seeds(text: str) -> list[int]:
         if "-" in text:
             first, last = (int(v) for v in text.split("-"))
             seeds = list(range(first, last + 1))
-        elif "," in text:
-            seeds = [int(v) for v in text.split(",")]
         else:
-            seeds = list(range(int(text)))
+            seeds = [int(v) for v in text.split(",")] if "," in text else list(range(int(text)))
     except ValueError:
         seeds = []
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
@@ -142,152 +116,87 @@ def win_rate(aligned: torch.Tensor, base: torch.Tensor) -> dict:
     return {"win_rate": p, "stderr": math.sqrt(p * (1 - p) / len(wins)), "ties": int((aligned == base).sum())}
 
 
-def summarize(scores_base: dict, scores_aligned: dict) -> dict:
-    """Per reward: base/aligned mean +- stderr, paired delta, win rate. Scores: paired [N] tensors."""
+def summarize(scores: dict, rows=slice(None)) -> dict:
+    """Per reward: base, aligned and difference mean +- stderr, win rate. scores: {kind: {name: [N]}}"""
     report = {}
-    for name in scores_base:
-        base, aligned = scores_base[name], scores_aligned[name]
-        report[name] = {
-            "base": mean_stderr(base),
-            "aligned": mean_stderr(aligned),
-            "delta": mean_stderr(aligned - base),
-            **win_rate(aligned, base),
-        }
+    for name in scores["base"]:
+        base, aligned = scores["base"][name][rows], scores["aligned"][name][rows]
+        report[name] = {"base": mean_stderr(base), "aligned": mean_stderr(aligned),
+                        "delta": mean_stderr(aligned - base), **win_rate(aligned, base)}
     return report
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Images on disk: generated once, reused
 
 
 def image_path(folder: Path, prompt_index: int, seed: int) -> Path:
     return folder / f"p{prompt_index:03d}_s{seed}.png"
 
 
-def check_folder(folder: Path, settings: dict, prompts: list[str]):
-    """settings.json of an images folder: the same sampler settings and model, and the same prompt at every
-    index, or an error (images of another run must not be reused)."""
+def check_folder(folder: Path, settings: dict):
+    """settings.json of an images folder (sampler, model, prompts): images of other settings are refused."""
     path = folder / "settings.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "prompts": {}}
-    if saved["settings"] != settings:
-        raise FileExistsError(f"{folder} holds images made with {saved['settings']}, not {settings}: give "
-                              "another --out, or delete the folder")
-    for index, prompt in enumerate(prompts):
-        if saved["prompts"].setdefault(str(index), prompt) != prompt:
-            raise FileExistsError(f"{folder}: image index {index} is of the prompt "
-                                  f"{saved['prompts'][str(index)]!r}, not {prompt!r}: give another --out, or "
-                                  "delete the folder")
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        raise FileExistsError(f"{folder} holds images made with other settings (see {path}): give another "
+                              "--out, or delete the folder")
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(saved, indent=1))
+    path.write_text(json.dumps(settings, indent=1))
 
 
 def save_png(image: torch.Tensor, path: Path):
-    """[3, H, W] in [0, 1] -> PNG, rounded as diffusers' numpy_to_pil; written atomically (a killed run
-    leaves no truncated file that a later run would reuse)."""
-    array = (image * 255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+    """[3, H, W] in [0, 1] -> PNG, written atomically: no truncated file for a later run to reuse."""
     partial = path.with_suffix(".partial.png")
-    Image.fromarray(array).save(partial)
+    to_pil(image).save(partial)
     os.replace(partial, path)
 
 
-def load_png(path: Path) -> torch.Tensor:
-    """PNG -> [3, H, W] float32 in [0, 1]."""
-    with Image.open(path) as picture:
-        array = np.asarray(picture.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
-
-
-def generate_images(sd, items: list[tuple[str, int]], num_steps: int = 50, guidance: float = 7.5,
-                    eta: float = 0.0, batch_size: int = 8, desc: str = "generating", progress: bool = True):
-    """Yields (positions in items, images [B, 3, H, W] in [0, 1] float32) for (prompt, seed) items, in
-    batches of at most batch_size; one x_T per seed (choice 4), decoded by sd.decode_latents."""
-    bar = tqdm(total=len(items), desc=desc, unit="image", disable=not progress or not items)
-    with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            batch = range(start, min(start + batch_size, len(items)))
-            for seed in sorted({items[j][1] for j in batch}):
-                positions = [j for j in batch if items[j][1] == seed]
-                x_T = initial_latents(sd, 1, None, None, torch.Generator("cpu").manual_seed(seed))
-                latents = generate_latents(sd, [items[j][0] for j in positions], num_steps=num_steps,
-                                           guidance=guidance, eta=eta, seed=seed,
-                                           latents=x_T.expand(len(positions), -1, -1, -1), progress=False)
-                yield positions, sd.decode_latents(latents)
-                bar.update(len(positions))
-    bar.close()
-
-
+@torch.no_grad()
 def generate(sd, prompts: list[str], seeds: list[int], num_steps: int = 50, guidance: float = 7.5,
              eta: float = 0.0, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
-    """Images [len(prompts) * len(seeds), 3, H, W] in memory (no files), row i * len(seeds) + k holding
-    (prompt i, seeds[k]): compare()'s pair order and x_T (choice 4). For fresh-sample rewards in training."""
-    items = [(prompt, seed) for prompt in prompts for seed in seeds]
-    rows = [None] * len(items)
-    for positions, images in generate_images(sd, items, num_steps, guidance, eta, batch_size,
-                                             progress=progress):
-        for j, image in zip(positions, images):
-            rows[j] = image
-    return torch.stack(rows)
-
-
-def generate_missing(sd, prompts: list[str], seeds: list[int], folder: Path, num_steps: int, guidance: float,
-                     eta: float, batch_size: int, desc: str, progress: bool = True) -> int:
-    """Generates the images of `folder` that do not exist yet; returns how many it made."""
-    missing = [(i, seed) for seed in seeds for i in range(len(prompts))
-               if not image_path(folder, i, seed).is_file()]
-    items = [(prompts[i], seed) for i, seed in missing]
-    for positions, images in generate_images(sd, items, num_steps, guidance, eta, batch_size, desc, progress):
-        for j, image in zip(positions, images):
-            save_png(image, image_path(folder, *missing[j]))
-    return len(missing)
+    """Images [len(seeds) * len(prompts), 3, H, W] in [0, 1], row k * len(prompts) + i of (seeds[k], prompt
+    i), in batches of at most batch_size prompts; x_T: one draw per seed for every prompt (choice 4)."""
+    images = []
+    with tqdm(total=len(prompts) * len(seeds), desc="generating", unit="image", disable=not progress) as bar:
+        for seed in seeds:
+            x_T = initial_latents(sd, 1, None, None, torch.Generator("cpu").manual_seed(seed))
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start:start + batch_size]
+                latents = generate_latents(sd, batch, num_steps=num_steps, guidance=guidance, eta=eta,
+                                           seed=seed, latents=x_T.expand(len(batch), -1, -1, -1),
+                                           progress=False)
+                images.append(sd.decode_latents(latents))
+                bar.update(len(batch))
+    return torch.cat(images)
 
 
 @torch.no_grad()
-def score_pairs(folders: dict[str, Path], prompts: list[str], pairs: list[tuple[int, int]], reward_fns: dict,
-                batch_size: int, progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """{folder name: {reward name: scores [len(pairs)]}} of the saved PNGs (choice 5)."""
-    scores = {kind: {name: [] for name in reward_fns} for kind in folders}
-    with tqdm(total=len(pairs) * len(folders), desc="scoring", unit="image", disable=not progress) as bar:
-        for k in range(0, len(pairs), batch_size):
-            batch = pairs[k:k + batch_size]
-            batch_prompts = [prompts[i] for i, _ in batch]
-            for kind, folder in folders.items():
-                images = torch.stack([load_png(image_path(folder, i, seed)) for i, seed in batch])
-                for name, reward_fn in reward_fns.items():
-                    scores[kind][name].append(reward_fn(images, batch_prompts).float().cpu())
-                bar.update(len(batch))
-    return {kind: {name: torch.cat(values) for name, values in by_name.items()}
-            for kind, by_name in scores.items()}
+def score_images(folder: Path, prompts: list[str], pairs: list[tuple[int, int]], reward_fns: dict,
+                 batch_size: int, progress: bool = True) -> dict[str, torch.Tensor]:
+    """{reward name: scores [len(pairs)]} of the saved PNGs of (prompt index, seed) pairs (choice 5)."""
+    scores = {name: [] for name in reward_fns}
+    for k in tqdm(range(0, len(pairs), batch_size), f"scoring {folder.name}", disable=not progress):
+        batch = pairs[k:k + batch_size]
+        images = torch.stack([rewards.read_image(image_path(folder, i, seed)) for i, seed in batch])
+        for name, reward_fn in reward_fns.items():
+            scores[name].append(reward_fn(images, [prompts[i] for i, _ in batch]).float().cpu())
+    return {name: torch.cat(values) for name, values in scores.items()}
 
 
-def save_grid(rows: list[tuple[str, list[Path], list[Path]]], path: Path, cell: int = 96) -> Path:
-    """rows: (prompt, base PNGs, aligned PNGs); per row the prompt on a caption line, then base images | a
-    gap | aligned images (same seeds in the same column order)."""
-    columns = max(len(base) for _, base, _ in rows)
-    gap, caption = cell // 4, 14
+def save_grid(folders: dict[str, Path], prompts: list[str], seeds: list[int], path: Path, cell: int = 96):
+    """Per prompt a caption line, then its base images | a gap | its aligned images (a column per seed)."""
+    columns, gap, caption = len(seeds), cell // 4, 14
     width = 2 * columns * cell + gap
-    grid = Image.new("RGB", (width, len(rows) * (cell + caption) + caption), "white")
+    grid = Image.new("RGB", (width, len(prompts) * (cell + caption) + caption), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((2, 1), "base", fill="black")
     draw.text((columns * cell + gap + 2, 1), "aligned (same seeds)", fill="black")
-    for row, (prompt, base, aligned) in enumerate(rows):
+    for row, prompt in enumerate(prompts):
         top = caption + row * (cell + caption)
         draw.text((2, top + 1), prompt[: width // 6], fill="black")
-        for column, (b, a) in enumerate(zip(base, aligned)):
-            for left, file in ((column * cell, b), (columns * cell + gap + column * cell, a)):
-                with Image.open(file) as opened:  # nearest when enlarging tiny toy images
-                    picture = opened.convert("RGB")
+        for k, file in enumerate(image_path(folders[kind], row, seed) for kind in folders for seed in seeds):
+            with Image.open(file) as picture:  # nearest when enlarging tiny toy images
                 resample = Image.NEAREST if picture.width < cell else Image.BILINEAR
-                grid.paste(picture.resize((cell, cell), resample), (left, top + caption))
+                left = k * cell + (gap if k >= columns else 0)
+                grid.paste(picture.convert("RGB").resize((cell, cell), resample), (left, top + caption))
     grid.save(path)
     return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The comparison and its report
-
-
-def has_lora(unet) -> bool:
-    return any(isinstance(module, lora.LoRALinear) for module in unet.modules())
 
 
 def compare(aligned_sd, prompts: list[str], reward_fns: dict, seeds: list[int], out_dir: str,
@@ -295,140 +204,103 @@ def compare(aligned_sd, prompts: list[str], reward_fns: dict, seeds: list[int], 
             guidance: float = 7.5, eta: float = 0.0, batch_size: int = 8, grid_prompts: int = 12,
             grid_seeds: int = 4, model_ids: dict | None = None, progress: bool = True) -> dict:
     """Base vs aligned on the same prompts and seeds -> the report (also written as report.json, report.md).
-
-    reward_fns: {name: reward(images, prompts) -> [B]}, already loaded (rewards.get_reward); nothing is
-    loaded here. base_sd=None: the base is aligned_sd's UNet with its LoRA adapters switched off
-    (lora.lora_disabled), so a LoRA run needs no second model. categories: one per prompt (per-category
-    tables). prompt_set: e.g. "drawbench", which prints PUBLISHED's reference rows beside ours. model_ids:
-    {"base": ..., "aligned": ...} strings that name the models (file paths, sizes) in the images' settings.
-    """
-    if base_sd is None and not has_lora(aligned_sd.unet):
-        raise ValueError("compare: base_sd=None means 'aligned_sd without its LoRA', but its UNet has no "
-                         "LoRA layers; pass the base model as base_sd")
+    reward_fns: {name: reward(images, prompts) -> [B]}, loaded by the caller. base_sd=None: aligned_sd's UNet
+    with its LoRA adapters off. categories: one per prompt. prompt_set "drawbench" adds PUBLISHED's rows.
+    model_ids: {"base": ..., "aligned": ...} names of the models (files, sizes) in the images' settings."""
+    if base_sd is None and not any(isinstance(m, lora.LoRALinear) for m in aligned_sd.unet.modules()):
+        raise ValueError("compare: base_sd=None, but aligned_sd has no LoRA layers to switch off (the base)")
     out = Path(out_dir)
     folders = {kind: out / "images" / kind for kind in ("base", "aligned")}
     sampler = {"num_steps": num_steps, "guidance": guidance, "eta": eta}
     generated = {}
     for kind, folder in folders.items():
         sd = aligned_sd if kind == "aligned" or base_sd is None else base_sd
-        dtype = str(sd.unet.conv_in.weight.dtype).removeprefix("torch.")
-        check_folder(folder, {**sampler, "dtype": dtype, "model": (model_ids or {}).get(kind, "")}, prompts)
-        switch_off = kind == "base" and base_sd is None
-        with lora.lora_disabled(aligned_sd.unet) if switch_off else contextlib.nullcontext():
-            generated[kind] = generate_missing(sd, prompts, seeds, folder, num_steps, guidance, eta,
-                                               batch_size, f"generating {kind}", progress)
+        check_folder(folder, {**sampler, "dtype": str(sd.unet.conv_in.weight.dtype),
+                              "model": (model_ids or {}).get(kind), "prompts": prompts})
+        missing = [(seed, [i for i in range(len(prompts)) if not image_path(folder, i, seed).is_file()])
+                   for seed in seeds]
+        todo = [(seed, indices[k:k + batch_size]) for seed, indices in missing
+                for k in range(0, len(indices), batch_size)]  # one seed per batch: its x_T (choice 4)
+        generated[kind] = sum(len(batch) for _, batch in todo)
+        with (lora.lora_disabled(aligned_sd.unet) if kind == "base" else contextlib.nullcontext(),
+              tqdm(total=generated[kind], desc=f"generating {kind}", disable=not (progress and todo)) as bar):
+            for seed, batch in todo:
+                images = generate(sd, [prompts[i] for i in batch], [seed], num_steps, guidance, eta,
+                                  progress=False)
+                for i, image in zip(batch, images):
+                    save_png(image, image_path(folder, i, seed))
+                bar.update(len(batch))
 
     pairs = [(i, seed) for i in range(len(prompts)) for seed in seeds]
-    scores = score_pairs(folders, prompts, pairs, reward_fns, batch_size, progress)
-    categories = categories or [""] * len(prompts)
+    scores = {kind: score_images(folder, prompts, pairs, reward_fns, batch_size, progress)
+              for kind, folder in folders.items()}
     by_category = {}
-    for category in sorted(set(categories) - {""}):
-        rows = torch.tensor([k for k, (i, _) in enumerate(pairs) if categories[i] == category])
-        subset = {kind: {name: values[rows] for name, values in by_name.items()}
-                  for kind, by_name in scores.items()}
-        by_category[category] = {"num_pairs": len(rows),
-                                 "rewards": summarize(subset["base"], subset["aligned"])}
+    for category in sorted(set(categories or []) - {""}):
+        rows = [k for k, (i, _) in enumerate(pairs) if categories[i] == category]
+        by_category[category] = {"num_pairs": len(rows), "rewards": summarize(scores, torch.tensor(rows))}
 
-    rows = [(prompts[i], [image_path(folders["base"], i, s) for s in seeds[:grid_seeds]],
-             [image_path(folders["aligned"], i, s) for s in seeds[:grid_seeds]])
-            for i in range(min(grid_prompts, len(prompts)))]
-    report = {
-        "prompt_set": prompt_set,
-        "num_prompts": len(prompts),
-        "seeds": list(seeds),
-        "num_pairs": len(pairs),
-        "sampler": sampler,
-        "rewards": summarize(scores["base"], scores["aligned"]),
-        "categories": by_category,
-        "reference": PUBLISHED.get(prompt_set),
-        "generated": generated,
-        "images": str(out / "images"),
-        "grid": str(save_grid(rows, out / "grid.png")),
-    }
+    grid = save_grid(folders, prompts[:grid_prompts], seeds[:grid_seeds], out / "grid.png")
+    report = {"prompt_set": prompt_set, "num_prompts": len(prompts), "seeds": list(seeds),
+              "num_pairs": len(pairs), "sampler": sampler, "rewards": summarize(scores),
+              "categories": by_category, "reference": PUBLISHED.get(prompt_set), "generated": generated,
+              "images": str(out / "images"), "grid": str(grid)}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(format_markdown(report))
     return report
 
 
-def cell(stats: dict, digits: int = 4) -> str:
-    return f"{stats['mean']:.{digits}f} ± {stats['stderr']:.{digits}f}"
+def table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(map(str, cells)) + " |" for cells in [header, ["---"] * len(header), *rows]]
+
+
+def pm(stats: dict, sign: str = "") -> str:
+    return f"{stats['mean']:{sign}.4f} ± {stats['stderr']:.4f}"
 
 
 def format_markdown(report: dict) -> str:
     """The report as Markdown tables: overall, the published reference beside ours, per category."""
-    sampler = report["sampler"]
-    title = report["prompt_set"] or "custom prompts"
+    sampler, title = report["sampler"], report["prompt_set"] or "custom prompts"
     lines = [f"## {title}: {report['num_prompts']} prompts x {len(report['seeds'])} seeds = "
              f"{report['num_pairs']} pairs (DDIM {sampler['num_steps']} steps, guidance "
-             f"{sampler['guidance']}, eta {sampler['eta']})", "",
-             "| metric | base | aligned | aligned - base | win rate aligned > base | ties |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for name, r in report["rewards"].items():
-        lines.append(f"| {name} | {cell(r['base'])} | {cell(r['aligned'])} | {r['delta']['mean']:+.4f} ± "
-                     f"{r['delta']['stderr']:.4f} | {r['win_rate']:.3f} ± {r['stderr']:.3f} | {r['ties']} |")
-    reference = report.get("reference")
-    if reference:
-        metrics = reference["metrics"]
-        lines += ["", f"Reference: {title} means {reference['label']}; ours (measured above) beside them.",
-                  "",
-                  "| model | " + " | ".join(metrics.values()) + " |", "| --- |" + " --- |" * len(metrics)]
-        for model, values in reference["rows"].items():
-            lines.append(f"| {model} (published) | " + " | ".join(f"{values[m]}" for m in metrics) + " |")
-        for kind in ("base", "aligned"):
-            ours = [f"{report['rewards'][m][kind]['mean']:.4f}" if m in report["rewards"] else "not measured"
-                    for m in metrics]
-            lines.append(f"| ours: {kind} | " + " | ".join(ours) + " |")
+             f"{sampler['guidance']}, eta {sampler['eta']})", ""]
+    lines += table(["metric", "base", "aligned", "aligned - base", "win rate aligned > base", "ties"],
+                   [[name, pm(r["base"]), pm(r["aligned"]), pm(r["delta"], "+"),
+                     f"{r['win_rate']:.3f} ± {r['stderr']:.3f}", r["ties"]]
+                    for name, r in report["rewards"].items()])
+    if report.get("reference"):
+        ours = {f"ours: {kind}": {name: f"{r[kind]['mean']:.4f}" for name, r in report["rewards"].items()}
+                for kind in ("base", "aligned")}
+        rows = {f"{model} (published)": values for model, values in report["reference"].items()} | ours
+        metrics = list(next(iter(report["reference"].values())))
+        lines += ["", f"Reference: {title} means published by the seed (DiffusionDPO reference numbers), not "
+                  "measured here (sbert: SentenceBERT text alignment); ours beside them.", ""]
+        lines += table(["model", *metrics], [[model, *(values.get(m, "not measured") for m in metrics)]
+                                             for model, values in rows.items()])
     if report["categories"]:
-        lines += ["", "Per category:", "",
-                  "| category | pairs | metric | base | aligned | aligned - base | win rate |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for category, c in report["categories"].items():
-            for name, r in c["rewards"].items():
-                lines.append(f"| {category} | {c['num_pairs']} | {name} | {r['base']['mean']:.4f} | "
-                             f"{r['aligned']['mean']:.4f} | {r['delta']['mean']:+.4f} ± "
-                             f"{r['delta']['stderr']:.4f} | {r['win_rate']:.3f} |")
+        lines += ["", "Per category:", ""]
+        lines += table(["category", "pairs", "metric", "base", "aligned", "aligned - base", "win rate"],
+                       [[category, c["num_pairs"], name, f"{r['base']['mean']:.4f}",
+                         f"{r['aligned']['mean']:.4f}", pm(r["delta"], "+"), f"{r['win_rate']:.3f}"]
+                        for category, c in report["categories"].items() for name, r in c["rewards"].items()])
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def file_id(path: str | None) -> str:
-    """A model file or folder named with its size and modification time (a retrained file is another)."""
-    if not path:
-        return ""
-    stat = os.stat(path)
-    return f"{os.path.abspath(path)} ({stat.st_size} bytes, modified {int(stat.st_mtime)})"
-
-
 def load_models(model: str, unet: str | None, lora_path: str | None, device: str, dtype: torch.dtype):
-    """(base_sd, aligned_sd); base_sd is None when the aligned model is the base plus a LoRA (compare then
-    switches the adapters off for the base images: one UNet in memory)."""
+    """(base_sd, aligned_sd); base_sd None: aligned = base + LoRA (compare switches the adapters off)."""
     if not unet and not lora_path:
         raise ValueError("give the aligned weights: --unet (a UNet folder or state dict) and/or --lora")
     if model == "toy":
         import toy
-
         base = toy.load_base_model(device=device)
     else:
         base = load_stable_diffusion(model, device=device, dtype=dtype)
     aligned = dataclasses.replace(base)
-    if unet:
-        if os.path.isdir(unet):  # a diffusers unet folder (train.py's out_dir/unet of a full fine-tune)
-            aligned.unet = load_unet(unet).to(device, dtype)
-        else:  # a state dict with diffusers names, for the base model's architecture
-            with torch.device("meta"):
-                aligned.unet = type(base.unet)(base.unet.config)
-            aligned.unet = load_strict(aligned.unet, read_state_dict(unet), unet).to(device, dtype).eval()
+    if unet and os.path.isdir(unet):  # a diffusers unet folder (train.py's out_dir/unet of a full fine-tune)
+        aligned.unet = load_unet(unet).to(device, dtype)
+    elif unet:  # a state dict with diffusers names, for the base model's architecture
+        aligned.unet = build(type(base.unet), base.unet.config, read_state_dict(unet), unet).to(device, dtype)
     if lora_path:
-        state = read_state_dict(lora_path)
-        try:
-            rank = lora.lora_rank(state)
-            lora.inject_lora(aligned.unet, rank=rank)
-            lora.load_lora(aligned.unet, state)
-        except (KeyError, ValueError) as error:
-            raise CheckpointError(f"{lora_path}: not a LoRA of this model ({error})") from None
+        lora.load_lora(aligned.unet, lora_path)  # a file that is no LoRA of this model: CheckpointError
         aligned.unet.to(device, dtype)
     return (base if unet else None), aligned
 
@@ -436,8 +308,6 @@ def load_models(model: str, unet: str | None, lora_path: str | None, device: str
 def load_rewards(names: list[str], device, reward_paths: dict[str, str]) -> dict:
     """{name: rewards.get_reward(name, device, paths)}; a path KEY=FILE goes to every reward whose loader
     takes KEY, NAME.KEY=FILE to that reward only."""
-    import inspect
-
     loaded = {}
     for name in names:
         accepted = inspect.signature(rewards.REWARDS[name]).parameters
@@ -449,30 +319,24 @@ def load_rewards(names: list[str], device, reward_paths: dict[str, str]) -> dict
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Compare an aligned model with its base: rewards, win rates.")
-    p.add_argument("--model", default="toy", help="base model: 'toy' (toy.py), a diffusers folder, a single "
-                   "SD1.5 .safetensors/.ckpt file, or a hub id")
-    p.add_argument("--unet", default=None, help="aligned UNet: a diffusers unet folder (train.py out/unet) "
-                   "or a .safetensors state dict with diffusers names")
-    p.add_argument("--lora", default=None, help="aligned LoRA .safetensors (train.py out/lora.safetensors)")
-    p.add_argument("--prompts", default="toy", help="'drawbench' (200), 'parti' (1632), 'toy', a .txt file "
-                   "(one prompt per line) or a .csv/.tsv file with a prompt (and category) column")
+    p.add_argument("--model", default="toy", help="'toy', a diffusers folder, an SD1.5 file or a hub id")
+    p.add_argument("--unet", help="aligned UNet: a diffusers unet folder or a .safetensors state dict")
+    p.add_argument("--lora", help="aligned LoRA .safetensors (train.py out/lora.safetensors)")
+    p.add_argument("--prompts", default="toy", help="drawbench (200), parti (1632), toy, or a .txt/.csv/.tsv")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
-    p.add_argument("--rewards", default="saturation",
-                   help=f"comma-separated, of: {', '.join(rewards.REWARDS)}")
-    p.add_argument("--reward-path", action="append", default=[], metavar="KEY=FILE",
-                   help="a reward weight file, e.g. mlp_path=sac+logos+ava1-l14-linearMSE.pth or "
-                   "pickscore.path=weights/PickScore_v1 (NAME.KEY: for that reward only; repeatable)")
+    p.add_argument("--rewards", default="saturation", help=f"comma-separated: {', '.join(rewards.REWARDS)}")
+    p.add_argument("--reward-path", action="append", default=[], metavar="KEY=FILE", help="a reward weight "
+                   "file, e.g. mlp_path=a.pth or pickscore.path=PickScore_v1 (NAME.KEY: that reward only)")
     p.add_argument("--seeds", default="0-3", help="'0-7' (a range), '1,5,9' (a list) or '4' (a count)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 10 for the toy, else 50)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (toy default 3, else 7.5)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: 10 for the toy, else 50)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: 3 for the toy, else 7.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic given the seed)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generation / scoring batch")
     p.add_argument("--grid-prompts", type=int, default=12, help="rows (prompts) in grid.png")
     p.add_argument("--grid-seeds", type=int, default=4, help="images per model per row in grid.png")
     p.add_argument("--out", default="out/eval", help="folder for images/, report.md, report.json, grid.png")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the generating models (rewards always score in float32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     return p
 
 
@@ -481,8 +345,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     toy_model = args.model == "toy"
     names = [name for name in args.rewards.split(",") if name]
-    unknown = [name for name in names if name not in rewards.REWARDS]
     paths = [item.split("=", 1) for item in args.reward_path]
+    unknown = [name for name in names if name not in rewards.REWARDS]
     for message, bad in [(f"--rewards: unknown {unknown}; choose from {', '.join(rewards.REWARDS)}", unknown),
                          ("--rewards: give at least one reward", not names),
                          ("--reward-path: give KEY=FILE", any(len(item) != 2 for item in paths)),
@@ -491,24 +355,23 @@ def main(argv=None) -> dict:
         if bad:
             parser.error(message)
     try:  # every option and file is checked before a model is loaded
-        prompt_set = read_prompts(args.prompts).head(args.max_prompts)
+        prompt_set = read_prompts(args.prompts, args.max_prompts)
         seeds = parse_seeds(args.seeds)
         reward_fns = load_rewards(names, args.device, dict(paths))
         base, aligned = load_models(args.model, args.unet, args.lora, args.device, getattr(torch, args.dtype))
-        aligned_files = [args.model, file_id(args.unet), file_id(args.lora)]
-        model_ids = {"base": args.model, "aligned": " + ".join(filter(None, aligned_files))}
+        aligned_files = [args.model] + [  # with size and time: a retrained file is another model
+            f"{os.path.abspath(f)} ({os.stat(f).st_size} bytes, modified {int(os.stat(f).st_mtime)})"
+            for f in (args.unet, args.lora) if f]
         report = compare(
             aligned, prompt_set.prompts, reward_fns, seeds, args.out, base_sd=base,
             categories=prompt_set.categories, prompt_set=prompt_set.name,
             num_steps=args.steps or (10 if toy_model else 50),
             guidance=args.guidance if args.guidance is not None else (3.0 if toy_model else 7.5),
             eta=args.eta, batch_size=args.batch_size, grid_prompts=args.grid_prompts,
-            grid_seeds=args.grid_seeds, model_ids=model_ids)
+            grid_seeds=args.grid_seeds, model_ids={"base": args.model, "aligned": " + ".join(aligned_files)})
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None  # one line naming the option or file and why
-    print(format_markdown(report))
-    print("wrote", *(os.path.join(args.out, name) for name in ("report.md", "report.json", "grid.png")),
-          report["images"], sep="\n  ")
+    print(format_markdown(report), f"wrote report.md, report.json, grid.png, images/ in {args.out}", sep="\n")
     return report
 
 

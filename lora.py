@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from weights import CheckpointError, read_state_dict
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -126,28 +128,28 @@ def save_lora(unet: nn.Module, path: str):
 
 
 def load_lora(unet: nn.Module, path_or_state_dict, prefix: str = "unet."):
-    """Load a lora_state_dict (or a .safetensors file of one) into an injected UNet; strict, clear errors."""
-    state = path_or_state_dict
-    if not isinstance(state, dict):
-        from safetensors.torch import load_file
-
-        state = load_file(str(path_or_state_dict))
-    source = path_or_state_dict if not isinstance(path_or_state_dict, dict) else "state dict"
+    """Load a lora_state_dict (or a file of one, read by weights.read_state_dict) into the UNet, injecting
+    adapters of its rank first if the UNet has none. A mismatch raises weights.CheckpointError (one line
+    naming the file and the first bad key)."""
+    from_file = not isinstance(path_or_state_dict, dict)
+    state = read_state_dict(path_or_state_dict) if from_file else path_or_state_dict
+    source = str(path_or_state_dict) if from_file else "state dict"
+    if not _lora_modules(unet):
+        inject_lora(unet, rank=lora_rank(state, source))
     modules = dict(_lora_modules(unet))
-    if not modules:
-        raise ValueError("load_lora: inject_lora(unet, rank, alpha) first")
     expected = {f"{prefix}{name}.lora_{ab}.weight" for name in modules for ab in "AB"}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         first = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise KeyError(f"load_lora({source}): {first} ({len(missing)} missing, {len(unexpected)} unexpected)")
+        raise CheckpointError(f"{source}: not a LoRA of this model: {first} ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected)")
     with torch.no_grad():
         for name, module in modules.items():
             for ab, scale in (("A", 1.0), ("B", module.scale)):
                 key, target = f"{prefix}{name}.lora_{ab}.weight", getattr(module, f"lora_{ab}").weight
                 if state[key].shape != target.shape:
-                    raise ValueError(f"load_lora({source}): {key} has shape {tuple(state[key].shape)}, "
-                                     f"the model expects {tuple(target.shape)} (rank mismatch?)")
+                    raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, the model "
+                                          f"expects {tuple(target.shape)} (rank mismatch?)")
                 target.copy_(state[key].float() / scale)  # undo the alpha/r baked in by lora_state_dict
 
 
@@ -163,10 +165,10 @@ def merge_lora(unet: nn.Module) -> nn.Module:
     return unet
 
 
-def lora_rank(state: dict) -> int:
+def lora_rank(state: dict, source: str = "state dict") -> int:
     """The rank of a lora_state_dict (to build the matching inject_lora before load_lora)."""
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
     if len(ranks) != 1:
-        raise ValueError(f"expected one LoRA rank, found {sorted(ranks)}")
+        raise CheckpointError(f"{source}: not a LoRA file: expected one LoRA rank, found {sorted(ranks)}")
     return ranks.pop()
 

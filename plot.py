@@ -4,30 +4,20 @@
     plot_metrics("out/metrics.jsonl")      # train.py's loss / implicit accuracy / reward PNGs beside the log
     python plot.py out/metrics.jsonl      # the same from the command line, also while a run is going
 
-Each curve is drawn as a polyline on linear axes with a few labelled ticks and a legend. `smooth` applies an
-exponential moving average (the TensorBoard convention: 0 = raw, 0.9 = heavy) for noisy per-step metrics;
-the raw points are then drawn faintly behind the smoothed line; held-out curves (val_*) are never smoothed.
-Non-finite points are dropped.
-
-Deviations: none (no paper). Not a plotting library: one plot type, fixed layout, default PIL font.
+Polylines on linear axes with round ticks and a legend. `smooth` is an exponential moving average (the
+TensorBoard convention: 0 = raw, 0.9 = heavy) drawn over the faint raw points; held-out curves (val_*) are
+never smoothed; non-finite points are dropped. Deviations: none (no paper).
 """
 
 import json
 import math
 import os
 import sys
+from itertools import accumulate
 
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def _ema(values: list[float], smooth: float) -> list[float]:
-    out, running = [], None
-    for v in values:
-        running = v if running is None else smooth * running + (1 - smooth) * v
-        out.append(running)
-    return out
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -40,7 +30,7 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def save_line_plot(path: str, curves: dict[str, tuple[list[float], list[float]]], title: str = "",
-                   xlabel: str = "step", ylabel: str = "", smooth: float = 0.0, size=(640, 400)) -> str:
+                   xlabel: str = "step", ylabel: str = "", smooth: float = 0.0) -> str:
     """Draw {label: (xs, ys)} as lines into a PNG at `path`; returns `path`."""
     curves = {label: [(x, y) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)]
               for label, (xs, ys) in curves.items()}
@@ -50,9 +40,9 @@ def save_line_plot(path: str, curves: dict[str, tuple[list[float], list[float]]]
     x_high, y_pad = max(x_high, x_low + 1e-9), max((y_high - y_low) * 0.05, 1e-6 * max(1.0, abs(y_high)))
     y_low, y_high = y_low - y_pad, y_high + y_pad
 
-    width, height = size
+    width, height = 640, 400
     left, right, top, bottom = 70, 15, 30, 45  # margins in pixels for tick labels and the title
-    image = Image.new("RGB", size, "white")
+    image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     to_px = lambda x, y: (left + (x - x_low) / (x_high - x_low) * (width - left - right),
@@ -77,7 +67,7 @@ def save_line_plot(path: str, curves: dict[str, tuple[list[float], list[float]]]
         if smooth > 0 and len(pts) > 1 and not label.startswith("val_"):  # faint raw curve, smoothed on top
             faint = tuple(int(c + (255 - c) * 0.75) for c in colour)
             draw.line([to_px(x, y) for x, y in pts], fill=faint, width=1)
-            ys = _ema(ys, smooth)
+            ys = list(accumulate(ys, lambda running, y: smooth * running + (1 - smooth) * y))  # EMA
         if len(pts) == 1:
             px, py = to_px(xs[0], ys[0])
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
@@ -90,19 +80,18 @@ def save_line_plot(path: str, curves: dict[str, tuple[list[float], list[float]]]
     return path
 
 
-def plot_metrics(log_path: str, out_dir: str | None = None) -> list[str]:
+def plot_metrics(log_path: str) -> list[str]:
     """From a train.py metrics.jsonl: loss.png, implicit_accuracy.png and reward_margin.png, each training
     curve (smoothed) beside its held-out val_ curve, and reward.png (online rewards); returns the paths."""
     with open(log_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    keys = sorted({key for row in rows for key in row})
     groups = {name: [name, f"val_{name}"] for name in ("loss", "implicit_accuracy", "reward_margin")}
-    groups["reward"] = [key for key in keys if "reward" in key and "reward_margin" not in key]
+    groups["reward"] = sorted({k for row in rows for k in row if "reward" in k and "reward_margin" not in k})
     paths = []
     for name, names in groups.items():
         curves = {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in names}
         if any(xs for xs, _ in curves.values()):
-            path = os.path.join(out_dir or os.path.dirname(log_path), f"{name}.png")
+            path = os.path.join(os.path.dirname(log_path), f"{name}.png")
             paths.append(save_line_plot(path, curves, title=name, smooth=0.0 if name == "reward" else 0.9))
     return paths
 

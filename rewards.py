@@ -3,47 +3,43 @@
     images  float [B, 3, H, W] in [0, 1], any device      prompts  list[str] of length B
     scores  float [B] on images.device; differentiable w.r.t. images when reward.differentiable
 
-TailorPO (Ren et al. 2025, Fig. 3) ranks the two candidates x_{t-1} of a denoising step by their step-wise
-reward r(decode(x0_pred)) (justified by its Proposition 1), TailorPO-G moves the winner along grad_x r,
-Diffusion-DPO's AI-feedback variant relabels pairs with a reward, and evaluate.py reports rewards.
-get_reward(name, device, **paths) builds one by name:
+TailorPO ranks a step's candidates by r(decode(x0_pred)) (Ren et al. 2025, Fig. 3) and TailorPO-G follows
+grad_x r; Diffusion-DPO's AI feedback relabels pairs; evaluate.py reports rewards. get_reward(name, device,
+**paths) builds one by name:
 
     aesthetic    LAION improved aesthetic predictor v2: MLP(normalize(CLIP ViT-L/14 image embedding)),
                  MLP 768->1024->128->64->16->1 with no nonlinearity (its ReLUs are commented out upstream)
     pickscore    PickScore v1 (Kirstain et al. 2023): logit_scale.exp() * cos(image, text), CLIP ViT-H/14
     hpsv2        HPS v2 / v2.1 (Wu et al. 2023): cos(image, text) of a fine-tuned OpenCLIP ViT-H-14
     clipscore    CLIPScore (Hessel et al. 2021) as torchmetrics defines it: 100 * max(cos(image, text), 0)
-                 with OpenAI CLIP ViT-L/14 (text-image alignment; the same CLIP file as the aesthetic reward)
+                 with OpenAI CLIP ViT-L/14 (the aesthetic reward's CLIP file)
     jpeg_compressibility / jpeg_incompressibility   DDPO (Black et al. 2023): -/+ JPEG size in kB
-    brightness, saturation, redness   weight-free and differentiable: for tests and the CPU toy world
+    brightness, saturation   weight-free and differentiable (tests, the CPU toy world); toy: toy.py's model
 
 Deviations from the official code:
-1. Preprocessing is done in torch on the float images so gradients reach the pixels: bicubic antialiased
-   resize of the shortest side to 224, clamp to [0, 1], center crop, OpenAI mean/std. The originals quantise
-   to uint8 and resize with PIL, which also rounds and clips to uint8 between its horizontal and vertical
-   passes. Smooth (SD-like) images agree to ~1/255 per pixel (test_rewards.py, which also measures the score
-   change); i.i.d. pixel noise differs by up to 4/255 from 512 px and ~20/255 when enlarged (PIL's clipping).
-2. hpsv2.score resizes the longer side to 224 and pads to a square (ResizeMaxSize); we use the shortest-side
-   resize + center crop of the other rewards. Both are the same plain resize for square images.
-3. Prompts are tokenized by clip.CLIPTokenizer (HF text cleaning for PickScore, OpenAI's for HPS) and padded
-   to 77, where PickScore pads to the longest prompt and open_clip pads with 0. The text towers are causal
-   and pool at the first <|endoftext|>, so padding cannot change a score; HPS ids are still 0-padded.
-4. Pickled checkpoints (.pth/.pt/.bin) are read only with torch.load(weights_only=True), never unpickled in
-   full; `python rewards.py convert IN OUT.safetensors` turns one into a safetensors file once. Every weight
-   file goes through weights.read_state_dict, so a bad one raises weights.CheckpointError: one line naming
-   the file and the reason (missing, corrupt header, a pickle that would run code).
-5. Precision: a reward scores in float32 (float64 if built so, for gradcheck) with autocast disabled,
-   whatever the caller runs under. Under bf16 autocast the aesthetic score of SD images has a resolution of
-   1/32 in [4, 8): close TailorPO candidates, AI-feedback pairs and evaluation pairs became ties (the
-   official DDPO / Diffusion-DPO scorers also run in fp32 outside autocast). get_reward refuses half dtypes.
-6. clipscore clamps each image's score at 0, the formula of torchmetrics' documentation (and of Hessel et
-   al. with w = 100); torchmetrics' code clamps the batch mean instead. The two agree whenever every cosine
-   is >= 0, as CLIP ViT-L/14 gives for images and their prompts (cosines ~0.2-0.35).
+1. Preprocessing in torch on the float images, so gradients reach the pixels: antialiased bicubic resize of
+   the shortest side to 224, clamp to [0, 1], center crop, OpenAI mean/std. The originals resize uint8 with
+   PIL (rounding and clipping between its passes): ~1/255 per pixel apart on smooth images (test_rewards.py
+   measures it and the score change), up to 4/255 on i.i.d. noise (~20/255 when enlarged).
+2. hpsv2.score resizes the longer side to 224 and pads to a square; we use the others' shortest-side resize
+   and center crop: the same for square images.
+3. Prompts are tokenized by tokenizer.CLIPTokenizer (HF text cleaning for PickScore, OpenAI's for HPS) and
+   eos-padded to 77, where PickScore pads to the longest prompt and open_clip with 0: the causal text towers
+   pool at the first <|endoftext|>, so padding cannot change a score (the tests pad as the originals do).
+4. Weight files are read by weights.read_state_dict (safetensors, or torch.load(weights_only=True): pickled
+   code never runs); a bad one raises weights.CheckpointError, one line naming the file and the reason.
+   `python rewards.py convert IN OUT.safetensors` turns a pickle into safetensors once.
+5. Rewards score in float32 (float64 for gradcheck) with autocast disabled, whatever the caller runs under:
+   under bf16 autocast the aesthetic score has a resolution of 1/32 in [4, 8), so close TailorPO candidates,
+   AI-feedback and evaluation pairs became ties (DDPO's and Diffusion-DPO's scorers also run in fp32).
+6. clipscore clamps each image's score at 0 (torchmetrics' documentation; Hessel et al., w = 100); its code
+   clamps the batch mean: the same when every cosine is >= 0, as CLIP gives for images and their prompts.
 """
 
 import argparse
 import io
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -61,23 +57,26 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 AESTHETIC_MLP_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                      "sac+logos+ava1-l14-linearMSE.pth")
-
-# ----------------------------------------------------------------------------------------------------------
-# Inputs, preprocessing and weight files
+VIT_L14 = "HF openai/clip-vit-large-patch14"
 
 
 def check_images(images: torch.Tensor, prompts: list[str]) -> None:
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-        shape = list(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"rewards take images as a float tensor [B, 3, H, W] in [0, 1], got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"rewards take float images in [0, 1], got {images.dtype} (divide uint8 by 255)")
+    is_tensor = torch.is_tensor(images)
+    if not (is_tensor and images.ndim == 4 and images.shape[1] == 3 and images.is_floating_point()):
+        got = f"{images.dtype} {list(images.shape)}" if is_tensor else type(images).__name__
+        raise ValueError(f"rewards take images as a float tensor [B, 3, H, W] in [0, 1], got {got}")
     low, high = torch.stack([images.min(), images.max()]).tolist()  # one host sync per reward call
     if not (-1e-4 <= low and high <= 1 + 1e-4):  # also catches NaN
         raise ValueError(f"rewards take images in [0, 1], got values in [{low:.3g}, {high:.3g}]; "
                          "map decoded SD images x in [-1, 1] with (x / 2 + 0.5).clamp(0, 1)")
     if len(prompts) != len(images):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+
+
+def read_image(path) -> torch.Tensor:
+    """An image file -> [3, H, W] float32 in [0, 1] (converted to RGB)."""
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
@@ -91,51 +90,43 @@ def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
         images = images.clamp(0, 1)  # PIL stores uint8, so its bicubic overshoot is clipped too
     top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
     images = images[:, :, top : top + size, left : left + size]
-    mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).view(3, 1, 1)
-                 for v in (OPENAI_MEAN, OPENAI_STD))
+    mean, std = (images.new_tensor(v).view(3, 1, 1) for v in (OPENAI_MEAN, OPENAI_STD))
     return (images - mean) / std
 
 
 def read_weights(path, what: str) -> dict[str, torch.Tensor]:
-    """weights.read_state_dict (safetensors, or torch.load(weights_only=True)); its CheckpointError also
-    says which file was expected."""
+    """weights.read_state_dict, whose CheckpointError then also says which file was expected."""
     try:
         return read_state_dict(path)
     except CheckpointError as error:
         raise CheckpointError(f"{error} (expected: {what})") from None
 
 
-def load_hf_clip(path, text_config: CLIPTextConfig, vision_config: CLIPVisionConfig, what: str) -> CLIPModel:
-    """An HF CLIPModel: a folder (config.json + model.safetensors or pytorch_model.bin) or one weight file,
-    which then has the given configs."""
+def load_clip(path, text_config: CLIPTextConfig, vision_config: CLIPVisionConfig, what: str,
+              convert=convert_hf_clip_keys) -> CLIPModel:
+    """A CLIPModel from an HF folder (config.json + model.safetensors or pytorch_model.bin; its configs win)
+    or from one weight file with the given configs; `convert` maps the file's key names to ours."""
     path = Path(path)
     if path.is_dir():
-        files = [path / "model.safetensors", path / "pytorch_model.bin"]
-        if not (path / "config.json").is_file() or not any(file.is_file() for file in files):
+        files = [file for file in (path / "model.safetensors", path / "pytorch_model.bin") if file.is_file()]
+        if not (path / "config.json").is_file() or not files:
             raise CheckpointError(f"{path}: no config.json and model.safetensors (or pytorch_model.bin), as "
                                   f"saved by transformers' CLIPModel (expected: {what})")
         config = json.loads((path / "config.json").read_text())
         text_config = CLIPTextConfig.from_hf(config["text_config"], config.get("projection_dim"))
         vision_config = CLIPVisionConfig.from_hf(config["vision_config"])
-        path = next(file for file in files if file.is_file())
-    state_dict = convert_hf_clip_keys(read_weights(path, what))
+        path = files[0]
+    state_dict = convert(read_weights(path, what))
     with torch.device("meta"):  # no random init of ~1B parameters that the file overwrites anyway
         model = CLIPModel(text_config, vision_config)
     return load_strict(model, state_dict, str(path))
 
 
-OPEN_CLIP_PREFIXES = [  # (open_clip prefix, our prefix); the first match wins
-    ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
-    ("visual.conv1.", "vision_model.embeddings.patch_embedding."),
-    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
-    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
-    ("visual.ln_pre.", "vision_model.pre_layrnorm."),
-    ("visual.ln_post.", "vision_model.post_layernorm."),
-    ("transformer.resblocks.", "text_model.encoder.layers."),
-    ("token_embedding.", "text_model.embeddings.token_embedding."),
-    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
-    ("ln_final.", "text_model.final_layer_norm."),
-]
+OPEN_CLIP_NAMES = {  # open_clip name -> ours in its tower (visual.* -> vision_model.*, else text_model.*)
+    "transformer.resblocks.": "encoder.layers.", "conv1.": "embeddings.patch_embedding.",
+    "positional_embedding": "embeddings.position_embedding.weight", "ln_final.": "final_layer_norm.",
+    "class_embedding": "embeddings.class_embedding", "token_embedding.": "embeddings.token_embedding.",
+    "ln_pre.": "pre_layrnorm.", "ln_post.": "post_layernorm."}
 OPEN_CLIP_LAYER_PARTS = [(".ln_1.", ".layer_norm1."), (".ln_2.", ".layer_norm2."), (".attn.", ".self_attn."),
                          (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
 
@@ -145,25 +136,22 @@ def convert_open_clip_keys(state_dict: dict) -> dict:
     converted = {}
     for key, tensor in state_dict.items():
         if key in ("visual.proj", "text_projection"):  # open_clip computes x @ proj, nn.Linear x @ weight.T
-            converted["visual_projection.weight" if key[0] == "v" else "text_projection.weight"] = tensor.T
+            converted[("visual" if key[0] == "v" else "text") + "_projection.weight"] = tensor.T
             continue
-        for old, new in OPEN_CLIP_PREFIXES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
+        name = key.removeprefix("visual.")
+        tower = "text_model." if name == key else "vision_model."
+        for old, new in OPEN_CLIP_NAMES.items():
+            if name.startswith(old):
+                key = tower + new + name[len(old):]
         for old, new in OPEN_CLIP_LAYER_PARTS:
             key = key.replace(old, new)
         if ".in_proj_" in key:  # self_attn.in_proj_{weight,bias}: rows are [q; k; v]
             prefix, kind = key.split(".in_proj_")
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3)):
-                converted[f"{prefix}.{name}.{kind}"] = part
+            for projection, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3)):
+                converted[f"{prefix}.{projection}.{kind}"] = part
         else:
             converted[key] = tensor
     return {key: tensor.contiguous() for key, tensor in converted.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rewards
 
 
 class Reward(nn.Module):
@@ -194,28 +182,17 @@ def brightness(images):
 
 
 def saturation(images):
-    """Mean over pixels of the standard deviation of (R, G, B), scaled so a pure primary scores ~1, grey 0.
-
-    The toy world's reward: toy.py mixes every colour with mid-grey, and this is linear in that vividness.
-    Smooth (the epsilon keeps sqrt differentiable on grey pixels) and bounded in [0, 1].
-    """
+    """Mean over pixels of the std of (R, G, B), in [0, 1]: a pure primary scores ~1, grey 0. Linear in
+    toy.py's vividness (a colour mixed with mid-grey); the epsilon keeps sqrt differentiable on grey."""
     return ((images.var(dim=1, unbiased=False) + 1e-6).sqrt() / (2 / 9 + 1e-6) ** 0.5).mean(dim=(1, 2))
-
-
-def redness(images):
-    """Soft fraction of red pixels, in (0, 1): sigmoid(12 (R - (G + B) / 2 - 0.3)) averaged over pixels."""
-    red, green, blue = images.unbind(dim=1)
-    return torch.sigmoid(12 * (red - (green + blue) / 2 - 0.3)).mean(dim=(1, 2))
 
 
 def jpeg_incompressibility(images):
     """DDPO: JPEG (PIL, quality 95) file size in kB of the uint8-rounded image. Not differentiable."""
-    pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # NCHW -> NHWC
     sizes = []
-    for pixel_array in pixels:
+    for pixels in (images * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy():
         buffer = io.BytesIO()
-        Image.fromarray(pixel_array).save(buffer, format="JPEG", quality=95)
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
         sizes.append(buffer.tell() / 1000)
     return torch.tensor(sizes)
 
@@ -236,107 +213,67 @@ class PixelReward(Reward):
         return self.fn(images)
 
 
-class AestheticMLP(nn.Module):
-    """The predictor's head; the module indices give the .pth keys layers.{0,2,4,6,7} (Dropout is inert)."""
+def aesthetic_mlp(embed_dim: int = 768) -> nn.Sequential:
+    """The predictor's head, named as in the .pth: layers.{0,2,4,6,7} (Dropout is inert)."""
+    return nn.Sequential(OrderedDict(layers=nn.Sequential(  # no nonlinearities: the head is one affine map
+        nn.Linear(embed_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+        nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))))
 
-    def __init__(self, embed_dim: int = 768):
+
+class CLIPReward(Reward):
+    """A score of a CLIP model's normalised embeddings, by `output`: "aesthetic" = mlp(image embedding); of
+    c = cos(image, text): "cosine" (HPSv2), "logits" = logit_scale.exp() * c (PickScore), "clipscore"."""
+
+    def __init__(self, name: str, clip: CLIPModel, output: str, tokenizer: CLIPTokenizer | None = None,
+                 mlp: nn.Module | None = None):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(embed_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128),
-                                    nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16),
-                                    nn.Linear(16, 1))  # no nonlinearities: the whole head is one affine map
-
-    def forward(self, embedding):
-        return self.layers(embedding)
-
-
-class AestheticReward(Reward):
-    name = "aesthetic"
-
-    def __init__(self, clip: CLIPModel, mlp: AestheticMLP):
-        super().__init__()
-        self.clip, self.mlp = clip, mlp
-        self.requires_grad_(False).eval()
-
-    def score(self, images, prompts):
-        pixels = clip_preprocess(images, self.clip.vision_model.config.image_size)
-        embedding = F.normalize(self.clip.get_image_features(pixels), dim=-1)
-        return self.mlp(embedding).squeeze(-1)
-
-
-class CLIPScoreReward(Reward):
-    """A function of cos(image, text) of a CLIP model; `output` says which:
-    "cosine" (HPSv2), "logits" = logit_scale.exp() * cosine (PickScore),
-    "clipscore" = 100 * max(cosine, 0) (torchmetrics' CLIPScore)."""
-
-    OUTPUTS = ("cosine", "logits", "clipscore")
-
-    def __init__(self, name: str, clip: CLIPModel, tokenizer: CLIPTokenizer, output: str,
-                 pad_id: int | None = None):
-        super().__init__()
-        if output not in self.OUTPUTS:
-            raise ValueError(f"output must be one of {self.OUTPUTS}, got {output!r}")
-        self.name, self.clip, self.tokenizer = name, clip, tokenizer
-        self.output, self.pad_id = output, pad_id
+        self.name, self.clip, self.output, self.tokenizer, self.mlp = name, clip, output, tokenizer, mlp
         self.requires_grad_(False).eval()
 
     def score(self, images, prompts):
         pixels = clip_preprocess(images, self.clip.vision_model.config.image_size)
         image_features = F.normalize(self.clip.get_image_features(pixels), dim=-1)
-        ids = self.tokenizer(prompts).to(images.device)
-        if self.pad_id is not None:  # open_clip pads with 0 after <|endoftext|> (deviation 3)
-            first_eos = (ids == self.tokenizer.eos_id).int().argmax(dim=1, keepdim=True)
-            ids = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device) > first_eos, self.pad_id)
+        if self.output == "aesthetic":
+            return self.mlp(image_features).squeeze(-1)
+        ids = self.tokenizer(prompts).to(images.device)  # padded with eos (deviation 3)
         text_features = F.normalize(self.clip.get_text_features(ids), dim=-1)
         cosine = (image_features * text_features).sum(dim=-1)
         if self.output == "logits":
             return self.clip.logit_scale.exp() * cosine
-        if self.output == "clipscore":
-            return 100 * cosine.clamp(min=0)
-        return cosine
+        return 100 * cosine.clamp(min=0) if self.output == "clipscore" else cosine
 
 
 def load_aesthetic(clip_path="weights/clip-vit-large-patch14",
-                   mlp_path="weights/sac+logos+ava1-l14-linearMSE.pth") -> AestheticReward:
-    """clip_path: HF openai/clip-vit-large-patch14 (folder or its model.safetensors); mlp_path: the .pth."""
-    clip = load_hf_clip(clip_path, CLIPTextConfig.sd15(), CLIPVisionConfig.vit_l14(),
-                        "aesthetic reward CLIP (HF openai/clip-vit-large-patch14)")
-    mlp = AestheticMLP(clip.visual_projection.out_features)
+                   mlp_path="weights/sac+logos+ava1-l14-linearMSE.pth") -> CLIPReward:
+    """clip_path: HF openai/clip-vit-large-patch14 (folder or model.safetensors); mlp_path: the .pth."""
+    clip = load_clip(clip_path, CLIPTextConfig.sd15(), CLIPVisionConfig.vit_l14(), f"aesthetic {VIT_L14}")
+    mlp = aesthetic_mlp(clip.visual_projection.out_features)
     load_strict(mlp, read_weights(mlp_path, f"aesthetic reward MLP ({AESTHETIC_MLP_URL})"), str(mlp_path))
-    return AestheticReward(clip, mlp)
+    return CLIPReward("aesthetic", clip, "aesthetic", mlp=mlp)
 
 
-def load_pickscore(path="weights/PickScore_v1") -> CLIPScoreReward:
+def load_pickscore(path="weights/PickScore_v1") -> CLIPReward:
     """path: the HF yuvalkirstain/PickScore_v1 folder (or its model.safetensors)."""
-    clip = load_hf_clip(path, CLIPTextConfig.vit_h14_text(), CLIPVisionConfig.vit_h14(),
-                        "PickScore (HF yuvalkirstain/PickScore_v1)")
-    return CLIPScoreReward("pickscore", clip, CLIPTokenizer.default(), output="logits")
+    clip = load_clip(path, CLIPTextConfig.vit_h14_text(), CLIPVisionConfig.vit_h14(),
+                     "PickScore (HF yuvalkirstain/PickScore_v1)")
+    return CLIPReward("pickscore", clip, "logits", CLIPTokenizer.default())
 
 
-def load_hpsv2(path="weights/HPS_v2.1_compressed.pt", text_config=None, vision_config=None):
-    """path: HPS_v2(.1)_compressed.pt from HF xswu/HPSv2: open_clip ViT-H-14 weights under ckpt['state_dict'].
-
-    The file holds no config: ViT-H/14 unless the (test) configs are given."""
-    state_dict = convert_open_clip_keys(read_weights(path, "HPSv2 (HPS_v2.1_compressed.pt, HF xswu/HPSv2)"))
-    with torch.device("meta"):
-        clip = CLIPModel(text_config or CLIPTextConfig.vit_h14_text(),
-                         vision_config or CLIPVisionConfig.vit_h14())
-    load_strict(clip, state_dict, str(path))
-    tokenizer = CLIPTokenizer.default(text_cleaning="openai")
-    return CLIPScoreReward("hpsv2", clip, tokenizer, output="cosine", pad_id=0)
+def load_hpsv2(path="weights/HPS_v2.1_compressed.pt", text_config=None, vision_config=None) -> CLIPReward:
+    """path: HPS_v2(.1)_compressed.pt (HF xswu/HPSv2), open_clip names; ViT-H-14 unless configs are given."""
+    configs = text_config or CLIPTextConfig.vit_h14_text(), vision_config or CLIPVisionConfig.vit_h14()
+    clip = load_clip(path, *configs, "HPSv2 (HPS_v2.1_compressed.pt, HF xswu/HPSv2)", convert_open_clip_keys)
+    return CLIPReward("hpsv2", clip, "cosine", CLIPTokenizer.default(text_cleaning="openai"))
 
 
-def load_clipscore(clip_path="weights/clip-vit-large-patch14") -> CLIPScoreReward:
-    """clip_path: HF openai/clip-vit-large-patch14 (folder or its model.safetensors), torchmetrics' default
-    CLIPScore model. Text as transformers' CLIPTokenizer cleans it (torchmetrics uses CLIPProcessor)."""
-    clip = load_hf_clip(clip_path, CLIPTextConfig.sd15(), CLIPVisionConfig.vit_l14(),
-                        "CLIPScore CLIP (HF openai/clip-vit-large-patch14)")
-    return CLIPScoreReward("clipscore", clip, CLIPTokenizer.default(), output="clipscore")
+def load_clipscore(clip_path="weights/clip-vit-large-patch14") -> CLIPReward:
+    """clip_path: HF openai/clip-vit-large-patch14 (torchmetrics' default CLIPScore model, HF cleaning)."""
+    clip = load_clip(clip_path, CLIPTextConfig.sd15(), CLIPVisionConfig.vit_l14(), f"CLIPScore {VIT_L14}")
+    return CLIPReward("clipscore", clip, "clipscore", CLIPTokenizer.default())
 
 
 def load_toy_reward(cache_dir=".cache/toy") -> Reward:
-    """The toy world's learned reward model (toy.ToyRewardModel; trained and cached on first use)."""
     import toy  # toy.py builds on this module: imported here, not at the top
-
     return toy.load_reward_model(cache_dir)
 
 
@@ -349,16 +286,13 @@ REWARDS = {
     "jpeg_incompressibility": lambda: PixelReward(jpeg_incompressibility, differentiable=False),
     "brightness": lambda: PixelReward(brightness),
     "saturation": lambda: PixelReward(saturation),
-    "redness": lambda: PixelReward(redness),
     "toy": load_toy_reward,
 }
 
 
 def get_reward(name: str, device="cpu", dtype=torch.float32, **paths) -> Reward:
-    """A reward by name, e.g. get_reward("aesthetic", "cuda", mlp_path="sac+logos+ava1-l14-linearMSE.pth").
-
-    Scores come in float32 (float64: for gradcheck) whatever autocast the caller runs under (deviation 5).
-    A missing or bad weight file raises weights.CheckpointError (one line: the file and the reason)."""
+    """A reward by name, e.g. get_reward("aesthetic", "cuda", mlp_path="sac+logos+ava1-l14-linearMSE.pth"),
+    scoring in float32 (float64: for gradcheck; deviation 5); a bad weight file raises CheckpointError."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose from {', '.join(REWARDS)}")
     if dtype not in (torch.float32, torch.float64):
@@ -367,36 +301,29 @@ def get_reward(name: str, device="cpu", dtype=torch.float32, **paths) -> Reward:
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Reward models: score images or convert a checkpoint.")
+    parser = argparse.ArgumentParser(description="Reward models: score image files or convert a checkpoint.")
     commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("convert", help="pickle (read with weights_only=True) -> safetensors")
-    convert.add_argument("input", help="the .pth/.pt/.bin file (HPSv2: the weights under ckpt['state_dict'])")
+    convert = commands.add_parser("convert", help="IN (.pth/.pt/.bin, read with weights_only=True) -> OUT")
+    convert.add_argument("input")
     convert.add_argument("output", help="the .safetensors file to write")
-    score = commands.add_parser("score", help="print the reward of image files")
-    score.add_argument("reward", choices=list(REWARDS), help="reward name")
-    score.add_argument("images", nargs="+", help="image files (any size; converted to RGB)")
+    score = commands.add_parser("score", help="print the reward of image files (any size; RGB)")
+    score.add_argument("reward", choices=list(REWARDS))
+    score.add_argument("images", nargs="+")
     score.add_argument("--prompt", default="", help="the prompt of every image (pickscore, hpsv2, clipscore)")
-    score.add_argument("--path", action="append", default=[], metavar="KEY=FILE",
-                       help="weight paths, e.g. --path mlp_path=a.pth --path clip_path=clip-vit-l-14")
-    score.add_argument("--device", default="cpu", help="torch device")
+    score.add_argument("--path", action="append", default=[], metavar="KEY=FILE", help="e.g. mlp_path=a.pth")
+    score.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    try:
-        run_command(args)
-    except CheckpointError as error:  # a missing or bad weight file: one line, no traceback
+    try:  # a missing or bad weight file: one line, no traceback
+        if args.command == "convert":
+            state_dict = read_weights(args.input, "a .pth/.pt/.bin weights file to convert")
+            save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, args.output)
+            return print(f"wrote {args.output}")
+        reward = get_reward(args.reward, args.device, **dict(p.split("=", 1) for p in args.path))
+    except CheckpointError as error:
         raise SystemExit(f"rewards.py: {error}") from None
-
-
-def run_command(args):
-    if args.command == "convert":
-        state_dict = read_weights(args.input, "a .pth/.pt/.bin weights file to convert")
-        save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, args.output)
-        print(f"wrote {args.output}")
-        return
-    reward = get_reward(args.reward, args.device, **dict(p.split("=", 1) for p in args.path))
     with torch.no_grad():
         for file in args.images:
-            pixels = torch.from_numpy(np.asarray(Image.open(file).convert("RGB"), dtype=np.float32) / 255)
-            print(f"{file}\t{reward(pixels.permute(2, 0, 1)[None], [args.prompt]).item():.4f}")
+            print(f"{file}\t{reward(read_image(file)[None], [args.prompt]).item():.4f}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     python sample.py --model stable-diffusion-v1-5 --prompt "a photo of an astronaut riding a horse" \\
         --num-images 4 --steps 50 --guidance 7.5 --seed 0 --out grid.png
 
-The command line of sampler.generate (Stable Diffusion's sampling procedure with DDIM and classifier-free
-guidance; the defaults and the seed's noise are diffusers' StableDiffusionPipeline's, see sampler.py).
+The command line of sampler.generate (DDIM with classifier-free guidance; the defaults and the seed's noise
+are diffusers' StableDiffusionPipeline's).
 
 Deviations
 1. The negative prompt defaults to "" (diffusers: None, which also encodes ""), i.e. the same embeddings.
@@ -18,32 +18,24 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from data import to_pil
+from lora import load_lora, merge_lora
 from sampler import generate, image_size
 from weights import CheckpointError, load_stable_diffusion, load_unet
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """[3, H, W] in [0, 1] -> PIL, rounded as diffusers' numpy_to_pil."""
-    return Image.fromarray((image * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
-def make_grid(images: torch.Tensor) -> Image.Image:
-    count, _, height, width = images.shape
+def save_images(images: torch.Tensor, out: str) -> list[Path]:
+    """Writes a grid of images [N, 3, H, W] to `out` and each one to <out stem>_000.png, ... beside it."""
+    out, (count, _, height, width) = Path(out), images.shape
+    out.parent.mkdir(parents=True, exist_ok=True)
     columns = math.ceil(math.sqrt(count))
     grid = Image.new("RGB", (columns * width, math.ceil(count / columns) * height))
-    for i, image in enumerate(images):
-        grid.paste(to_pil(image), ((i % columns) * width, (i // columns) * height))
-    return grid
-
-
-def save_images(images: torch.Tensor, out: str) -> list[Path]:
-    """Writes the grid to `out` and each image to <out stem>_000.png, ... beside it; returns paths."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images).save(out)
-    paths = [out.with_name(f"{out.stem}_{i:03d}.png") for i in range(len(images))]
-    for image, path in zip(images, paths):
-        to_pil(image).save(path)
+    paths = [out.with_name(f"{out.stem}_{i:03d}.png") for i in range(count)]
+    for i, path in enumerate(paths):
+        image = to_pil(images[i])
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+        image.save(path)
+    grid.save(out)
     return [out, *paths]
 
 
@@ -81,17 +73,11 @@ def main(argv=None) -> list[Path]:
         sd = load_stable_diffusion(args.model, device=args.device, dtype=dtype)
         if args.unet:
             sd.unet = load_unet(args.unet).to(args.device, dtype)
-    except CheckpointError as error:  # unknown path, wrong files: the message names the file and key
-        parser.error(str(error))
-    if args.lora:
-        from safetensors.torch import load_file
-
-        from lora import inject_lora, load_lora, lora_rank, merge_lora
-
-        state = load_file(args.lora)
-        inject_lora(sd.unet, rank=lora_rank(state))
-        load_lora(sd.unet, state)
-        merge_lora(sd.unet)  # W + scale B A once, so sampling costs what the base model costs
+        if args.lora:
+            load_lora(sd.unet, args.lora)
+            merge_lora(sd.unet)  # W + scale B A once, so sampling costs what the base model costs
+    except CheckpointError as error:  # missing, corrupt or mismatched: one line naming the file and why
+        raise SystemExit(f"sample.py: {error}") from None
     if args.compile:  # once per process, after the LoRA merge: every sampler step runs the compiled graph
         sd.unet = torch.compile(sd.unet)
     try:

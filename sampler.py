@@ -1,24 +1,19 @@
 """The DDIM sampling loop with classifier-free guidance, free of host syncs, and text-to-image on top of it.
 
-Implements
 - Classifier-free guidance (Ho & Salimans 2022, Eq. 6): eps_pred = eps_uncond + w (eps_cond - eps_uncond),
-  w = guidance (diffusers' guidance_scale; the paper's w is our w - 1),
-  from ONE UNet call on the batch [uncond; cond] (the order diffusers' StableDiffusionPipeline uses).
-- DDIM sampling (Song et al. 2021, Alg. of Sec. 4.2 with Eq. 12 and 16, scheduler.ddim_step) from x_T to x_0.
-- Trajectory recording for the online methods: per step x_t, x_{t-1}, log p(x_{t-1} | x_t) and x0_pred.
-- Stable Diffusion's sampling procedure (Rombach et al. 2022, Sec. 3.3): prompts -> CLIP -> DDIM in latent
-  space -> VAE decode (`generate`), with diffusers' StableDiffusionPipeline defaults. x_T for seed S is drawn
-  as diffusers draws it with a CPU generator, torch.randn((N, C, H/f, W/f), generator=Generator("cpu")
-  .manual_seed(S)), and the noise of eta > 0 comes from the same generator afterwards, so images can be
-  compared with diffusers' for the same seed.
-
-A step is one UNet call plus a handful of elementwise ops: the timesteps live on the latents' device and no
-.item() or Python number is taken from a device tensor (no host sync, the GPU queue never drains).
+  w = guidance (diffusers' guidance_scale; the paper's w is our w - 1), from ONE UNet call on [uncond; cond]
+  (diffusers' order).
+- DDIM sampling (Song et al. 2021, Sec. 4.2 with Eq. 12 and 16, scheduler.ddim_step) from x_T to x_0, with an
+  optional trajectory record: per step x_t, x_{t-1}, log p(x_{t-1} | x_t), x0_pred.
+- Stable Diffusion's sampling (Rombach et al. 2022, Sec. 3.3): prompts -> CLIP -> DDIM in latent space -> VAE
+  decode (`generate`), with StableDiffusionPipeline's defaults. x_T for seed S is drawn as diffusers draws it,
+  torch.randn((N, C, H/f, W/f), generator=Generator("cpu").manual_seed(S)), and eta > 0 noise comes from the
+  same generator afterwards, so images match diffusers' for the same seed.
+A step is one UNet call and a few elementwise ops; no Python number is read from a device tensor (no sync).
 
 Deviations
 1. Guidance runs only when guidance > 1 and uncond is given (as diffusers: guidance <= 1 uses cond alone).
-2. The recorded log_prob uses the "mean" convention (scheduler.gaussian_log_prob); the exact density is
-   log_prob * C*H*W. With eta = 0 sigma_t = 0 and log_prob is NaN.
+2. The recorded log_prob is scheduler.gaussian_log_prob's "mean" (the density / C*H*W); NaN at eta = 0.
 3. generate keeps the latents in float32 whatever the UNet's dtype (diffusers: the pipeline dtype) and
    casts only the UNet's input: the precision policy of train.py.
 """
@@ -37,24 +32,16 @@ class SampleResult:
     trajectory: dict | None    # "timesteps" [S], "x_t"/"x_prev"/"x0_pred" [S, B, C, h, w], "log_prob" [S, B]
 
 
-def _eps(unet, x_t, t, context, guidance):
-    """context is cond [B, L, D] (no guidance) or cat([uncond, cond]) [2B, L, D] (guidance)."""
-    if context.shape[0] == x_t.shape[0]:
-        return unet(x_t, t, context)
-    t = torch.as_tensor(t, device=x_t.device)
-    both_t = t.repeat(2) if t.ndim else t  # a [B] t (one timestep per row) serves both halves
-    eps_uncond, eps_cond = unet(torch.cat([x_t, x_t]), both_t, context).chunk(2)
-    return torch.lerp(eps_uncond, eps_cond, guidance)  # Eq. 6 (CFG): eps_u + w (eps_c - eps_u), one fused op
-
-
-def _context(cond, uncond, guidance):
-    return cond if uncond is None or guidance <= 1 else torch.cat([uncond.expand_as(cond), cond])
-
-
 def guided_eps(unet, x_t, t, cond, uncond, guidance: float) -> torch.Tensor:
     """Classifier-free guided eps_pred [B, C, h, w]. t: int, 0-d or [B]; cond [B, L, D]; uncond [B or 1, L, D]
-    or None (no guidance)."""
-    return _eps(unet, x_t, t, _context(cond, uncond, guidance), guidance)
+    or None (no guidance, deviation 1)."""
+    if uncond is None or guidance <= 1:
+        return unet(x_t, t, cond)
+    t = torch.as_tensor(t, device=x_t.device)
+    both_t = t.repeat(2) if t.ndim else t  # a [B] t (one timestep per row) serves both halves
+    context = torch.cat([uncond.expand_as(cond), cond])
+    eps_uncond, eps_cond = unet(torch.cat([x_t, x_t]), both_t, context).chunk(2)
+    return torch.lerp(eps_uncond, eps_cond, guidance)  # Eq. 6 (CFG): eps_u + w (eps_c - eps_u), one fused op
 
 
 @torch.no_grad()
@@ -65,29 +52,24 @@ def sample(unet, schedule: NoiseSchedule, cond, uncond, latents, num_steps: int 
     generator's device (a CPU generator gives diffusers' numbers; one on the latents' device saves a copy)."""
     device = latents.device
     timesteps = schedule.ddim_timesteps(num_steps).to(device)
-    context = _context(cond, uncond, guidance)
+    gen_device = generator.device if generator is not None else device
     trajectory = {"x_t": [], "x_prev": [], "log_prob": [], "x0_pred": []}
     x_t = latents
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
-        eps_pred = _eps(unet, x_t, timesteps[i], context, guidance)
-        noise = None
-        if eta > 0:
-            noise_device = generator.device if generator is not None else device
-            noise = torch.randn(x_t.shape, generator=generator, device=noise_device).to(device)
+        eps_pred = guided_eps(unet, x_t, timesteps[i], cond, uncond, guidance)
+        noise = torch.randn(x_t.shape, generator=generator, device=gen_device).to(device) if eta > 0 else None
         step = schedule.ddim_step(eps_pred, timesteps[i], x_t, num_steps, eta, noise)  # Eq. 12, 16 (DDIM)
         if record:
             log_prob = gaussian_log_prob(step.x_prev, step.mean, step.sigma_t)
             for key, value in zip(trajectory, (x_t, step.x_prev, log_prob, step.x0_pred)):
                 trajectory[key].append(value)
         x_t = step.x_prev
-    if not record:
-        return SampleResult(latents=x_t, trajectory=None)
-    trajectory = {key: torch.stack(values) for key, values in trajectory.items()}
-    return SampleResult(latents=x_t, trajectory={"timesteps": timesteps, **trajectory})
+    if record:
+        trajectory = {"timesteps": timesteps, **{key: torch.stack(v) for key, v in trajectory.items()}}
+    return SampleResult(latents=x_t, trajectory=trajectory if record else None)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Text-to-image with a weights.StableDiffusion
+# ---- Text-to-image with a weights.StableDiffusion
 
 
 def image_size(sd, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -96,8 +78,7 @@ def image_size(sd, height: int | None = None, width: int | None = None) -> tuple
     native = sd.unet.config.sample_size * factor
     height, width = height or native, width or native
     if height % factor or width % factor or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {factor} (the VAE downsample "
-                         f"factor), got {height}x{width}")
+        raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
     return height, width
 
 
@@ -115,8 +96,6 @@ def generate_latents(sd, prompts: list[str], negative_prompt: str | list[str] = 
                      width: int | None = None, latents: torch.Tensor | None = None,
                      progress: bool = True) -> torch.Tensor:
     """One x_0 [B, C, H/f, W/f] (float32) per prompt. `latents` (x_T) replaces the seed's initial noise."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     device, dtype = sd.unet.conv_in.weight.device, sd.unet.conv_in.weight.dtype
     generator = torch.Generator("cpu").manual_seed(seed)
     if latents is None:

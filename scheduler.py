@@ -1,32 +1,26 @@
-"""The SD1.5 noise schedule and the DDIM step, written in the papers' symbols.
+"""The SD1.5 noise schedule, the DDIM step and keyed randomness, written in the papers' symbols.
 
-Implements
-- DDPM (Ho et al. 2020) Eq. 4, the forward process q(x_t|x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),
-  and Eq. 15 / DDIM Eq. 9, the Tweedie estimate x0_pred of x_0 from eps_pred.
+- DDPM (Ho et al. 2020) Eq. 4, q(x_t|x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), and Eq. 15 /
+  DDIM Eq. 9, Tweedie's estimate x0_pred of x_0 from eps_pred.
 - DDIM (Song et al. 2021) Eq. 12, the generalized step
       x_{t-1} = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev - sigma_t^2) eps_pred + sigma_t z,
   and Eq. 16, sigma_t(eta) = eta sqrt((1 - alpha_bar_prev)/(1 - alpha_bar_t) (1 - alpha_bar_t/alpha_bar_prev))
-  Read as a policy, p(x_{t-1} | x_t) = N(mean, sigma_t^2 I) with mean = the first two terms of Eq. 12;
-  gaussian_log_prob is its log-density (DDPO / D3PO / SPO / TailorPO treat it as pi(a_t | s_t)).
+  As a policy p(x_{t-1} | x_t) = N(mean, sigma_t^2 I), mean = Eq. 12 without sigma_t z; gaussian_log_prob is
+  its log-density (pi(a_t | s_t) of DDPO / D3PO / SPO / TailorPO).
 
 Notation (paper -> diffusers DDIMScheduler -> here):
-    alpha_bar_t (DDIM writes alpha_t)  alphas_cumprod[t]            alpha_bar(t)
-    alpha_bar_prev = alpha_bar_{t-1}   alpha_prod_t_prev            alpha_bar(prev_timestep(t, num_steps))
-    t - 1 on the DDIM sub-sequence     prev_timestep                prev_timestep(t, num_steps)
-    eps_pred = eps_theta(x_t, t)       model_output                 eps_pred
-    x0_pred = f_theta(x_t)             pred_original_sample         x0_from_eps, DDIMStep.x0_pred
-    sigma_t                            std_dev_t                    DDIMStep.sigma_t
-    alpha_bar of "x_{-1}"              final_alpha_cumprod          alpha_bar(-1)
+    alpha_bar_t (DDIM writes alpha_t)  alphas_cumprod[t]     alpha_bar(t)
+    alpha_bar_prev = alpha_bar_{t-1}   alpha_prod_t_prev     alpha_bar(prev_timestep(t, num_steps))
+    eps_pred, x0_pred, sigma_t         model_output, pred_original_sample, std_dev_t
+    alpha_bar of "x_{-1}"              final_alpha_cumprod   alpha_bar(-1)
 
 Deviations from the papers / diffusers
-1. Betas and alphas_cumprod are computed in float64 (diffusers: float32), cast on use to the sample's dtype,
-   at least float32: a bf16 x gives float32 results (the precision policy: x_t, means, log-probs in fp32).
-2. Only what SD1.5 needs: epsilon prediction, "leading" timestep spacing, no x0 clipping or thresholding.
-   from_config raises on configs asking for anything else instead of silently sampling differently.
-3. All lookups take t as an int or a tensor of any shape on any device, and never sync with the host when t is
-   already on the sample's device (the sampler's loop relies on this).
-
-Also here: keyed_randn / keyed_generator, the project's one source of training randomness (bottom).
+1. Betas and alphas_cumprod in float64 (diffusers: float32), cast on use to the sample's dtype, at least
+   float32: a bf16 x gives float32 results (the precision policy: x_t, means, log-probs in fp32).
+2. Only what SD1.5 needs: epsilon prediction, "leading" spacing, no x0 clipping or thresholding;
+   from_config refuses configs asking for anything else instead of silently sampling differently.
+3. t may be an int or a tensor of any shape on any device; no host sync when t is on the sample's device
+   (the sampler's loop relies on this).
 """
 
 import hashlib
@@ -112,9 +106,10 @@ class NoiseSchedule:
     # ---- the processes (x: [B, ...], t: int, 0-d or [B]); arithmetic in at least float32
 
     def _per_sample(self, t, x: torch.Tensor) -> torch.Tensor:
-        """alpha_bar_t shaped [B, 1, 1, 1] (or 0-d) in compute_dtype(x) (a bf16 x gets float32)."""
+        """alpha_bar_t shaped [B, 1, 1, 1] (or 0-d) in x's dtype, at least float32 (deviation 1)."""
         values = self.alpha_bar(torch.as_tensor(t, device=x.device))
-        return values.reshape(values.shape + (1,) * (x.ndim - values.ndim)).to(compute_dtype(x))
+        values = values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
+        return values.to(torch.promote_types(x.dtype, torch.float32))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         alpha_bar_t = self._per_sample(t, x0)
@@ -127,10 +122,8 @@ class NoiseSchedule:
     def ddim_step(self, eps_pred, t, x_t, num_steps: int, eta: float = 0.0, noise=None) -> "DDIMStep":
         """One DDIM step x_t -> x_{t-1} (Eq. 12), in the stages of diffusers' DDIMScheduler.step.
 
-        eps_pred, x_t: [B, C, h, w]; t: int, 0-d or [B] (rows may sit at different timesteps); noise: z of
-        the same shape, or None. Returns DDIMStep(x_prev, mean, sigma_t, x0_pred); x_prev = mean + sigma_t z,
-        or the mean when noise is None or eta = 0 (callers drawing several samples of one transition use
-        mean and sigma_t). Never reads a device value, so the sampler loop has no host sync.
+        eps_pred, x_t: [B, C, h, w]; t: int, 0-d or [B] (rows may sit at different timesteps); noise: z like
+        x_t, or None (then x_prev = mean; callers drawing several samples of a transition use mean, sigma_t).
         """
         # 1. the previous timestep on the DDIM sub-sequence (< 0 after the last step: final alpha_bar)
         t_prev = self.prev_timestep(torch.as_tensor(t), num_steps)
@@ -159,36 +152,22 @@ class DDIMStep(NamedTuple):
     x0_pred: torch.Tensor  # Tweedie's x_0 estimate (diffusers' pred_original_sample)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype of schedule arithmetic on x: x's own if at least float32 (float64 stays), else float32."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def gaussian_log_prob(x, mean, std, reduction: str = "mean") -> torch.Tensor:
     """log N(x; mean, std^2 I) per sample: x, mean [B, ...]; std broadcastable (0-d or [B, 1, ...]) -> [B].
 
-    "sum":  the exact log-density of the D = C*H*W dimensional Gaussian (TailorPO's formula as written;
-            tailorpo.py with TailorPOConfig.log_prob_reduction="sum").
-    "mean": the sum / D, the convention of DDPO, D3PO and SPO code (the sum made exp(ratio) overflow in
-            DDPO, jannerm/ddpo#10), and tailorpo.py's default (with SPO's beta = 10). For a pair sharing x_t
-            the DPO logit with "sum" is D times the one with "mean": beta lives on a D-times-smaller scale.
-    Diffusion-DPO uses neither: its loss is written with eps-prediction errors. std = 0 (eta = 0) gives NaN.
-    Callers detach x when only the mean should get gradients (DDPO's prev_sample.detach()).
+    "sum": the exact log-density of the D = C*H*W dimensional Gaussian. "mean": the sum / D, the convention of
+    DDPO, D3PO and SPO code (the sum made exp(ratio) overflow in DDPO, jannerm/ddpo#10). std = 0 gives NaN.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     std = torch.as_tensor(std, device=x.device)
-    log_density = -((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
-    dims = tuple(range(1, x.ndim))
-    if reduction == "mean":
-        return log_density.mean(dims)
-    if reduction == "sum":
-        return log_density.sum(dims)
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    log_density = (-((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)).flatten(1)
+    return log_density.mean(1) if reduction == "mean" else log_density.sum(1)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Keyed randomness: every random draw of a training sample is a pure function of (seed, the sample's global
-# position in the data stream, a stream name), so N processes draw what one process with an N x batch draws,
-# and a resume on another process count continues the same streams.
+# ---- Keyed randomness, the project's one source of training randomness: every draw of a training sample is
+# a pure function of (seed, the sample's global position, a stream name), so N processes draw what one process
+# with an N x batch draws, and a resume on another process count continues the same streams.
 
 
 def keyed_generator(seed: int, position: int, stream: str) -> torch.Generator:

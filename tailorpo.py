@@ -1,9 +1,9 @@
 """TailorPO and TailorPO-G (Ren et al. 2025, arXiv 2502.01667v1), and the trajectory-level baseline.
 
 Online DPO for the policy p_theta(x_{t-1} | x_t) = N(mu_theta(x_t), sigma_t^2 I) (the eta > 0 DDIM step, CFG
-inside eps_pred). Trajectory-level methods (D3PO, Figure 1(a)) label EVERY step of two whole trajectories with
-the preference of their final images, although the steps start from different states. TailorPO (Figure 1(b),
-Figure 3) instead, at each denoising step t:
+inside eps_pred). Trajectory-level methods (D3PO, Figure 1(a)) label EVERY step of two trajectories with the
+preference of their final images, though the steps start from different states. TailorPO (Figure 1(b), Figure
+3) instead, at each denoising step t:
   1. draws two samples x^0_{t-1}, x^1_{t-1} from the SAME x_t (same mean mu(x_t), independent noise);
   2. ranks them by the step-wise reward r(decode(x0_pred(x_{t-1}))), Tweedie's x0_pred from eps_pred at
      (x_{t-1}, t-1) (Proposition 1 bounds its gap to E[r(x_0) | x_{t-1}]); the final sample is scored itself;
@@ -11,10 +11,9 @@ Figure 3) instead, at each denoising step t:
   4. applies DPO (dpo.dpo_loss, Rafailov et al. Eq. 7) to the single transition (our reconstruction):
        L = -log sigmoid(beta [log-ratio(x^w) - log-ratio(x^l)]), log-ratio = log p_theta(.|x_t) - log p_ref
   5. continues the rollout from the preferred sample.
-Winner and loser share mu_theta(x_t), mu_ref(x_t) and sigma_t, so the logit is (beta / sigma_t^2)
-<x^w - x^l, mu_theta(x_t) - mu_ref(x_t)> (transition_log_ratio): ONE policy and ONE reference call serve all
-pairs of all trained steps (a naive loss takes 4 per step, bench/bench_tailorpo.py). The update moves mu_theta
-along x^w - x^l, aligned with the reward gradient to first order (the paper's argument; test_tailorpo).
+Winner and loser share mu_theta(x_t), mu_ref(x_t) and sigma_t (transition_log_ratio), so ONE policy and ONE
+reference call serve all pairs of all trained steps. The update moves mu_theta along x^w - x^l, aligned with
+the reward gradient to first order (the paper's argument; test_tailorpo).
 
 Deviations from the paper / peer code (hyperparameter choices: beside each TailorPOConfig field):
   1. Log-probs use the per-dimension mean (DDPO/D3PO/SPO); the paper's convention is not in our copy.
@@ -34,6 +33,7 @@ from functools import partial
 
 import torch
 
+from config import opt
 from dpo import dpo_loss
 from sampler import guided_eps
 from scheduler import keyed_generator, keyed_randn
@@ -43,28 +43,27 @@ METHODS = ("tailorpo", "tailorpo-g", "trajectory")
 
 @dataclass
 class TailorPOConfig:
-    num_steps: int = 20  # DDIM steps of the rollout (D3PO, SPO)
-    guidance_scale: float = 5.0  # CFG of the rollout and inside the log-probs' eps_pred (D3PO/SPO train.cfg)
-    eta: float = 1.0  # DDIM eta; > 0, since sigma_t = 0 has no density
-    train_start_step: int = 0  # earlier steps are rolled out without pairs (D3PO: 0; SPO skips 4 of 20)
-    # 0: train every step from train_start_step; k: a random k of them per prompt. A memory knob: all trained
-    # steps are stacked into ONE loss batch, so the loss graph grows with their number.
-    steps_per_rollout: int = 0
+    num_steps: int = opt(20, "DDIM steps of the rollout (D3PO, SPO)")
+    guidance_scale: float = opt(5.0, "CFG of the rollout and inside the log-probs' eps_pred (D3PO, SPO)")
+    eta: float = opt(1.0, "DDIM eta of the rollout; > 0, since sigma_t = 0 has no density")
+    train_start_step: int = opt(0, "earlier steps are rolled out without pairs (D3PO: 0; SPO skips 4 of 20)")
+    # A memory knob: all trained steps are stacked into ONE loss batch, so the graph grows with their number.
+    steps_per_rollout: int = opt(0, "0: train every step from train_start_step; k: a random k per prompt")
     # SPO's beta with the DDPO/D3PO/SPO per-dimension "mean" log-prob; with "sum" (the exact density) the same
     # logit is D = C*h*w times larger, so beta would have to be D times smaller.
-    beta: float = 10.0
-    log_prob_reduction: str = "mean"
-    # 0: off. eps > 0 clamps each ratio exp(log-ratio) to [1-eps, 1+eps] (D3PO/SPO: 0.1); on mean log-probs
-    # LoRA updates rarely reach 1.1 and the sigmoid already bounds the step.
-    clip_ratio: float = 0.0
-    # TailorPO-G eta_g: x^+ = x^w + eta_g sigma_t g/||g||, g = grad_x r(decode(x0_pred(x))) at x^w, eps_pred
-    # held fixed (no UNet backward). The noise's component along g/||g|| is N(0, sigma_t^2), so eta_g = 1 adds
-    # about the first-order reward gap of two candidates (~1.13 sigma_t ||g||), while log p(x^+|x_t) changes
-    # by O(1) nats of D: x^+ stays a plausible sample.
-    reward_guidance: float = 1.0
-    next_state: str = "preferred"  # "preferred" (Figure 3; x^+ after guidance) or "random" (SPO)
-    min_reward_gap: float = 0.0  # pairs with r_w - r_l below this do not count (SPO: 0.3 on softmax scores)
-    latent_size: int = 0  # 0: the UNet's config.sample_size (64 for SD1.5, 512 px images)
+    beta: float = opt(10.0, "DPO beta on the transition log-ratio (scale of log_prob_reduction)")
+    log_prob_reduction: str = opt("mean", "log-prob over C*h*w: mean (DDPO/D3PO/SPO) or sum (exact density)",
+                                  choices=("mean", "sum"))
+    # On mean log-probs LoRA updates rarely reach a ratio of 1.1, and the sigmoid already bounds the step.
+    clip_ratio: float = opt(0.0, "0: off; eps > 0 clamps exp(log-ratio) to [1-eps, 1+eps] (D3PO/SPO: 0.1)")
+    # x^+ = x^w + eta_g sigma_t g/||g||, g = grad_x r(decode(x0_pred(x))) at x^w, eps_pred held fixed (no
+    # UNet backward). The noise's component along g/||g|| is N(0, sigma_t^2), so eta_g = 1 adds about the
+    # first-order reward gap of two candidates (~1.13 sigma_t ||g||); log p(x^+|x_t) moves O(1) nats of D.
+    reward_guidance: float = opt(1.0, "TailorPO-G eta_g: the guidance step is eta_g sigma_t along grad r")
+    next_state: str = opt("preferred", "which sample continues: preferred (Figure 3) or random (SPO)",
+                          choices=("preferred", "random"))
+    min_reward_gap: float = opt(0.0, "pairs with r_w - r_l below this do not count (SPO: 0.3, softmax)")
+    latent_size: int = opt(0, "0: the UNet's config.sample_size (64 for SD1.5, 512 px images)")
 
     def __post_init__(self):
         self.validate()
@@ -91,11 +90,9 @@ def transition_log_ratio(x, mean_theta, mean_ref, sigma_t, reduction: str = "mea
     """log p_theta(x | x_t) - log p_ref(x | x_t) for Gaussians sharing sigma_t, in closed form. Returns [N].
     Shape: x, mean_theta, mean_ref [N, C, h, w] (x a sample x_{t-1}; the means mu(x_t) of the two models).
     Shape: sigma_t broadcastable to x ([N, 1, 1, 1] or 0-d).
-    With log p(x | x_t) = -||x - mu||^2 / (2 sigma_t^2) - D log sigma_t - (D/2) log 2 pi (sum convention),
-    the constants cancel: log p_theta(x) - log p_ref(x) = <2x - mu_theta - mu_ref, mu_theta - mu_ref> / (2
-    sigma_t^2); for x^w, x^l from one x_t the DPO logit is <x^w - x^l, mu_theta - mu_ref> / sigma_t^2 (= c_t
-    <x^w - x^l, eps_theta - eps_ref> / sigma_t^2, c_t the eps coefficient of the DDIM mean). "mean" divides by
-    D. Only the means carry gradients (DDPO's prev_sample.detach()).
+    The constants cancel: log p_theta(x) - log p_ref(x) = <2x - mu_theta - mu_ref, mu_theta - mu_ref> / (2
+    sigma_t^2) (sum convention; "mean" divides by D), so for x^w, x^l from one x_t the DPO logit is
+    <x^w - x^l, mu_theta - mu_ref> / sigma_t^2. Only the means carry gradients (DDPO's prev_sample.detach()).
     """
     delta_mean = mean_theta - mean_ref
     log_ratio = ((2 * x.detach() - mean_theta - mean_ref) * delta_mean / (2 * sigma_t**2)).flatten(1).sum(1)
@@ -108,8 +105,8 @@ def tailorpo_loss(x_w, x_l, mean_theta, mean_ref, sigma_t, beta: float = 10.0, r
     Shape: x_w, x_l [N, C, h, w], the preferred / dis-preferred x_{t-1} (x_w may be TailorPO-G's x^+).
     Shape: mean_theta (with graph), mean_ref [N, C, h, w]; sigma_t [N, 1, 1, 1]. Each may instead be a tuple
         (the winner's, the loser's) when the two samples start from different states (trajectory baseline).
-    clip_ratio > 0 clamps each ratio exp(log-ratio) to [1 - clip_ratio, 1 + clip_ratio] (D3PO, SPO); a clamped
-    ratio passes no gradient. mask [N]: as dpo_loss.
+    clip_ratio > 0 clamps each ratio exp(log-ratio) to [1 - clip_ratio, 1 + clip_ratio]; a clamped ratio
+    passes no gradient. mask [N]: as dpo_loss.
     """
     shared = [v if isinstance(v, tuple) else (v, v) for v in (mean_theta, mean_ref, sigma_t)]
     log_ratios = [transition_log_ratio(x, *args, reduction) for x, *args in zip((x_w, x_l), *shared)]

@@ -12,6 +12,7 @@ import torch
 
 import evaluate
 import lora
+import rewards
 from sampler import generate
 from test_rewards import hf_clip, write_aesthetic_pth
 from weights import load_stable_diffusion
@@ -49,7 +50,8 @@ def test_read_prompts_of_user_files(tmp_path):
     (tmp_path / "p.txt").write_text("one\n\n two \n")
     prompt_set = evaluate.read_prompts(str(tmp_path / "p.csv"))
     assert prompt_set.prompts == ["a red apple, on a table", "a blue car"]
-    assert prompt_set.categories == ["Food", "Cars"] and prompt_set.head(1).prompts == prompt_set.prompts[:1]
+    assert prompt_set.categories == ["Food", "Cars"]
+    assert evaluate.read_prompts(str(tmp_path / "p.csv"), 1).prompts == prompt_set.prompts[:1]
     assert evaluate.read_prompts(str(tmp_path / "p.txt")).prompts == ["one", "two"]
     with pytest.raises(ValueError, match="'nope.csv': no such file; give drawbench, parti"):
         evaluate.read_prompts("nope.csv")
@@ -130,7 +132,7 @@ def test_drawbench_end_to_end_then_a_second_reward_only_scores(tiny_sd_dir, tiny
     # reductions may move a pixel across a rounding boundary)
     sd = load_stable_diffusion(tiny_sd_dir)
     alone = generate(sd, [evaluate.read_prompts("drawbench").prompts[1]], num_steps=2, seed=7, progress=False)
-    saved = evaluate.load_png(out / "images" / "base" / "p001_s7.png")
+    saved = rewards.read_image(out / "images" / "base" / "p001_s7.png")
     levels = (saved * 255).round() - (alone[0] * 255).round()
     assert levels.abs().max() <= 1 and (levels != 0).float().mean() < 0.02
 
@@ -180,7 +182,7 @@ def test_compare_takes_loaded_reward_functions(tiny_sd_dir, tmp_path):
     assert {name: c["num_pairs"] for name, c in report["categories"].items()} == {"animal": 2, "vehicle": 1}
     assert report["rewards"]["mean_pixel"]["ties"] == 3 and report["reference"] is None
     in_memory = evaluate.generate(sd, prompts, [3], num_steps=2, batch_size=2, progress=False)  # train.py's
-    saved = torch.stack([evaluate.load_png(tmp_path / f"images/aligned/p{i:03d}_s3.png") for i in range(3)])
+    saved = torch.stack([rewards.read_image(tmp_path / f"images/aligned/p{i:03d}_s3.png") for i in range(3)])
     assert torch.equal(saved, (in_memory * 255).round() / 255)
     with pytest.raises(ValueError, match="no LoRA layers"):
         evaluate.compare(sd, prompts, {"mean_pixel": mean_pixel}, [3], str(tmp_path), num_steps=2)

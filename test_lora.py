@@ -6,6 +6,7 @@ import torch
 
 import lora
 from unet import UNet2DConditionModel, UNetConfig
+from weights import CheckpointError
 
 
 def tiny_unet(seed=0):
@@ -83,7 +84,7 @@ def test_merge_equals_unmerged_and_round_trip(tmp_path):
         wrong_rank = tiny_unet()
         lora.inject_lora(wrong_rank, rank=3)
         lora.load_lora(wrong_rank, path)
-    with pytest.raises(KeyError, match="missing key"):
+    with pytest.raises(CheckpointError, match="state dict: not a LoRA of this model: missing key"):
         lora.load_lora(fresh, {k: v for k, v in lora.lora_state_dict(fresh).items() if "attn2" not in k})
 
 

@@ -3,6 +3,9 @@ diffusers' StableDiffusionPipeline on a tiny random model, and the command line 
 bad input. Deviations: none (tests).
 """
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -170,10 +173,40 @@ def test_cli_rejects_bad_input(tiny_sd_dir, tmp_path, capsys, flags, message):
     assert not (tmp_path / "g.png").exists()
 
 
-def test_cli_rejects_unknown_model_path(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_cli_rejects_unknown_model_path(tmp_path):
+    with pytest.raises(SystemExit, match="^sample.py: .*no such file or folder"):
         sample_cli.main(["--model", str(tmp_path / "no_such_model"), "--prompt", "x"])
-    assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["corrupt_safetensors", "pickle_with_code", "not_a_lora"])
+def test_cli_bad_lora_file_is_one_line_and_runs_no_code(tiny_sd_dir, tmp_path, kind):
+    """Issue 10 item 12: `python sample.py --lora FILE` with a corrupt file, a pickle whose unpickling runs
+    os.system, or a weights file that is not a LoRA of the model: exit non-zero within seconds with one stderr
+    line naming the file and the reason; the pickled code never ran."""
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import save_file
+
+    from test_rewards import RunsCode, write_bad_file
+
+    if kind == "not_a_lora":
+        path, reason = tmp_path / "unet.safetensors", "not a LoRA file"
+        save_file({"conv_in.weight": torch.zeros(2, 2)}, path)
+    elif kind == "pickle_with_code":  # torch.save of an object whose __reduce__ runs os.system
+        path, reason = tmp_path / "evil.pt", "refused: this pickle would run code"
+        torch.save({"unet.x.lora_A.weight": RunsCode(tmp_path / "pwned")}, path)
+    else:
+        path, reason = write_bad_file(tmp_path, kind)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "sample.py", "--model", str(tiny_sd_dir), "--prompt", "x",
+                           "--steps", "1", "--lora", str(path), "--out", str(tmp_path / "g.png")],
+                          capture_output=True, text=True, cwd=Path(sample_cli.__file__).parent, timeout=120)
+    assert done.returncode != 0 and time.monotonic() - start < 60
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"sample.py: {path}")
+    assert re.search(reason, done.stderr), done.stderr
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "g.png").exists()
 
 
 def test_generate_rejects_bad_input(tiny_sd):

@@ -91,3 +91,115 @@ def test_shortened_default_pipeline_end_to_end(tiny_toy, tmp_path):
     grid = Image.open(saved["grid"])
     assert grid.size == (2 * 2 * 96 + 24, 3 * (96 + 14) + 14)  # 2 seeds x (base | aligned), 3 prompt rows
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The toy human, the toy Pick-a-Pic and the toy reward model
+
+
+def drawings(prompts, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([toy.draw(p, 16, generator) for p in prompts]) / 2 + 0.5  # [0, 1]
+
+
+def swap_word(prompt: str, slot: int) -> str:
+    """The prompt with word `slot` (1 colour, 2 shape, 5 background) replaced by another valid one."""
+    words = prompt.split()
+    choices = toy.SHAPES if slot == 2 else [c for c in toy.COLOURS if c not in (words[1], words[5])]
+    words[slot] = next(c for c in choices if c != words[slot])
+    return " ".join(words)
+
+
+def test_utility_prefers_the_asked_picture():
+    """u ranks a drawing of its prompt above the same picture judged against a prompt with another shape
+    colour, shape or background, and above a noisy or dull version of it; a drawing's fidelity is high and
+    every term is in [0, 1]."""
+    prompts = [toy.PROMPTS[i % 60] for i in range(120)]
+    images = drawings(prompts)
+    u = toy.utility(images, prompts)
+    for slot in (1, 2, 5):  # u(image, its prompt) > u(image, a prompt that asks for something else)
+        assert (u > toy.utility(images, [swap_word(p, slot) for p in prompts])).float().mean() > 0.9, slot
+    noisy = (images + 0.1 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    dull = 0.5 + 0.3 * (images - 0.5)
+    assert (u > toy.utility(noisy, prompts)).all() and (u > toy.utility(dull, prompts)).all()
+    terms = toy.judge(images, prompts)
+    assert all(((v >= 0) & (v <= 1)).all() for v in terms.values())
+    assert toy.fidelity(images, prompts).mean() > 0.8
+
+
+def test_preference_labels_are_bradley_terry_with_ties():
+    """P(label_0 = 1) = sigmoid((u_0 - u_1) / tau) within 4 standard errors; |u_0 - u_1| < tie_margin gives
+    0.5; the labels are a function of the generator."""
+    n, tau = 20000, 0.1
+    u_0 = torch.cat([torch.full((n,), 1.1), torch.full((n,), 0.95), torch.full((100,), 1.01)])
+    u_1 = torch.ones(len(u_0))
+    labels = torch.tensor(toy.preference_labels(u_0, u_1, tau, 0.02, torch.Generator().manual_seed(0)))
+    for block, delta in ((labels[:n], 0.1), (labels[n:2 * n], -0.05)):
+        p = torch.sigmoid(torch.tensor(delta / tau)).item()
+        assert abs(block.mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5
+    assert (labels[2 * n:] == 0.5).all() and ((labels[:2 * n] == 0) | (labels[:2 * n] == 1)).all()
+    again = toy.preference_labels(u_0, u_1, tau, 0.02, torch.Generator().manual_seed(0))
+    assert again == labels.tolist()
+
+
+def test_held_out_combinations():
+    """12 held-out prompts, disjoint from the 48 training ones; every colour, shape, background and every
+    pair of them still appears in training, so the held-out prompts are new combinations of known words."""
+    train = [toy.parse_prompt(p) for p in toy.TRAIN_PROMPTS]
+    assert len(toy.HELD_OUT_PROMPTS) == 12 and len(train) == 48
+    assert set(toy.HELD_OUT_PROMPTS).isdisjoint(toy.TRAIN_PROMPTS)
+    assert set(toy.HELD_OUT_PROMPTS) | set(toy.TRAIN_PROMPTS) == set(toy.PROMPTS)
+    assert len({(c, s) for c, s, _ in train}) == 15 and len({(s, b) for _, s, b in train}) == 15
+    assert len({(c, b) for c, _, b in train}) == 20
+
+
+def test_make_pairs_writes_a_cached_pairs_folder(tiny_toy):
+    """make_pairs: every two samples of a training prompt make a pair, read back by data.py; the held-out
+    prompts only under heldout/; a second call returns the cached folder without sampling again."""
+    from data import PreferencePairs
+
+    config = toy.PairsConfig(images_per_prompt=3, held_out_images=2, num_steps=2)
+    folder = toy.make_pairs(str(tiny_toy), config, progress=False)
+    lines = [json.loads(line) for line in open(f"{folder}/pairs.jsonl")]
+    assert len(lines) == 48 * 3 and {line["caption"] for line in lines} == set(toy.TRAIN_PROMPTS)
+    assert {line["label_0"] for line in lines} <= {0.0, 0.5, 1.0}
+    held_out = [json.loads(line) for line in open(f"{folder}/heldout/pairs.jsonl")]
+    assert len(held_out) == 12 and {line["caption"] for line in held_out} == set(toy.HELD_OUT_PROMPTS)
+    pairs = PreferencePairs(folder, resolution=16)
+    assert len(pairs) + pairs.stats.ties == len(lines)
+    modified = (tiny_toy / folder.split("/")[-1] / "pairs.jsonl").stat().st_mtime_ns
+    assert toy.make_pairs(str(tiny_toy), config, progress=False) == folder
+    assert (tiny_toy / folder.split("/")[-1] / "pairs.jsonl").stat().st_mtime_ns == modified
+
+
+def test_reward_model_learns_the_preferences(tmp_path):
+    """The Bradley-Terry reward model, trained briefly on utility-labelled pairs of drawings (a drawing vs a
+    wrong-background, wrong-colour, noisy or dull one), orders held-out prompts' pairs far better than chance;
+    it is prompt-aware (the same picture scores higher under its own prompt) and differentiable."""
+    from data import write_pairs_jsonl
+
+    def write(folder, prompts, seed):
+        good = drawings(prompts, seed)
+        generator = torch.Generator().manual_seed(seed)
+        bad = [drawings([swap_word(p, 5)], seed + i)[0] if i % 4 == 0 else
+               drawings([swap_word(p, 1)], seed + i)[0] if i % 4 == 1 else
+               (g + 0.15 * torch.randn(g.shape, generator=generator)).clamp(0, 1) if i % 4 == 2 else
+               0.5 + 0.3 * (g - 0.5) for i, (p, g) in enumerate(zip(prompts, good))]
+        flip = torch.rand(len(prompts), generator=generator) < 0.5
+        first = [b if f else g for g, b, f in zip(good, bad, flip)]
+        second = [g if f else b for g, b, f in zip(good, bad, flip)]
+        labels = (toy.utility(torch.stack(first), prompts) > toy.utility(torch.stack(second), prompts)).float()
+        write_pairs_jsonl(folder, prompts, first, second, labels.tolist())
+
+    write(tmp_path, [toy.TRAIN_PROMPTS[i % 48] for i in range(384)], 0)
+    write(tmp_path / "heldout", [toy.HELD_OUT_PROMPTS[i % 12] for i in range(96)], 1000)
+    config = toy.RewardModelConfig(steps=150, validation=64)
+    model, metrics = toy.train_reward_model(str(tmp_path), config, progress=False)
+    assert metrics["held_out_prompts_accuracy"] > 0.75 and metrics["validation_accuracy"] > 0.75
+    prompts = list(toy.HELD_OUT_PROMPTS)
+    images = drawings(prompts, 5).requires_grad_(True)
+    scores = model(images, prompts)
+    wrong = model(images, [swap_word(p, 5) for p in prompts])
+    assert (scores > wrong).float().mean() > 0.75
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0

@@ -28,6 +28,7 @@ import dpo
 import lora
 import train
 import weights
+from bench.bench_data import write_synthetic_pick_a_pic
 from config import ConfigError
 
 SIZE = 32  # pixels: 4x4 latents with the tiny VAE (downsample factor 8)
@@ -239,8 +240,8 @@ def run_two_processes(argv, timeout=120):
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(calibrated_sd_dir, pairs_dir, tmp_path, kind):
     if kind == "parquet":
-        data.write_synthetic_pick_a_pic(tmp_path / "parquet", 80, rows_per_group=10, sizes=(SIZE, 40),
-                                        distinct_images=8)
+        write_synthetic_pick_a_pic(tmp_path / "parquet", 80, rows_per_group=10, sizes=(SIZE, 40),
+                                   distinct_images=8)
     source = pairs_dir if kind == "jsonl" else tmp_path / "parquet"
     common = [f"--model={calibrated_sd_dir}", "--method=dpo", f"--data={source}", f"--resolution={SIZE}",
               "--lora_rank=0", "--max_steps=2", "--learning_rate=1e-4", "--beta=500"]

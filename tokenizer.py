@@ -1,14 +1,12 @@
 """The CLIP tokenizer: byte-level BPE text -> the 77 token ids SD1.5's text encoder reads.
 
 CLIP (Radford et al. 2021) Sec. 2.4: "lower-cased byte pair encoding (BPE) representation of the text with a
-49,152 vocab size", bracketed with [SOS] / [EOS] (here <|startoftext|> = 49406, <|endoftext|> = 49407). BPE
-(Sennrich et al. 2016) runs on UTF-8 bytes mapped to printable characters (bytes_to_unicode), one pre-token
-at a time, merging the lowest-ranked adjacent pair until no merge applies; a word-final "</w>" marker makes
-"cat" inside a word differ from "cat" at its end. Like SD1.5's tokenizer, the ids are truncated to 75
-tokens and padded with eos to 77. The vocabulary files load in OpenAI's format (the bundled
-assets/bpe_simple_vocab_16e6.txt.gz, identical to SD1.5's) and in transformers' (vocab.json + merges.txt,
-or tokenizer.json). Upstream read (not copied): openai/CLIP clip/simple_tokenizer.py, transformers
-models/clip/tokenization_clip.py.
+49,152 vocab size", bracketed with [SOS] / [EOS] (<|startoftext|> = 49406, <|endoftext|> = 49407). BPE
+(Sennrich et al. 2016) runs on UTF-8 bytes mapped to printable characters, one pre-token at a time, merging
+the lowest-ranked adjacent pair until none applies; a word-final "</w>" marks the end of a word. As in SD1.5,
+ids are truncated to 75 tokens and eos-padded to 77. Vocabularies load in OpenAI's format (the bundled
+assets/bpe_simple_vocab_16e6.txt.gz, SD1.5's) and transformers' (vocab.json + merges.txt, or tokenizer.json).
+Upstream read (not copied): openai/CLIP clip/simple_tokenizer.py, transformers tokenization_clip.py.
 
 Deviations from the official code (OpenAI clip, transformers):
 1. Text cleaning has two modes, because the two references disagree on some text:
@@ -17,8 +15,8 @@ Deviations from the official code (OpenAI clip, transformers):
    only verbatim in the raw text. "openai" reproduces OpenAI clip / open_clip (HPSv2): ftfy.fix_text,
    html.unescape twice, whitespace collapsed, str.lower(), special tokens recognised after lower-casing.
    They differ e.g. on "don’t" (ftfy straightens the quote), "&amp;", fullwidth forms and ligatures.
-   ftfy is optional: without it "openai" applies NFC instead of fix_text, with a warning; that differs
-   from OpenAI only on text ftfy repairs (curly quotes, fullwidth forms, ligatures, mojibake, controls).
+   ftfy is optional: without it "openai" applies NFC instead of fix_text, with a warning (differs from
+   OpenAI only on text ftfy repairs: curly quotes, fullwidth forms, ligatures, mojibake, controls).
 2. The pre-tokenizer regex uses Python's `re`; the \\p{L} / \\p{N} classes it lacks are built once from
    `unicodedata` (Unicode 14 on Python 3.11; the `regex` module may know newer code points).
 """
@@ -62,11 +60,9 @@ def pretokenizer(mode: str = "hf") -> re.Pattern:
     ranges = {"L": [], "N": []}
     for code in range(sys.maxunicode + 1):
         kind = ranges.get(unicodedata.category(chr(code))[0])
-        if kind is None:
-            continue
         if kind and kind[-1][1] == code - 1:
-            kind[-1][1] = code
-        else:
+            kind[-1][1] = code  # extends the current range
+        elif kind is not None:
             kind.append([code, code])
     letter, number = ("".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges[k]) for k in "LN")
     # transformers finds the special tokens before this split (verbatim, in the raw text); OpenAI in it.
@@ -84,7 +80,7 @@ def clean_text(text: str, mode: str = "hf") -> str:
         try:
             import ftfy
             text = ftfy.fix_text(text)
-        except ImportError:
+        except ImportError:  # CLIPTokenizer warns
             text = unicodedata.normalize("NFC", text)
         text = re.sub(r"\s+", " ", html.unescape(html.unescape(text)))
     elif mode == "hf":  # transformers' normalizers: NFC, Replace(\s+, " "), Lowercase
@@ -104,14 +100,11 @@ class CLIPTokenizer:
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
         self.byte_to_char = bytes_to_unicode()
         self._cache = {}
-        clean_text("", text_cleaning)  # validate the mode now
-        if text_cleaning == "openai":
-            try:
-                import ftfy  # noqa: F401
-            except ImportError:
-                warnings.warn("ftfy is not installed: 'openai' text cleaning applies NFC instead of "
-                              "ftfy.fix_text (differs on curly quotes, fullwidth forms, ligatures, mojibake)",
-                              stacklevel=2)
+        if text_cleaning == "openai" and clean_text("ﬁ", "openai") != "fi":  # no ftfy to split the ligature
+            warnings.warn("ftfy is not installed: 'openai' text cleaning applies NFC instead of "
+                          "ftfy.fix_text (differs on curly quotes, fullwidth forms, ligatures, mojibake)",
+                          stacklevel=2)
+        clean_text("", text_cleaning)  # validates the mode now
 
     @classmethod
     def from_files(cls, vocab_json, merges_txt, **kwargs) -> "CLIPTokenizer":
@@ -135,18 +128,14 @@ class CLIPTokenizer:
         return cls(model["vocab"], merges, **kwargs)
 
     @classmethod
-    def from_bpe_gz(cls, path, **kwargs) -> "CLIPTokenizer":
-        """OpenAI format: a gzipped merge list; the vocabulary is rebuilt from it like OpenAI's code does."""
-        lines = gzip.open(path).read().decode("utf-8").split("\n")
+    def default(cls, bpe_gz=DEFAULT_BPE, **kwargs) -> "CLIPTokenizer":
+        """OpenAI format, by default the bundled vocabulary (identical to SD1.5's): a gzipped merge list; the
+        vocabulary is rebuilt from it like OpenAI's code does."""
+        lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # skip header; 48,894 used
         chars = list(bytes_to_unicode().values())
         tokens = [*chars, *(c + "</w>" for c in chars), *("".join(pair) for pair in merges), BOS, EOS]
         return cls({token: i for i, token in enumerate(tokens)}, merges, **kwargs)
-
-    @classmethod
-    def default(cls, **kwargs) -> "CLIPTokenizer":
-        """The bundled OpenAI vocabulary (assets/bpe_simple_vocab_16e6.txt.gz), identical to SD1.5's."""
-        return cls.from_bpe_gz(DEFAULT_BPE, **kwargs)
 
     def bpe(self, word: str) -> list[str]:
         """BPE on one pre-token (as byte-characters): merge the lowest-ranked adjacent pair while any."""
@@ -154,18 +143,13 @@ class CLIPTokenizer:
             return self._cache[word]
         symbols = [*word[:-1], word[-1] + "</w>"]  # the word-end marker makes "cat" and "cat</w>" different
         while len(symbols) > 1:
-            best = min(zip(symbols, symbols[1:]), key=lambda pair: self.ranks.get(pair, float("inf")))
-            if best not in self.ranks:
+            # the leftmost lowest-ranked pair; a pair containing a merge result always ranks after the merge,
+            # so this merges every occurrence of the best pair left to right, like OpenAI's loop
+            pairs = list(zip(symbols, symbols[1:]))
+            i = min(range(len(pairs)), key=lambda j: self.ranks.get(pairs[j], float("inf")))
+            if pairs[i] not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence of `best`, left to right, without overlap
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
         self._cache[word] = symbols
         return symbols
 

@@ -343,6 +343,7 @@ class ToyRewardModel(Reward):
 
 @dataclass
 class RewardModelConfig:
+    width: int = 24  # ToyRewardModel channels
     steps: int = 400  # AdamW steps of the Bradley-Terry loss
     batch_size: int = 64  # pairs per step
     lr: float = 3e-3
@@ -370,22 +371,30 @@ def pairwise_accuracy(reward_fn, winners, losers, captions) -> float:
 
 def train_reward_model(pairs_folder: str, config: RewardModelConfig | None = None, progress: bool = True):
     """Fit ToyRewardModel to the pairs with the Bradley-Terry loss -log sigmoid(r(x_w) - r(x_l)) (the reward
-    model step of RLHF; horizontal flips as augmentation). Returns (model, metrics: accuracies on the
+    model step of RLHF). Augmentation, the same for both images of a pair: a horizontal flip (p 1/2), and
+    (p 1/2) a blend with a 3x3 box blur of random strength, so that the blurry x0_pred of early denoising
+    steps (which TailorPO scores) are ranked like finished images. Returns (model, metrics: accuracies on the
     held-out pairs of the training prompts and of the held-out prompts)."""
     config = config or RewardModelConfig()
     winners, losers, captions = _pair_tensors(pairs_folder)
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
     validation, train = order[:config.validation], order[config.validation:]
     torch.manual_seed(config.seed)
-    model = ToyRewardModel()
+    model = ToyRewardModel(config.width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     for step in tqdm(range(config.steps), desc="toy reward model", disable=not progress):
         batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
-        flip = torch.rand(len(batch), generator=generator) < 0.5
-        flipped = lambda x: torch.where(flip[:, None, None, None], x.flip(-1), x)
+        flip = torch.rand(len(batch), 1, 1, 1, generator=generator) < 0.5
+        blur = torch.rand(len(batch), 1, 1, 1, generator=generator)
+        blur = blur * (torch.rand(len(batch), 1, 1, 1, generator=generator) < 0.5)
+
+        def augment(x):
+            x = torch.lerp(x, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), blur)
+            return torch.where(flip, x.flip(-1), x)
+
         texts = [captions[i] for i in batch]
-        margin = model(flipped(winners[batch]), texts) - model(flipped(losers[batch]), texts)
+        margin = model(augment(winners[batch]), texts) - model(augment(losers[batch]), texts)
         loss = -F.logsigmoid(margin).mean()  # Bradley-Terry
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -423,7 +432,7 @@ def load_reward_model(cache_dir: str = ".cache/toy", device="cpu", config: Rewar
         os.replace(f"{path}.tmp{os.getpid()}", path)
     from weights import load_strict
 
-    model = load_strict(ToyRewardModel(), load_file(path), path)
+    model = load_strict(ToyRewardModel(config.width), load_file(path), path)
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -3,33 +3,37 @@
 Latent Diffusion Models (Rombach et al. 2022, arXiv:2112.10752), Sec. 3.3: eps_theta(z_t, t, tau(y)) is a
 UNet (Ho et al. 2020, DDPM, Appendix B) whose levels are ResNet blocks followed by "spatial transformers":
 self-attention, cross-attention to the text tokens tau(y) (softmax(Q K^T / sqrt(d)) V) and a GEGLU
-feed-forward. This file rebuilds the diffusers `UNet2DConditionModel` used by SD1.5 so that every module path
-equals a diffusers state-dict key (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...):
-the public weights load with strict=True and no rename table. Upstream structure read (not copied):
-CompVis/stable-diffusion ldm/modules/diffusionmodules/openaimodel.py and diffusers unets/unet_2d_condition.py.
+feed-forward. Every module path equals a diffusers `UNet2DConditionModel` state-dict key
+(`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...), so the public weights load with
+strict=True and no rename table. ResnetBlock, Attention and the resamplers serve vae.py too (as in
+diffusers). Upstream read (not copied): CompVis ldm/.../openaimodel.py, diffusers unet_2d_condition.py.
 
 Deviations from the paper / official code:
- 1. Only the SD1.x topology is supported (epsilon prediction, conv 1x1 proj_in/proj_out, one transformer layer
-    per attention, no class or addition embeddings); `UNetConfig.from_diffusers` refuses other configs.
- 2. Dropout is 0 in SD1.5 and is left out of the ResNet blocks; attention and feed-forward keep diffusers'
+ 1. Only the SD1.x topology (epsilon prediction, 1x1 conv proj_in/proj_out, one transformer layer per
+    attention, no class or addition embeddings); `UNetConfig.from_diffusers` refuses other configs.
+ 2. Dropout (0 in SD1.5) is left out of the ResNet blocks; attention and feed-forward keep diffusers'
     Dropout(0) entries (`to_out.1`, `ff.net.1`) only so that the module lists match the diffusers layout.
- 3. SiLU(time embedding) is computed once per forward and shared by every ResNet block (diffusers recomputes
-    it in each block; same numbers, less work).
- 4. The upsampler always interpolates to the size of the skip it is concatenated with next. diffusers does
-    this only when H or W is not a multiple of 2**num_upsamplers; otherwise it uses scale_factor=2, which is
-    the same nearest-neighbour result.
- 5. diffusers divides every ResNet and attention output by output_scale_factor / rescale_output_factor, both
-    1.0 in SD1.5; these no-op divisions are left out.
+ 3. SiLU(time embedding) is computed once per forward and shared by every ResNet block (diffusers: per block).
+ 4. The upsampler always interpolates to the size of the skip it is concatenated with next (diffusers only
+    when H or W is not a multiple of 2**num_upsamplers; otherwise scale_factor=2, the same result).
+ 5. diffusers' output_scale_factor / rescale_output_factor divisions (1.0 in SD1.5) are left out.
 """
 
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+SD1_ONLY = "unet.py builds the SD1.x architecture"
+# diffusers config fields whose other values describe an architecture this file does not build (deviation 1)
+SD1_FIXED = {"use_linear_projection": False, "addition_embed_type": None, "class_embed_type": None,
+             "transformer_layers_per_block": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+             "prediction_type": "epsilon"}
 
 
 @dataclass
@@ -58,30 +62,17 @@ class UNetConfig:
         """Our config from a diffusers unet/config.json dict; ValueError for non-SD1.x architectures."""
         heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
         heads = set(heads) if isinstance(heads, (list, tuple)) else {heads}
-        mid = "UNetMidBlock2DCrossAttn"
-        unsupported = {  # setting -> True when the config is outside what this file builds
-            "use_linear_projection (SD2.x / SDXL)": config.get("use_linear_projection", False),
-            "addition_embed_type (SDXL)": config.get("addition_embed_type") is not None,
-            "class_embed_type": config.get("class_embed_type") is not None,
-            "transformer_layers_per_block != 1": config.get("transformer_layers_per_block", 1) != 1,
-            "different head counts per level": len(heads) != 1,
-            "mid_block_type": config.get("mid_block_type", mid) != mid,
-            "prediction_type other than epsilon": config.get("prediction_type", "epsilon") != "epsilon",
-        }
-        for name, bad in unsupported.items():
-            if bad:
-                raise ValueError(f"unsupported UNet config: {name}; unet.py builds the SD1.x architecture")
+        if len(heads) != 1:
+            raise ValueError("unsupported UNet config: different head counts per level; " + SD1_ONLY)
         down = config.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
-        result = cls(in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
-                     block_out_channels=tuple(config["block_out_channels"]),
-                     layers_per_block=config.get("layers_per_block", 2),
-                     cross_attention=tuple(t == "CrossAttnDownBlock2D" for t in down), num_heads=heads.pop(),
-                     cross_attention_dim=config.get("cross_attention_dim", 768),
-                     norm_num_groups=config.get("norm_num_groups", 32),
-                     sample_size=config.get("sample_size", 64))
-        mirrored = result.to_diffusers()["up_block_types"]
-        if config.get("up_block_types", mirrored) != mirrored:
-            raise ValueError("unsupported UNet config: up_block_types must mirror down_block_types")
+        same_names = {f.name: config[f.name] for f in fields(cls) if f.name in config}
+        result = cls(**{**same_names, "block_out_channels": tuple(config["block_out_channels"])},
+                     cross_attention=tuple(t == "CrossAttnDownBlock2D" for t in down), num_heads=heads.pop())
+        block_types = {k: v for k, v in result.to_diffusers().items() if k.endswith("block_types")}
+        for name, value in {**SD1_FIXED, **block_types}.items():
+            found = config.get(name, value)
+            if (list(found) if isinstance(found, tuple) else found) != value:
+                raise ValueError(f"unsupported UNet config: {name}={found!r}; " + SD1_ONLY)
         return result
 
     def to_diffusers(self) -> dict:
@@ -106,33 +97,26 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim, dim):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class ResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the time embedding added in between, and a (1x1 conv) shortcut."""
+    """GroupNorm-SiLU-conv twice, the time embedding (if any: the VAE has none) added in between, and a
+    (1x1 conv) shortcut."""
 
-    def __init__(self, in_channels, out_channels, time_dim, groups):
+    def __init__(self, in_channels, out_channels, groups, eps=1e-5, time_dim=None):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-5)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(time_dim, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-5)
+        if time_dim:
+            self.time_emb_proj = nn.Linear(time_dim, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Identity()  # no parameters: diffusers has conv_shortcut only when in != out
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
-    def forward(self, x, time_act):  # time_act = SiLU(time embedding) [B, time_dim]
+    def forward(self, x, time_act=None):  # time_act = SiLU(time embedding) [B, time_dim]
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(time_act)[:, :, None, None]
+        if time_act is not None:
+            h = h + self.time_emb_proj(time_act)[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         return self.conv_shortcut(x) + h
 
@@ -140,12 +124,12 @@ class ResnetBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention (LDM Sec. 3.3): self-attention if context is None, else cross-attention to it."""
 
-    def __init__(self, dim, heads, context_dim=None):
+    def __init__(self, dim, heads, context_dim=None, bias=False):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
 
     def forward(self, x, context=None):
@@ -215,35 +199,36 @@ class SpatialTransformer(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels):
+    """Zero padding (left, right, top, bottom), then a stride-2 3x3 conv; LDM's VAE pads right/bottom only."""
+
+    def __init__(self, channels, pad=(1, 1, 1, 1)):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv, self.pad = nn.Conv2d(channels, channels, 3, stride=2), pad
 
     def forward(self, x):
-        return self.conv(x)
+        return self.conv(F.pad(x, self.pad))
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to `size` (deviation 4), or by 2 if None (the VAE), then a 3x3 conv."""
+
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x, size):
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+    def forward(self, x, size=None):
+        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
 
 
 class UNetLevel(nn.Module):
-    """One resolution level: (ResNet [+ SpatialTransformer]) pairs, then an optional down- or upsampler.
+    """One resolution level: (ResNet [+ SpatialTransformer]) pairs, then a down- or upsampler if `resample`;
+    diffusers' (CrossAttn)DownBlock2D / (CrossAttn)UpBlock2D, and the mid block (2 ResNets, 1 transformer).
+    `in_channels` lists the input width of each ResNet."""
 
-    Plays diffusers' DownBlock2D / CrossAttnDownBlock2D / UpBlock2D / CrossAttnUpBlock2D; the mid block reuses
-    it with two ResNets and one transformer. `resnet_in_channels` lists the input width of each ResNet;
-    `resample` is "down", "up" or None.
-    """
-
-    def __init__(self, resnet_in_channels, channels, cfg, num_attentions, resample=None):
+    def __init__(self, in_channels, channels, cfg, num_attentions, resample=None):
         super().__init__()
         time_dim, groups = 4 * cfg.block_out_channels[0], cfg.norm_num_groups
-        self.resnets = nn.ModuleList(ResnetBlock(c, channels, time_dim, groups) for c in resnet_in_channels)
+        self.resnets = nn.ModuleList(ResnetBlock(c, channels, groups, 1e-5, time_dim) for c in in_channels)
         self.attentions = nn.ModuleList(
             SpatialTransformer(channels, cfg.num_heads, cfg.cross_attention_dim, groups)
             for _ in range(num_attentions)) if num_attentions else None
@@ -257,7 +242,9 @@ class UNet2DConditionModel(nn.Module):
         self.config = cfg = config
         widths, L = cfg.block_out_channels, cfg.layers_per_block
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(widths[0], 4 * widths[0])
+        time_dim = 4 * widths[0]
+        self.time_embedding = nn.Sequential(OrderedDict(  # diffusers' TimestepEmbedding
+            linear_1=nn.Linear(widths[0], time_dim), act=nn.SiLU(), linear_2=nn.Linear(time_dim, time_dim)))
 
         skip_widths = [widths[0]]  # widths of the feature maps the down path stores for the up path
         self.down_blocks = nn.ModuleList()

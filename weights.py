@@ -1,23 +1,19 @@
 """Loading the public Stable Diffusion 1.5 weights into our from-scratch modules, strictly.
 
-Three sources are understood:
-  * a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), as
-    on the hub (stable-diffusion-v1-5/stable-diffusion-v1-5); our module names equal the diffusers keys, so
-    only the VAE's pre-refactor attention names (vae.convert_legacy_vae_keys) and the text encoder's
-    `position_ids` buffer (clip.convert_hf_clip_keys) need handling;
-  * the original CompVis/LDM single file (`v1-5-pruned-emaonly.safetensors`), renamed by the short rule
-    tables LDM_UNET_RULES / LDM_VAE_RULES below;
-  * a hub id, fetched with huggingface_hub.snapshot_download when that package is installed.
-Every module is built on the meta device (no memory, no random init) and receives its tensors through
-`load_strict`, which names the file and the first missing, unexpected or mis-shaped key. Pickled files
-(.ckpt/.bin/.pt/.pth) are read only with torch.load(weights_only=True), which refuses pickled code.
+Sources: a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+`scheduler/`; our module names are its keys, so only vae.convert_legacy_vae_keys and clip.convert_hf_clip_keys
+are needed); the original CompVis/LDM single file (`v1-5-pruned-emaonly.safetensors`), renamed by the rule
+tables LDM_UNET_RULES / LDM_VAE_RULES; a hub id, fetched with huggingface_hub.snapshot_download if installed.
+Every module is built on the meta device (no memory, no random init) and filled by `load_strict`, which names
+the file and the first missing, unexpected or mis-shaped key. Pickles (.ckpt/.bin/.pt/.pth) are read only with
+torch.load(weights_only=True), which refuses pickled code.
 
 Deviations from diffusers' loaders:
  1. SD2.x and SDXL checkpoints are recognised and refused (this project implements SD1.x only).
  2. Single-file checkpoints use the SD1.5 configs and schedule (the file stores no config); keys outside the
     three model prefixes (the DDPM schedule buffers, `model_ema.*`) are ignored.
- 3. The tokenizer of a single-file checkpoint is clip.CLIPTokenizer.default(), the bundled OpenAI BPE
-    vocabulary, which is the SD1.5 tokenizer (the single file contains no tokenizer).
+ 3. The tokenizer of a single-file checkpoint is CLIPTokenizer.default(), the bundled OpenAI BPE vocabulary,
+    which is SD1.5's (the single file contains no tokenizer).
 """
 
 import itertools
@@ -28,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from clip import CLIPTextConfig, CLIPTextModel, convert_hf_clip_keys
@@ -41,9 +38,8 @@ SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 class CheckpointError(ValueError):
-    """A weights file or folder that cannot be loaded. The message is ONE line that names the file and the
-    reason; every weight reader (read_state_dict, load_strict, the loaders here and in rewards.py) raises it,
-    so a command line catches this one exception and prints str(error)."""
+    """A weights file or folder that cannot be loaded; the message is ONE line naming the file and the reason.
+    Every weight reader (here and in rewards.py) raises it, so a command line prints str(error)."""
 
 
 def _reason(error: Exception) -> str:
@@ -62,7 +58,6 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         try:
             return load_file(path)
         except Exception as error:  # safetensors raises its own error types for a bad header
@@ -106,8 +101,7 @@ def load_strict(module: nn.Module, state_dict: dict, source: str) -> nn.Module:
             file_shape, model_shape = list(state_dict[key].shape), list(tensor.shape)
             raise CheckpointError(f"{source}: mis-shaped key '{key}' for {name}: "
                                   f"{file_shape} in the file, {model_shape} in the model")
-    on_meta = any(t.is_meta for t in expected.values())
-    module.load_state_dict(state_dict, strict=True, assign=on_meta)
+    module.load_state_dict(state_dict, strict=True, assign=any(t.is_meta for t in expected.values()))
     return module
 
 
@@ -120,14 +114,14 @@ def build(model_class, config, state_dict, source):
 
 @dataclass
 class StableDiffusion:
+    """The frozen models run in their own parameter dtype with autocast off and return float32 (train.py's
+    precision policy); a model without weights (the toy's identity VAE) carries its dtype in a buffer."""
+
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     schedule: NoiseSchedule
-
-    # The frozen models run in their own parameter dtype with autocast off and return float32 (train.py's
-    # precision policy); a model with no weights (the toy's identity VAE) carries its dtype in a buffer.
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text conditioning: CLIP's last hidden state for the 77 padded tokens, [B, 77, D] float32."""
@@ -136,7 +130,7 @@ class StableDiffusion:
             return self.text_encoder(self.tokenizer(prompts).to(device))[0].float()
 
     def encode_images(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """pixels [N, 3, H, W] in [-1, 1] -> latents [N, C, H/f, W/f] float32, scaled by scaling_factor: the
+        """pixels [N, 3, H, W] in [-1, 1] -> latents [N, C, H/f, W/f] float32 scaled by scaling_factor: the
         posterior sample mean + std * noise (AEVB's reparameterisation trick); the mean if noise is None."""
         device, dtype = _device_dtype(self.vae)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
@@ -168,17 +162,25 @@ def _device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 def load_stable_diffusion(path_or_hub_id, device="cpu", dtype=torch.float32) -> StableDiffusion:
     """SD1.x from a diffusers folder, a single-file LDM checkpoint or a hub id (see the module docstring)."""
     path = Path(path_or_hub_id)
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)) and path.suffix not in SUFFIXES
     if path.is_dir():
         sd = load_diffusers_folder(path)
     elif path.is_file():
         sd = load_single_file(path)
-    elif looks_like_hub_id:
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)) and path.suffix not in SUFFIXES:  # a hub id
         sd = load_diffusers_folder(download(str(path_or_hub_id)))
     else:
         raise CheckpointError(f"{path}: no such file or folder (expected a diffusers model folder, "
                               "a .safetensors/.ckpt single-file checkpoint, or a hub id like owner/name)")
     return sd.to(device, dtype)
+
+
+def refuse_other_families(source, kind: str, sdxl: bool, sd2: bool):
+    """Deviation 1. kind: "model" (a diffusers folder) or "checkpoint" (a single file)."""
+    if sdxl or sd2:
+        family = "an SDXL" if sdxl else "a Stable Diffusion 2.x"
+        detail = "" if sdxl else " (OpenCLIP ViT-H text encoder, 1024-dim cross-attention)"
+        raise CheckpointError(f"{source} is {family} {kind}{detail}; "
+                              "this project implements Stable Diffusion 1.x only")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,47 +208,38 @@ def config_for(folder: Path, reader):
         raise CheckpointError(f"{folder / 'config.json'}: {error}") from error
 
 
-def refuse_other_families(folder: Path, model_index: dict, unet_config: dict):
-    if "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
-        raise CheckpointError(f"{folder} is an SDXL model; this project implements Stable Diffusion 1.x only")
-    if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
-        raise CheckpointError(f"{folder} is a Stable Diffusion 2.x model (OpenCLIP ViT-H text encoder, "
-                              "1024-dim cross-attention); this project implements Stable Diffusion 1.x only")
-
-
 def load_unet(path) -> UNet2DConditionModel:
     """A diffusers unet/ folder (config.json + weights), or a .safetensors UNet state dict in diffusers names
     (with the SD1.5 config unless a config.json lies beside it)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    config = UNetConfig.sd15()
-    if (folder / "config.json").is_file():
-        config = config_for(folder, UNetConfig.from_diffusers)
+    has_config = (folder / "config.json").is_file()
+    config = config_for(folder, UNetConfig.from_diffusers) if has_config else UNetConfig.sd15()
     file = weights_file(path, "diffusion_pytorch_model") if path.is_dir() else path
     return build(UNet2DConditionModel, config, read_state_dict(file), str(file))
 
 
 def load_diffusers_folder(folder: Path) -> StableDiffusion:
-    model_index = read_json(folder / "model_index.json")
-    refuse_other_families(folder, model_index, read_json(folder / "unet" / "config.json"))
+    model_index, unet_config = (read_json(folder / name) for name in ("model_index.json", "unet/config.json"))
+    refuse_other_families(folder, "model", sdxl="text_encoder_2" in model_index
+                          or unet_config.get("addition_embed_type") == "text_time",
+                          sd2=unet_config.get("cross_attention_dim") == 1024
+                          or bool(unet_config.get("use_linear_projection")))
     unet = load_unet(folder / "unet")
-
-    vae_config = config_for(folder / "vae", VAEConfig.from_diffusers)
-    vae_file = weights_file(folder / "vae", "diffusion_pytorch_model")
-    # the public SD1.5 vae file still uses query/key/value/proj_attn for the mid-block attention
-    vae = build(AutoencoderKL, vae_config, convert_legacy_vae_keys(read_state_dict(vae_file)), str(vae_file))
-
-    text_config = config_for(folder / "text_encoder", CLIPTextConfig.from_hf)
+    vae_file = weights_file(folder / "vae", "diffusion_pytorch_model")  # query/key/value/proj_attn in SD1.5's
+    vae = build(AutoencoderKL, config_for(folder / "vae", VAEConfig.from_diffusers),
+                convert_legacy_vae_keys(read_state_dict(vae_file)), str(vae_file))
     text_file = weights_file(folder / "text_encoder", "model")
-    # drops the legacy position_ids buffer; restores `text_model.` (clip.py deviation 1)
-    text_state = convert_hf_clip_keys(read_state_dict(text_file))
-    text_encoder = build(CLIPTextModel, text_config, text_state, str(text_file))
+    text_encoder = build(CLIPTextModel, config_for(folder / "text_encoder", CLIPTextConfig.from_hf),
+                         convert_hf_clip_keys(read_state_dict(text_file)), str(text_file))
 
     tokenizer_folder = folder / "tokenizer"
-    if (tokenizer_folder / "vocab.json").is_file() and (tokenizer_folder / "merges.txt").is_file():  # SD1.5
-        tokenizer = CLIPTokenizer.from_files(tokenizer_folder / "vocab.json", tokenizer_folder / "merges.txt")
-    elif (tokenizer_folder / "tokenizer.json").is_file():  # what transformers >= 5 save_pretrained writes
-        tokenizer = CLIPTokenizer.from_tokenizer_json(tokenizer_folder / "tokenizer.json")
+    vocab, merges, tokenizer_json = (tokenizer_folder / name for name in ("vocab.json", "merges.txt",
+                                                                          "tokenizer.json"))
+    if vocab.is_file() and merges.is_file():  # SD1.5's files
+        tokenizer = CLIPTokenizer.from_files(vocab, merges)
+    elif tokenizer_json.is_file():  # all that transformers >= 5 save_pretrained writes
+        tokenizer = CLIPTokenizer.from_tokenizer_json(tokenizer_json)
     else:
         raise CheckpointError(f"{tokenizer_folder}: no vocab.json + merges.txt or tokenizer.json "
                               "(the CLIP BPE tokenizer files)")
@@ -262,21 +255,21 @@ def load_diffusers_folder(folder: Path) -> StableDiffusion:
 
 def download(hub_id: str) -> Path:
     """Fetch the fp32 safetensors, configs and tokenizer of a hub model; needs huggingface_hub and network."""
+    not_local = f"'{hub_id}' is no local file or folder, and"
+    instead = "Pass a local path to a diffusers folder or a .safetensors file instead."
     try:
         from huggingface_hub import snapshot_download
     except ImportError as error:
-        raise CheckpointError(f"'{hub_id}' is not a local file or folder, and loading it as a hub id needs "
-                              "`pip install huggingface_hub`. Or download the model yourself and pass its "
-                              "local path (a diffusers folder or a .safetensors file).") from error
+        raise CheckpointError(f"{not_local} loading it as a hub id needs `pip install huggingface_hub`. "
+                              f"{instead}") from error
     patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
                 "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors"]
     try:
         return Path(snapshot_download(hub_id, allow_patterns=patterns))
     except Exception as error:  # offline, unknown repo, gated repo, ...
-        raise CheckpointError(f"'{hub_id}' is no local file or folder, and downloading it from the Hugging "
-                              f"Face hub failed ({type(error).__name__}: {error}). Pass a local path to a "
-                              "diffusers folder or a .safetensors file instead.") from error
+        raise CheckpointError(f"{not_local} downloading it from the Hugging Face hub failed "
+                              f"({type(error).__name__}: {error}). {instead}") from error
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,9 +283,6 @@ def LDM_UNET_RULES(n):
     def down(m, kind):  # input_blocks.i, i >= 1 (input_blocks.0 is conv_in)
         return f"down_blocks.{(int(m[1]) - 1) // n}.{kind}.{(int(m[1]) - 1) % n}."
 
-    def downsampler(m):
-        return f"down_blocks.{(int(m[1]) - 1) // n}.downsamplers.0.conv."
-
     def up(m, kind):
         return f"up_blocks.{int(m[1]) // n}.{kind}.{int(m[1]) % n}."
 
@@ -300,17 +290,17 @@ def LDM_UNET_RULES(n):
         (r"time_embed\.0\.", "time_embedding.linear_1."),
         (r"time_embed\.2\.", "time_embedding.linear_2."),
         (r"input_blocks\.0\.0\.", "conv_in."),
-        (r"input_blocks\.(\d+)\.0\.op\.", downsampler),
-        (r"input_blocks\.(\d+)\.0\.", lambda m: down(m, "resnets")),
-        (r"input_blocks\.(\d+)\.1\.", lambda m: down(m, "attentions")),
         (r"middle_block\.0\.", "mid_block.resnets.0."),
         (r"middle_block\.1\.", "mid_block.attentions.0."),
         (r"middle_block\.2\.", "mid_block.resnets.1."),
+        (r"out\.0\.", "conv_norm_out."),
+        (r"out\.2\.", "conv_out."),
+        (r"input_blocks\.(\d+)\.0\.op\.", lambda m: f"down_blocks.{int(m[1]) // n - 1}.downsamplers.0.conv."),
+        (r"input_blocks\.(\d+)\.0\.", lambda m: down(m, "resnets")),
+        (r"input_blocks\.(\d+)\.1\.", lambda m: down(m, "attentions")),
         (r"output_blocks\.(\d+)\.[12]\.conv\.", lambda m: f"up_blocks.{int(m[1]) // n}.upsamplers.0.conv."),
         (r"output_blocks\.(\d+)\.0\.", lambda m: up(m, "resnets")),
         (r"output_blocks\.(\d+)\.1\.", lambda m: up(m, "attentions")),
-        (r"out\.0\.", "conv_norm_out."),
-        (r"out\.2\.", "conv_out."),
     ]
 
 
@@ -365,26 +355,18 @@ def ldm_to_diffusers(state_dict, unet_config: UNetConfig, vae_config: VAEConfig)
     return unet, vae, text
 
 
-def refuse_non_sd1_file(path, state_dict):
-    if any(k.startswith("conditioner.embedders.") for k in state_dict):
-        raise CheckpointError(f"{path} is an SDXL checkpoint; "
-                              "this project implements Stable Diffusion 1.x only")
-    cross_k = state_dict.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    if any(k.startswith("cond_stage_model.model.") for k in state_dict) or (
-            cross_k is not None and cross_k.shape[1] == 1024):
-        raise CheckpointError(f"{path} is a Stable Diffusion 2.x checkpoint (OpenCLIP ViT-H text encoder, "
-                              "1024-dim cross-attention); this project implements Stable Diffusion 1.x only")
-    if not any(k.startswith("model.diffusion_model.") for k in state_dict):
-        raise CheckpointError(f"{path} is not a Stable Diffusion single-file checkpoint "
-                              "(no model.diffusion_model.* keys)")
-
-
 def load_single_file(path, unet_config=None, vae_config=None, text_config=None) -> StableDiffusion:
     """An SD1.x LDM checkpoint (.safetensors or .ckpt); configs default to SD1.5 (tests pass tiny ones)."""
     unet_config, vae_config = unet_config or UNetConfig.sd15(), vae_config or VAEConfig.sd15()
     text_config = text_config or CLIPTextConfig.sd15()
     state_dict = read_state_dict(path)
-    refuse_non_sd1_file(path, state_dict)
+    cross_k = state_dict.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    refuse_other_families(path, "checkpoint", any(k.startswith("conditioner.embedders.") for k in state_dict),
+                          sd2=any(k.startswith("cond_stage_model.model.") for k in state_dict)
+                          or (cross_k is not None and cross_k.shape[1] == 1024))
+    if not any(k.startswith("model.diffusion_model.") for k in state_dict):
+        raise CheckpointError(f"{path} is not a Stable Diffusion single-file checkpoint "
+                              "(no model.diffusion_model.* keys)")
     unet, vae, text = ldm_to_diffusers(state_dict, unet_config, vae_config)
     return StableDiffusion(
         unet=build(UNet2DConditionModel, unet_config, unet, f"{path} (model.diffusion_model.*)"),

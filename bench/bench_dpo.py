@@ -29,7 +29,7 @@ official recipe from a generator, so LoRA losses differ by the draws; without --
 stays at step 0, where both losses should be log 2 (the official recipe's bf16 reference breaks that on GPU:
 train.py deviation 2).
 
-    python -m bench.bench_dpo                # CPU, 32x32 latents (256 px): a few minutes on 2 cores
+    python -m bench.bench_dpo                # CPU, 32x32 latents (256 px): ~7 min, 13 GB of RAM at the peak
     python -m bench.bench_dpo --config tiny  # seconds: checks the code paths
 """
 
