@@ -21,7 +21,7 @@ import torch
 
 from clip import CLIPTextConfig, CLIPTextModel
 from scheduler import NoiseSchedule
-from tokenizer import CLIPTokenizer
+from tokenizer import BOS, EOS, CLIPTokenizer
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig
 from weights import StableDiffusion, load_stable_diffusion
@@ -82,14 +82,28 @@ def build_tiny_pipeline(seed=0):
 
 
 def hf_clip_tokenizer():
-    """transformers' CLIPTokenizer reading the vocabulary files our CLIPTokenizer.default() writes."""
+    """transformers' CLIPTokenizer reading the files save_hf_tokenizer writes for CLIPTokenizer.default()."""
     import tempfile
 
     from transformers import CLIPTokenizer as HFTokenizer
 
     with tempfile.TemporaryDirectory() as folder:
-        clip_tokenizer().save_hf_files(folder)
+        save_hf_tokenizer(clip_tokenizer(), folder)
         return HFTokenizer.from_pretrained(folder)
+
+
+def save_hf_tokenizer(tokenizer: CLIPTokenizer, folder) -> None:
+    """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (SD1.5 layout)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.vocab, ensure_ascii=False), encoding="utf-8")
+    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.merges)
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length,
+              "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def perturb_norms(model, seed=0):
@@ -125,7 +139,7 @@ def tiny_sd_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sd")
     build_tiny_pipeline().save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(folder / "tokenizer")  # the tokenizer files are exactly those our tokenizer writes
-    clip_tokenizer().save_hf_files(folder / "tokenizer")
+    save_hf_tokenizer(clip_tokenizer(), folder / "tokenizer")
     return folder
 
 

@@ -1,33 +1,28 @@
 """Preference pairs for Diffusion-DPO: (caption, preferred image x_0^w, dis-preferred image x_0^l).
 
 Diffusion-DPO (Wallace et al. 2024, Sec. 5) trains on Pick-a-Pic v2: `caption`, `jpg_0`, `jpg_1` (JPEG
-bytes), `label_0` (1: jpg_0 preferred, 0: jpg_1, 0.5: a tie), read from its parquet shards (a file or a
-folder; pyarrow is imported lazily) or a folder with pairs.jsonl (the same fields, jpg_0/jpg_1 being image
-paths relative to it). As the official train.py: ties are dropped (~12%), the winner comes first, and each
-image is resized (shorter side to R, bilinear, as torchvision), center- (or random-) cropped, randomly
-flipped and scaled to [-1, 1], independently for x_0^w and x_0^l; 20% of the captions become "".
+bytes) and `label_0` (1: jpg_0 preferred, 0: jpg_1, 0.5: a tie), in parquet shards or a folder with
+pairs.jsonl (jpg_0/jpg_1: image paths relative to it). As the official train.py: ties are dropped (~12%), the
+winner comes first, each image is resized (shorter side to R, bilinear), center- (or random-) cropped,
+randomly flipped and scaled to [-1, 1], independently for x_0^w and x_0^l; 20% of the captions become "".
 
-The order: position p of the endless stream is row order_e[p mod N] of epoch e = p // N (N usable pairs).
-  * pairs.jsonl: order_e = randperm(N, seed + e), a full shuffle.
-  * parquet (deviation 4): a row group (~100 rows in Pick-a-Pic) is the smallest unit parquet reads, so a
-    full shuffle reads ~100 pairs to use one. order_e shuffles the row groups, cuts them into windows of
-    `window` groups (default 4) and shuffles the rows within each window: each group is read once per
-    epoch; a process holds at most `window` groups (4 x ~100 pairs x ~330 KB = ~130 MB for Pick-a-Pic v2).
-    Two rows of one group land at most window x rows-per-group - 1 (~400) positions apart; which groups
-    share a window changes every epoch. window=0: the full shuffle.
-Crop, flip and dropout draw from an RNG seeded by (seed, p): the stream is a pure function of (seed, p), so
-a run resumes exactly, and DDP rank r of W takes positions (step * W + r) * B + [0, B): W ranks see what one
-process sees with a W x larger batch. DataLoader workers split the work by row group (PairBatches).
+Position p of the endless stream is row order_e[p mod N] of epoch e = p // N (N usable pairs; pairs.jsonl:
+order_e = randperm(N, seed + e); parquet: deviation 4), augmented by an RNG seeded by (seed, p): a pure
+function of (seed, p), so a run resumes exactly; DDP rank r of W takes positions (step * W + r) * B + [0, B),
+what one process sees with a W x larger batch.
 
 Deviations from the official code:
-  1. Bad data never stops a run: ties, malformed rows and missing files are counted when indexing; an image
-     that does not decode (or a null cell) is counted and its pair replaced by the next readable row of its
-     row group (parquet), then of the epoch's order. Officially a corrupt image crashes the run.
-  2. Random draws use a per-position RNG, not torchvision's global one (exact resume). Draw order per pair:
-     winner crop, winner flip, loser crop, loser flip, prompt dropout.
+  1. Bad data never stops a run (officially a corrupt image crashes it): ties, malformed rows and missing
+     files are counted when indexing; an undecodable image or a null cell is counted and its pair replaced
+     by the next readable row of its row group, then of the epoch's order.
+  2. A per-position RNG, not torchvision's global one. Draw order per pair: winner crop, winner flip, loser
+     crop, loser flip, prompt dropout.
   3. AI feedback scores batches of any size (official: 1) of augmented images; human ties are still dropped.
-  4. Parquet rows are shuffled within windows of row groups, not globally: the official code first converts
-     the dataset to memory-mapped Arrow files (another ~335 GB).
+  4. Parquet is read by row groups (~100 rows in Pick-a-Pic), so a full shuffle reads ~100 pairs to use one
+     (the official code first converts the data to memory-mapped Arrow files, another ~335 GB). order_e
+     shuffles the row groups, then the rows within windows of `window` groups (default 4; 0: a full shuffle):
+     each group is read once per epoch, by one DataLoader worker; a process holds <= `window` groups (~130 MB
+     for Pick-a-Pic v2); two rows of a group land <= window x rows-per-group - 1 (~400) positions apart.
 """
 
 import argparse
@@ -38,7 +33,6 @@ import json
 import math
 import random
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +53,6 @@ class UnreadableImage(Exception):
 @dataclass
 class PairStats:
     """What was dropped or skipped and why (each bad image once), and the I/O of the batches served."""
-
     rows: int = 0  # rows read
     ties: int = 0
     malformed: int = 0  # unparsable line, missing field, label not in {0, 0.5, 1}
@@ -70,10 +63,10 @@ class PairStats:
     image_bytes: int = 0  # bytes of the served pairs' own images
 
     def __str__(self) -> str:  # the counts, one line
-        io = f", read amplification {self.bytes_read / self.image_bytes:.2f}x" if self.image_bytes else ""
+        ratio = f", read amplification {self.bytes_read / self.image_bytes:.2f}x" if self.image_bytes else ""
         return (f"{self.rows} rows read: {self.ties} ties dropped, {self.malformed} malformed rows dropped, "
                 f"{len(self.missing)} missing, {len(self.corrupt)} corrupt and {len(self.null)} null images "
-                f"skipped{io}")
+                f"skipped{ratio}")
 
 
 def _read_jsonl(path: Path) -> list[tuple]:
@@ -82,8 +75,8 @@ def _read_jsonl(path: Path) -> list[tuple]:
     for line in filter(str.strip, path.read_text().splitlines()):
         try:
             item = json.loads(line)
-            records.append((item.get("caption"), path.parent / item["jpg_0"], path.parent / item["jpg_1"],
-                            item["label_0"]))
+            images = (path.parent / item[column] for column in IMAGE_COLUMNS)
+            records.append((item.get("caption"), *images, item["label_0"]))
         except (ValueError, KeyError, TypeError, AttributeError):
             records.append((None, None, None, None))
     return records
@@ -102,8 +95,7 @@ def _read_parquet(files: list[Path]) -> tuple[list[tuple], list[tuple]]:
         missing = {"caption", "label_0", *IMAGE_COLUMNS} - set(parquet.schema_arrow.names)
         if missing:
             raise ValueError(f"{file}: not a Pick-a-Pic shard, no column(s) {sorted(missing)}")
-        table = parquet.read(columns=["caption", "label_0"])
-        captions, labels = table["caption"].to_pylist(), table["label_0"].to_pylist()
+        rows = parquet.read(columns=["caption", "label_0"]).to_pylist()  # [{"caption", "label_0"}]
         first_row = 0
         for index in range(parquet.num_row_groups):
             meta = parquet.metadata.row_group(index)
@@ -111,8 +103,8 @@ def _read_parquet(files: list[Path]) -> tuple[list[tuple], list[tuple]]:
                          if meta.column(c).path_in_schema.split(".")[0] in IMAGE_COLUMNS)
             group = len(groups)
             groups.append((file, index, first_row, nbytes))
-            records += [(captions[row], (group, row - first_row, "jpg_0"), (group, row - first_row, "jpg_1"),
-                         labels[row]) for row in range(first_row, first_row + meta.num_rows)]
+            records += [(row["caption"], (group, k, "jpg_0"), (group, k, "jpg_1"), row["label_0"])
+                        for k, row in enumerate(rows[first_row:first_row + meta.num_rows])]
             first_row += meta.num_rows
     return records, groups
 
@@ -125,11 +117,8 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 def preprocess(image: Image.Image, resolution: int, rng: random.Random | None, random_crop=False, hflip=True):
     """PIL image -> [3,R,R] in [-1,1]: resize shorter side (bilinear), crop, flip; rng None: center crop."""
     image = image.convert("RGB")
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(resolution * long / short)  # torchvision's rounding: the short side is R exactly
-    new_size = (resolution, new_long) if width <= height else (new_long, resolution)
-    image = image.resize(new_size, Image.BILINEAR)  # PIL antialiases when shrinking, as torchvision's Resize
+    short = min(image.size)  # as torchvision: the short side becomes R exactly, the long int(R * long/short)
+    image = image.resize([int(resolution * side / short) for side in image.size], Image.BILINEAR)  # antialias
     width, height = image.size
     if random_crop and rng is not None:
         top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
@@ -143,9 +132,8 @@ def preprocess(image: Image.Image, resolution: int, rng: random.Random | None, r
 
 
 class PreferencePairs(torch.utils.data.Dataset):
-    """Map-style dataset indexed by stream position (module docstring); len() = the number of usable pairs.
-    rows: (caption, ref_0, ref_1, winner: 0 if jpg_0 is preferred else 1), refs image paths (pairs.jsonl) or
-    (row group, row in group, column) (parquet). window: row groups per shuffle window (parquet; 0: none)."""
+    """Map-style dataset indexed by stream position; len(): the usable pairs. rows: (caption, ref_0, ref_1,
+    winner: 0 if jpg_0 is preferred else 1), refs image paths or (row group, row in group, column)."""
 
     def __init__(self, path, resolution=512, random_crop=False, hflip=True, prompt_dropout=0.2, seed=0,
                  window=4):
@@ -178,11 +166,10 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     def _reindex(self):
         """The rows of each row group (parquet), for the windowed order; empty per-process caches."""
-        members = {}
+        self.members = {}  # row group -> its rows, ascending
         for row, (_, ref, _, _) in enumerate(self.rows if self.groups else []):
-            members.setdefault(ref[0], []).append(row)
-        self.members = {group: np.array(rows) for group, rows in members.items()}
-        self._orders, self._group_cells, self._bytes_read = {}, OrderedDict(), 0
+            self.members.setdefault(ref[0], []).append(row)
+        self._orders, self._group_cells, self._bytes_read = {}, {}, 0
 
     def __len__(self):
         return len(self.rows)
@@ -194,24 +181,20 @@ class PreferencePairs(torch.utils.data.Dataset):
             self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}  # a batch straddles two
             if not self.members or self.window == 0:  # a full shuffle
                 generator = torch.Generator().manual_seed(self.seed + epoch)
-                self._orders[epoch] = torch.randperm(len(self.rows), generator=generator).numpy(), \
-                    np.arange(len(self.rows))
+                rows = torch.randperm(len(self.rows), generator=generator).numpy()
+                self._orders[epoch] = rows, np.arange(len(self.rows))
             else:  # deviation 4: shuffle the row groups, then the rows within each window of groups
                 rng = np.random.default_rng([self.seed, epoch])
                 groups = np.array(list(self.members))[rng.permutation(len(self.members))]
                 rows = np.concatenate([self.members[group] for group in groups])
                 slots = np.repeat(np.arange(len(groups)), [len(self.members[group]) for group in groups])
-                edges = np.searchsorted(slots, range(0, len(groups) + self.window, self.window))
-                for start, end in zip(edges[:-1], edges[1:]):
-                    shuffle = start + rng.permutation(end - start)
-                    rows[start:end], slots[start:end] = rows[shuffle], slots[shuffle]
-                self._orders[epoch] = rows, slots
+                shuffle = np.lexsort((rng.random(len(rows)), slots // self.window))  # by window, then random
+                self._orders[epoch] = rows[shuffle], slots[shuffle]
         return self._orders[epoch]
 
     def _read_group(self, group: int) -> dict:
         """{column: list of cells} of a row group's image columns: one read of its column chunks."""
         import pyarrow.parquet as pq  # optional: present, since _read_parquet found the shards
-
         file, index, _, _ = self.groups[group]
         return pq.ParquetFile(file).read_row_group(index, columns=list(IMAGE_COLUMNS)).to_pydict()
 
@@ -228,10 +211,9 @@ class PreferencePairs(torch.utils.data.Dataset):
             if group not in self._group_cells:
                 self._group_cells[group] = self._read_group(group)
                 self._bytes_read += nbytes
-                while len(self._group_cells) > max(self.window, 1):
-                    self._group_cells.popitem(last=False)
+                while len(self._group_cells) > max(self.window, 1):  # evict the oldest
+                    del self._group_cells[next(iter(self._group_cells))]
             encoded = self._group_cells[group][column][offset]
-            encoded = encoded["bytes"] if isinstance(encoded, dict) else encoded  # HF Image {"bytes", "path"}
         if encoded is None:
             raise UnreadableImage(kind, name)
         try:
@@ -242,8 +224,8 @@ class PreferencePairs(torch.utils.data.Dataset):
         return image, len(encoded)
 
     def _item(self, position: int, rows, rng: random.Random | None) -> dict | None:
-        """The item at `position` from the first readable row of `rows` (deviation 1; bad images are counted);
-        rng None: center crop, no flip, no prompt dropout. None if no row is readable."""
+        """The item at `position` from the first readable row of `rows` (deviation 1), else None; rng None:
+        center crop, no flip, no prompt dropout."""
         failures, bytes_before = [], self._bytes_read
         for row in rows:
             caption, *refs, winner = self.rows[row]
@@ -259,7 +241,6 @@ class PreferencePairs(torch.utils.data.Dataset):
             return dict(pixels_w=pixels_w, pixels_l=pixels_l, prompt=prompt, caption=caption, row=row,
                         position=position, failures=failures, bytes_read=self._bytes_read - bytes_before,
                         image_bytes=sum(size for _, size in loaded))
-        return None
 
     def __getitem__(self, position: int) -> dict:
         epoch, index = divmod(int(position), len(self.rows))
@@ -268,25 +249,20 @@ class PreferencePairs(torch.utils.data.Dataset):
         candidates = (int(rows[(index + i) % len(rows)]) for i in range(len(rows)))  # deviation 1
         if self.members:  # parquet: first the next rows of the row group
             members = self.members[self.rows[row][1][0]]
-            candidates = itertools.chain(np.roll(members, -members.searchsorted(row)).tolist(), candidates)
+            candidates = itertools.chain(np.roll(members, -members.index(row)).tolist(), candidates)
         item = self._item(int(position), candidates, random.Random(f"{self.seed}/{position}"))  # deviation 2
         if item is None:
             raise RuntimeError(f"no readable pair at all ({self.stats})")
         return item
 
     def split_validation(self, n: int) -> tuple["PreferencePairs", "PreferencePairs"]:
-        """(train_pairs, val_pairs): n rows chosen by the seed (whole row groups for parquet) go to val_pairs
-        and never appear in train_pairs' stream."""
+        """(train_pairs, val_pairs): val_pairs has n rows fixed by the seed (whole row groups for parquet)."""
         if not 0 < n < len(self.rows):
             raise ValueError(f"--val_pairs={n}: must be between 1 and {len(self.rows) - 1} "
                              f"(the data has {len(self.rows)} usable pairs)")
-        rng = np.random.default_rng([self.seed, 0x7A1])  # a stream of its own, fixed by the seed
-        if self.members:
-            groups = list(self.members)
-            chosen = np.concatenate([self.members[groups[i]] for i in rng.permutation(len(groups))])[:n]
-        else:
-            chosen = rng.choice(len(self.rows), n, replace=False)
-        held_out = set(chosen.tolist())
+        groups = list(self.members.values()) or [[row] for row in range(len(self.rows))]  # jsonl: single rows
+        shuffled = np.random.default_rng([self.seed, 0x7A1]).permutation(len(groups))  # a stream of its own
+        held_out = set(np.concatenate([groups[i] for i in shuffled])[:n].tolist())
         kept = [row for row in range(len(self.rows)) if row not in held_out]
         subsets = copy.copy(self), copy.copy(self)  # sharing stats
         for subset, rows in zip(subsets, (kept, sorted(held_out))):
@@ -295,8 +271,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         return subsets
 
     def batches(self, batch_size: int) -> list[dict]:
-        """Every pair once, in a fixed order, center-cropped, not flipped, no prompt dropout (validation), at
-        positions VALIDATION_POSITIONS + row; unreadable pairs are skipped (and counted)."""
+        """Validation batches: every readable pair once, unaugmented, at VALIDATION_POSITIONS + row."""
         items = [self._item(VALIDATION_POSITIONS + row, [row], None) for row in range(len(self.rows))]
         items = [item for item in items if item is not None]
         return [collate(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
@@ -305,8 +280,7 @@ class PreferencePairs(torch.utils.data.Dataset):
 def collate(items: list[dict]) -> dict:
     """-> {"pixels_w", "pixels_l": [B,3,R,R], "prompts": list[str] (after dropout), "captions": list[str],
     "rows": [B] (dataset rows), "positions": list[int] (global stream positions)}."""
-    return {"pixels_w": torch.stack([item["pixels_w"] for item in items]),
-            "pixels_l": torch.stack([item["pixels_l"] for item in items]),
+    return {**{key: torch.stack([item[key] for item in items]) for key in ("pixels_w", "pixels_l")},
             "prompts": [item["prompt"] for item in items], "captions": [item["caption"] for item in items],
             "rows": torch.tensor([item["row"] for item in items]),
             "positions": [item["position"] for item in items]}
@@ -320,45 +294,39 @@ def batch_positions(step: int, batch_size: int, rank=0, world_size=1) -> list[in
 
 class PairBatches:
     """Endless collate batches of `pairs` from step `start_step` on; `.step`: the data position to save.
-    DataLoader worker k of K decodes the positions whose row group's slot (its index in the epoch's group
-    order) is k mod K, so no two workers read one group: an in-order DataLoader hands task t to worker t % K,
-    and task step * K + k is worker k's share of a step. The K shares are merged in position order (the
-    batches of num_workers=0); the failures and I/O the workers met are added to pairs.stats here."""
+    Task step * K + k holds the step's positions whose row group's slot (in the epoch's group order) is k mod
+    K; an in-order DataLoader hands it to worker k of K, so no two workers read one group. The K tasks merge
+    in position order; the failures and I/O that the workers met are added to pairs.stats here."""
 
     def __init__(self, pairs: PreferencePairs, batch_size, start_step=0, rank=0, world_size=1, num_workers=0):
         self.pairs, self.batch_size, self.step = pairs, batch_size, start_step
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
 
     def __iter__(self):
-        workers, n = self.num_workers, len(self.pairs)
+        workers, shares, n = self.num_workers, max(self.num_workers, 1), len(self.pairs)  # shares: K per step
         steps = (batch_positions(step, self.batch_size, self.rank, self.world_size)
                  for step in itertools.count(self.step))
-        if workers == 0:
-            item_lists = ([self.pairs[p] for p in positions] for positions in steps)
-        else:
-            shares = ([p for p in positions if self.pairs.order(p // n)[1][p % n] % workers == k]
-                      for positions in steps for k in range(workers))
-            # each worker decodes ~B/K items per task: enough tasks ahead to keep all K busy
-            loader = iter(DataLoader(self.pairs, batch_sampler=shares, collate_fn=list, num_workers=workers,
-                                     prefetch_factor=max(2, math.ceil(4 * workers / self.batch_size))))
-            item_lists = (sorted(itertools.chain(*step_shares), key=lambda item: item["position"])
-                          for step_shares in zip(*[loader] * workers))  # K consecutive tasks: one step
-        stats = self.pairs.stats
+        tasks = ([p for p in positions if self.pairs.order(p // n)[1][p % n] % shares == k]
+                 for positions in steps for k in range(shares))
+        prefetch = max(2, math.ceil(4 * workers / self.batch_size)) if workers else None  # keeps all K busy
+        loader = iter(DataLoader(self.pairs, batch_sampler=tasks, collate_fn=list, num_workers=workers,
+                                 prefetch_factor=prefetch))
+        item_lists = (sorted(itertools.chain(*step_tasks), key=lambda item: item["position"])
+                      for step_tasks in zip(*[loader] * shares))  # K consecutive tasks: one step
         for items in item_lists:
             for item in items:
                 for kind, ref in item["failures"]:
-                    getattr(stats, kind).add(ref)
-                stats.bytes_read += item["bytes_read"]
-                stats.image_bytes += item["image_bytes"]
+                    getattr(self.pairs.stats, kind).add(ref)
+                self.pairs.stats.bytes_read += item["bytes_read"]
+                self.pairs.stats.image_bytes += item["image_bytes"]
             self.step += 1
             yield collate(items)
 
 
 @torch.no_grad()
 def relabel_with_reward(batch: dict, reward_fn) -> tuple[dict, int]:
-    """AI feedback (deviation 3): in each pair the image with the higher reward_fn(images [B,3,H,W] in [0,1],
-    captions) becomes the winner, whatever the human label (equal scores keep the order); scored with the
-    captions, not the dropped-out prompts. -> (batch, number of pairs whose winner changed)."""
+    """AI feedback (deviation 3): the image with the higher reward_fn(images [B,3,H,W] in [0,1], captions, not
+    the dropped-out prompts) becomes the winner (a tie keeps the order) -> (batch, number of swaps)."""
     score_w = reward_fn((batch["pixels_w"] + 1) / 2, batch["captions"])
     score_l = reward_fn((batch["pixels_l"] + 1) / 2, batch["captions"])
     swap = (score_l > score_w).view(-1, 1, 1, 1)
@@ -372,17 +340,14 @@ def write_pairs_jsonl(folder, captions, images_0, images_1, labels_0=None) -> Pa
     line per pair; labels_0 defaults to 1 (jpg_0 preferred). Returns the path of pairs.jsonl."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    labels_0 = [1] * len(captions) if labels_0 is None else labels_0
-    if not len(captions) == len(images_0) == len(images_1) == len(labels_0):
-        raise ValueError("captions, images_0, images_1 and labels_0 must have the same length")
-    lines = []
-    for i, (caption, label, *images) in enumerate(zip(captions, labels_0, images_0, images_1)):
-        record = {"caption": caption, "label_0": label}
-        for column, image in zip(IMAGE_COLUMNS, images):
-            record[column] = f"images/{i:06d}_{column[-1]}.png"
-            (to_pil(image) if isinstance(image, torch.Tensor) else image).save(folder / record[column])
-        lines.append(json.dumps(record))
-    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    labels = [1] * len(captions) if labels_0 is None else labels_0
+    with open(folder / "pairs.jsonl", "w") as file:
+        for i, (caption, label, *images) in enumerate(zip(captions, labels, images_0, images_1, strict=True)):
+            record = {"caption": caption, "label_0": label}
+            for column, image in zip(IMAGE_COLUMNS, images):
+                record[column] = f"images/{i:06d}_{column[-1]}.png"
+                (to_pil(image) if isinstance(image, torch.Tensor) else image).save(folder / record[column])
+            file.write(json.dumps(record) + "\n")
     return folder / "pairs.jsonl"
 
 

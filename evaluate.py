@@ -1,28 +1,24 @@
 """Evaluate an aligned model against its base: same prompts and seeds, rewards, win rates, a picture grid.
 
-Per prompt i and seed s, one image from the base and one from the aligned model from the SAME x_T (a pair
-differs only by the fine-tuning), saved as PNGs and scored by every reward: base and aligned mean +- stderr,
-the paired difference, the win rate P(reward(aligned) > reward(base)) +- its binomial stderr, overall and per
-prompt category. Diffusion-DPO reports win rates against the base (PartiPrompts, HPSv2's prompts); TailorPO
-and the seed report means (the seed's SD1.5-DPO DrawBench row, PUBLISHED, is printed beside ours).
+Per prompt i and seed s, one image from the base and one from the aligned model from the SAME x_T, saved as
+PNGs and scored by every reward: base and aligned mean +- stderr, the paired difference and the win rate
+P(reward(aligned) > reward(base)) +- its binomial stderr (Diffusion-DPO reports win rates, TailorPO and the
+seed means; the seed's published SD1.5-DPO DrawBench row is printed beside ours), overall and per category.
 
     python evaluate.py --model path/to/stable-diffusion-v1-5 --lora out/lora.safetensors \\
         --prompts drawbench --rewards aesthetic,hpsv2,pickscore,clipscore --seeds 0-3 --out out/eval
 
---out gets images/{base,aligned}/p{prompt index:03d}_s{seed}.png, report.md (also printed), report.json and
-grid.png (per prompt: base | aligned). A rerun generates only missing images (adding a reward only scores);
-each images/ folder's settings.json (sampler, model files, prompts) refuses to mix in other runs' images.
+--out gets images/{base,aligned}/p{prompt:03d}_s{seed}.png, report.md (also printed), report.json, grid.png
+(12 prompts x 4 seeds); a rerun generates only missing images, and refuses those of other settings.
 
 Choices where the papers are silent:
 1. Ties count 1/2 in the win rate (e.g. a saturated reward), as the Diffusion-DPO paper's human study.
 2. The standard errors treat the prompt x seed pairs as independent draws (no clustering by prompt).
 3. Sampling defaults: DDIM, 50 steps, guidance 7.5, eta 0 for SD1.5 (the DPO paper's quick_samples setting);
    the toy world uses 10 steps and guidance 3 (its alignment runs' rollout settings).
-4. x_T of image (i, s) is torch.randn with torch.Generator("cpu").manual_seed(s), the same for every prompt:
-   what diffusers' pipeline gives for (prompt i, generator seed s), whatever the batch size, --max-prompts or
-   which images were reused. (With eta > 0 the per-step noise depends on the batch.)
-5. Rewards score the saved PNGs (uint8), not the float images: a reused image scores as when it was made,
-   and other tools scoring the PNGs see what we scored.
+4. x_T of image (i, s) is torch.randn with torch.Generator("cpu").manual_seed(s) for every prompt: what
+   diffusers' pipeline gives for (prompt i, seed s), whatever the batching or reuse (at eta > 0: the batch's).
+5. Rewards score the saved PNGs (uint8): a reused image scores as when it was made, as other tools see it.
 """
 
 import argparse
@@ -33,6 +29,7 @@ import inspect
 import json
 import math
 import os
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -52,17 +49,12 @@ PUBLISHED = {"drawbench": {  # the seed's DrawBench means (sbert: SentenceBERT t
     "LCM-DPO": {"aesthetic": 6.043, "hpsv2": 0.2814, "sbert": 0.572}}}
 
 
-@dataclasses.dataclass
-class PromptSet:
-    name: str
-    prompts: list[str]
-    categories: list[str]  # one per prompt; "" where the source has none
+PromptSet = namedtuple("PromptSet", "name prompts categories")  # categories: one per prompt ("": none)
 
 
 def read_prompts(spec: str, max_prompts: int = 0) -> PromptSet:
-    """The first max_prompts (0: all) of 'drawbench', 'parti' (assets/prompts), 'toy' (toy.PROMPTS), a .txt
-    file (a prompt per line) or a .csv/.tsv file: the column prompt/prompts/caption/text (any case; else the
-    first) and the column category if any (PartiPrompts' TSV has unbalanced quotes: read without quoting)."""
+    """The first max_prompts (0: all) of 'drawbench', 'parti' (assets/prompts), 'toy', a .txt file (a prompt
+    per line) or a .csv/.tsv: the column prompt/prompts/caption/text (any case; else the first), category."""
     path = PROMPT_SETS.get(spec, Path(spec))
     if spec == "toy":
         import toy
@@ -70,14 +62,12 @@ def read_prompts(spec: str, max_prompts: int = 0) -> PromptSet:
     elif not path.is_file():
         raise ValueError(f"--prompts {spec!r}: no such file; give {', '.join(PROMPT_SETS)}, 'toy', or a "
                          ".txt/.csv/.tsv file")
-    else:
+    elif path.suffix == ".txt":
+        rows = [["prompt"]] + [[line] for line in path.read_text(encoding="utf-8").splitlines()]
+    else:  # .csv, or .tsv without quote processing (PartiPrompts' has unbalanced quotes)
         with open(path, newline="", encoding="utf-8") as f:
-            if path.suffix == ".txt":
-                rows = [["prompt"]] + [[line] for line in f]
-            else:  # .csv, or .tsv without quote processing
-                tsv = path.suffix == ".tsv"
-                rows = list(csv.reader(f, delimiter="\t" if tsv else ",",
-                                       quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
+            tsv = path.suffix == ".tsv"
+            rows = list(csv.reader(f, "excel-tab", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f))
     names = [name.strip().lower() for name in rows[0]] if rows else []
     column = next((names.index(n) for n in ("prompt", "prompts", "caption", "text") if n in names), 0)
     rows = [row for row in rows[1:] if len(row) > column and row[column].strip()][:max_prompts or None]
@@ -130,23 +120,6 @@ def image_path(folder: Path, prompt_index: int, seed: int) -> Path:
     return folder / f"p{prompt_index:03d}_s{seed}.png"
 
 
-def check_folder(folder: Path, settings: dict):
-    """settings.json of an images folder (sampler, model, prompts): images of other settings are refused."""
-    path = folder / "settings.json"
-    if path.is_file() and json.loads(path.read_text()) != settings:
-        raise FileExistsError(f"{folder} holds images made with other settings (see {path}): give another "
-                              "--out, or delete the folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1))
-
-
-def save_png(image: torch.Tensor, path: Path):
-    """[3, H, W] in [0, 1] -> PNG, written atomically: no truncated file for a later run to reuse."""
-    partial = path.with_suffix(".partial.png")
-    to_pil(image).save(partial)
-    os.replace(partial, path)
-
-
 @torch.no_grad()
 def generate(sd, prompts: list[str], seeds: list[int], num_steps: int = 50, guidance: float = 7.5,
              eta: float = 0.0, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
@@ -167,8 +140,7 @@ def generate(sd, prompts: list[str], seeds: list[int], num_steps: int = 50, guid
 
 
 @torch.no_grad()
-def score_images(folder: Path, prompts: list[str], pairs: list[tuple[int, int]], reward_fns: dict,
-                 batch_size: int, progress: bool = True) -> dict[str, torch.Tensor]:
+def score_images(folder: Path, prompts: list[str], pairs: list, reward_fns: dict, batch_size: int, progress):
     """{reward name: scores [len(pairs)]} of the saved PNGs of (prompt index, seed) pairs (choice 5)."""
     scores = {name: [] for name in reward_fns}
     for k in tqdm(range(0, len(pairs), batch_size), f"scoring {folder.name}", disable=not progress):
@@ -196,27 +168,31 @@ def save_grid(folders: dict[str, Path], prompts: list[str], seeds: list[int], pa
                 left = k * cell + (gap if k >= columns else 0)
                 grid.paste(picture.convert("RGB").resize((cell, cell), resample), (left, top + caption))
     grid.save(path)
-    return path
 
 
 def compare(aligned_sd, prompts: list[str], reward_fns: dict, seeds: list[int], out_dir: str,
             base_sd=None, categories: list[str] | None = None, prompt_set: str = "", num_steps: int = 50,
-            guidance: float = 7.5, eta: float = 0.0, batch_size: int = 8, grid_prompts: int = 12,
-            grid_seeds: int = 4, model_ids: dict | None = None, progress: bool = True) -> dict:
+            guidance: float = 7.5, eta: float = 0.0, batch_size: int = 8, model_ids: dict | None = None,
+            progress: bool = True) -> dict:
     """Base vs aligned on the same prompts and seeds -> the report (also written as report.json, report.md).
-    reward_fns: {name: reward(images, prompts) -> [B]}, loaded by the caller. base_sd=None: aligned_sd's UNet
-    with its LoRA adapters off. categories: one per prompt. prompt_set "drawbench" adds PUBLISHED's rows.
-    model_ids: {"base": ..., "aligned": ...} names of the models (files, sizes) in the images' settings."""
+    reward_fns: {name: reward(images, prompts) -> [B]}. base_sd=None: aligned_sd's UNet with its LoRA adapters
+    off. categories: one per prompt. model_ids: {"base", "aligned": names of the models} in the settings."""
     if base_sd is None and not any(isinstance(m, lora.LoRALinear) for m in aligned_sd.unet.modules()):
         raise ValueError("compare: base_sd=None, but aligned_sd has no LoRA layers to switch off (the base)")
-    out = Path(out_dir)
+    out, sampler = Path(out_dir), {"num_steps": num_steps, "guidance": guidance, "eta": eta}
     folders = {kind: out / "images" / kind for kind in ("base", "aligned")}
-    sampler = {"num_steps": num_steps, "guidance": guidance, "eta": eta}
-    generated = {}
+    pairs = [(i, seed) for i in range(len(prompts)) for seed in seeds]
+    generated, scores = {}, {}
     for kind, folder in folders.items():
         sd = aligned_sd if kind == "aligned" or base_sd is None else base_sd
-        check_folder(folder, {**sampler, "dtype": str(sd.unet.conv_in.weight.dtype),
-                              "model": (model_ids or {}).get(kind), "prompts": prompts})
+        saved = folder / "settings.json"  # images of other settings (sampler, model, prompts) are refused
+        settings = {**sampler, "dtype": str(sd.unet.conv_in.weight.dtype), "prompts": prompts,
+                    "model": (model_ids or {}).get(kind)}
+        if saved.is_file() and json.loads(saved.read_text()) != settings:
+            raise FileExistsError(f"{folder} holds images made with other settings (see {saved}): give "
+                                  "another --out, or delete the folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(settings, indent=1))
         missing = [(seed, [i for i in range(len(prompts)) if not image_path(folder, i, seed).is_file()])
                    for seed in seeds]
         todo = [(seed, indices[k:k + batch_size]) for seed, indices in missing
@@ -227,23 +203,22 @@ def compare(aligned_sd, prompts: list[str], reward_fns: dict, seeds: list[int], 
             for seed, batch in todo:
                 images = generate(sd, [prompts[i] for i in batch], [seed], num_steps, guidance, eta,
                                   progress=False)
-                for i, image in zip(batch, images):
-                    save_png(image, image_path(folder, i, seed))
+                for i, image in zip(batch, images):  # written atomically: no truncated PNG to reuse later
+                    path = image_path(folder, i, seed)
+                    to_pil(image).save(path.with_suffix(".partial.png"))
+                    os.replace(path.with_suffix(".partial.png"), path)
                 bar.update(len(batch))
+        scores[kind] = score_images(folder, prompts, pairs, reward_fns, batch_size, progress)
 
-    pairs = [(i, seed) for i in range(len(prompts)) for seed in seeds]
-    scores = {kind: score_images(folder, prompts, pairs, reward_fns, batch_size, progress)
-              for kind, folder in folders.items()}
     by_category = {}
     for category in sorted(set(categories or []) - {""}):
         rows = [k for k, (i, _) in enumerate(pairs) if categories[i] == category]
         by_category[category] = {"num_pairs": len(rows), "rewards": summarize(scores, torch.tensor(rows))}
-
-    grid = save_grid(folders, prompts[:grid_prompts], seeds[:grid_seeds], out / "grid.png")
+    save_grid(folders, prompts[:12], seeds[:4], out / "grid.png")
     report = {"prompt_set": prompt_set, "num_prompts": len(prompts), "seeds": list(seeds),
               "num_pairs": len(pairs), "sampler": sampler, "rewards": summarize(scores),
               "categories": by_category, "reference": PUBLISHED.get(prompt_set), "generated": generated,
-              "images": str(out / "images"), "grid": str(grid)}
+              "images": str(out / "images"), "grid": str(out / "grid.png")}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(format_markdown(report))
     return report
@@ -268,14 +243,13 @@ def format_markdown(report: dict) -> str:
                      f"{r['win_rate']:.3f} ± {r['stderr']:.3f}", r["ties"]]
                     for name, r in report["rewards"].items()])
     if report.get("reference"):
-        ours = {f"ours: {kind}": {name: f"{r[kind]['mean']:.4f}" for name, r in report["rewards"].items()}
-                for kind in ("base", "aligned")}
-        rows = {f"{model} (published)": values for model, values in report["reference"].items()} | ours
         metrics = list(next(iter(report["reference"].values())))
+        rows = [[f"{model} (published)", *values.values()] for model, values in report["reference"].items()]
+        rows += [[f"ours: {kind}", *(f"{report['rewards'][m][kind]['mean']:.4f}" if m in report["rewards"]
+                                     else "not measured" for m in metrics)] for kind in ("base", "aligned")]
         lines += ["", f"Reference: {title} means published by the seed (DiffusionDPO reference numbers), not "
                   "measured here (sbert: SentenceBERT text alignment); ours beside them.", ""]
-        lines += table(["model", *metrics], [[model, *(values.get(m, "not measured") for m in metrics)]
-                                             for model, values in rows.items()])
+        lines += table(["model", *metrics], rows)
     if report["categories"]:
         lines += ["", "Per category:", ""]
         lines += table(["category", "pairs", "metric", "base", "aligned", "aligned - base", "win rate"],
@@ -296,18 +270,17 @@ def load_models(model: str, unet: str | None, lora_path: str | None, device: str
         base = load_stable_diffusion(model, device=device, dtype=dtype)
     aligned = dataclasses.replace(base)
     if unet and os.path.isdir(unet):  # a diffusers unet folder (train.py's out_dir/unet of a full fine-tune)
-        aligned.unet = load_unet(unet).to(device, dtype)
+        aligned.unet = load_unet(unet)
     elif unet:  # a state dict with diffusers names, for the base model's architecture
-        aligned.unet = build(type(base.unet), base.unet.config, read_state_dict(unet), unet).to(device, dtype)
+        aligned.unet = build(type(base.unet), base.unet.config, read_state_dict(unet), unet)
     if lora_path:
         lora.load_lora(aligned.unet, lora_path)  # a file that is no LoRA of this model: CheckpointError
-        aligned.unet.to(device, dtype)
+    aligned.unet.to(device, dtype)
     return (base if unet else None), aligned
 
 
 def load_rewards(names: list[str], device, reward_paths: dict[str, str]) -> dict:
-    """{name: rewards.get_reward(name, device, paths)}; a path KEY=FILE goes to every reward whose loader
-    takes KEY, NAME.KEY=FILE to that reward only."""
+    """{name: reward}; a path KEY=FILE goes to every reward whose loader takes KEY, NAME.KEY=FILE to one."""
     loaded = {}
     for name in names:
         accepted = inspect.signature(rewards.REWARDS[name]).parameters
@@ -317,7 +290,7 @@ def load_rewards(names: list[str], device, reward_paths: dict[str, str]) -> dict
     return loaded
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Compare an aligned model with its base: rewards, win rates.")
     p.add_argument("--model", default="toy", help="'toy', a diffusers folder, an SD1.5 file or a hub id")
     p.add_argument("--unet", help="aligned UNet: a diffusers unet folder or a .safetensors state dict")
@@ -332,17 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="CFG scale (default: 3 for the toy, else 7.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic given the seed)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generation / scoring batch")
-    p.add_argument("--grid-prompts", type=int, default=12, help="rows (prompts) in grid.png")
-    p.add_argument("--grid-seeds", type=int, default=4, help="images per model per row in grid.png")
     p.add_argument("--out", default="out/eval", help="folder for images/, report.md, report.json, grid.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    return p
-
-
-def main(argv=None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     toy_model = args.model == "toy"
     names = [name for name in args.rewards.split(",") if name]
     paths = [item.split("=", 1) for item in args.reward_path]
@@ -353,7 +319,7 @@ def main(argv=None) -> dict:
                          ("--steps, --batch-size must be >= 1", min(args.steps or 1, args.batch_size) < 1),
                          ("--max-prompts must be >= 0", args.max_prompts < 0)]:
         if bad:
-            parser.error(message)
+            p.error(message)
     try:  # every option and file is checked before a model is loaded
         prompt_set = read_prompts(args.prompts, args.max_prompts)
         seeds = parse_seeds(args.seeds)
@@ -363,12 +329,11 @@ def main(argv=None) -> dict:
             f"{os.path.abspath(f)} ({os.stat(f).st_size} bytes, modified {int(os.stat(f).st_mtime)})"
             for f in (args.unet, args.lora) if f]
         report = compare(
-            aligned, prompt_set.prompts, reward_fns, seeds, args.out, base_sd=base,
-            categories=prompt_set.categories, prompt_set=prompt_set.name,
+            aligned, prompt_set.prompts, reward_fns, seeds, args.out, base_sd=base, eta=args.eta,
+            categories=prompt_set.categories, prompt_set=prompt_set.name, batch_size=args.batch_size,
             num_steps=args.steps or (10 if toy_model else 50),
             guidance=args.guidance if args.guidance is not None else (3.0 if toy_model else 7.5),
-            eta=args.eta, batch_size=args.batch_size, grid_prompts=args.grid_prompts,
-            grid_seeds=args.grid_seeds, model_ids={"base": args.model, "aligned": " + ".join(aligned_files)})
+            model_ids={"base": args.model, "aligned": " + ".join(aligned_files)})
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None  # one line naming the option or file and why
     print(format_markdown(report), f"wrote report.md, report.json, grid.png, images/ in {args.out}", sep="\n")

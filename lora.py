@@ -1,39 +1,35 @@
 """LoRA (Hu et al., 2021, arXiv 2106.09685) on the UNet's attention projections, diffusers/PEFT-compatible.
 
 A frozen Linear W (out x in) gets a trainable low-rank update (LoRA Eq. 3):  h = W x + (alpha / r) * B A x,
-A: r x in, B: out x r. B starts at zero so the adapted model equals the base model at step 0; A is Gaussian
-with std 1/r (PEFT's init_lora_weights="gaussian", which the diffusers Diffusion-DPO script uses; the LoRA
-paper only says "random Gaussian"). Adapters go into to_q, to_k, to_v and to_out.0 of every Attention module
-(self- and cross-attention), the target list of diffusers' DPO/text-to-image LoRA scripts.
+A: r x in, B: out x r. B starts at zero (adapted model == base model at step 0); A is Gaussian with std 1/r
+(PEFT's init_lora_weights="gaussian", as in the diffusers Diffusion-DPO script). Adapters go into to_q, to_k,
+to_v and to_out.0 of every self- and cross-attention, the targets of diffusers' DPO/text-to-image scripts.
+The Diffusion-DPO reference eps_ref is the same UNet with adapters switched off (`lora_disabled`), as in the
+diffusers DPO script. The switch is read when a layer runs: call backward outside `lora_disabled`, or
+gradient checkpointing would recompute without LoRA.
 
-Diffusion-DPO with LoRA needs the frozen reference eps_ref; as in the diffusers DPO script it is the same UNet
-with adapters switched off (`lora_disabled`), so no second UNet is held in memory. The switch is read when a
-layer runs: call backward outside `lora_disabled`, or gradient checkpointing would recompute without LoRA.
-
-Implementation notes / deviations:
-  1. LoRALinear IS an nn.Linear holding the very same weight/bias Parameters as the Linear it replaces, plus
-     submodules lora_A and lora_B. So the base keys (`...to_q.weight`) keep their diffusers names, and the
-     adapter keys come out as `...to_q.lora_A.weight`, the PEFT names diffusers' `load_lora_weights` expects
-     (with the `unet.` prefix added by lora_state_dict).
-  2. Saved files bake alpha/r into lora_B (scale 1.0 in the file), so every loader that assumes
-     alpha == rank (diffusers without adapter metadata, ComfyUI, ...) applies the right update; load_lora
-     divides it back out (exact when alpha/r is a power of two, e.g. the default alpha = rank).
-  3. LoRA weights are kept in float32 whatever the base dtype (as the diffusers script upcasts them); the
-     update is cast back to the activation dtype.
-  4. merge_lora folds B A into W (in float32, then rounded once to W's dtype: adding a 1e-4-sized update to
-     bf16 weights directly loses much of it) and turns every LoRALinear back into a plain nn.Linear: the
-     result saves as a plain diffusers UNet state dict, and the reference (adapters off) is gone.
+Deviations / implementation notes:
+  1. LoRALinear IS an nn.Linear holding the same weight/bias Parameters as the Linear it replaces, plus
+     lora_A and lora_B: base keys keep their diffusers names, and adapter keys are the PEFT names
+     (`...to_q.lora_A.weight`, prefixed `unet.`) that diffusers' `load_lora_weights` expects.
+  2. Saved files bake alpha/r into lora_B (scale 1.0 in the file), so loaders that assume alpha == rank
+     (diffusers without adapter metadata, ComfyUI) apply the right update; load_lora divides it back out
+     (exact when alpha/r is a power of two, e.g. the default alpha = rank).
+  3. LoRA weights stay float32 whatever the base dtype (as the diffusers script upcasts them); the update is
+     cast back to the activation dtype.
+  4. merge_lora folds B A into W in float32, rounded once to W's dtype (a 1e-4-sized update added to bf16
+     weights directly loses much of it), and turns every LoRALinear back into a plain nn.Linear.
 """
-
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from weights import CheckpointError, read_state_dict
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class LoRALinear(nn.Linear):
@@ -43,10 +39,10 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)  # skip nn.Linear.__init__: it would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        device = base.weight.device
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=torch.float32)
+        self.scale = alpha / rank
+        float32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # deviation 3
+        self.lora_A = nn.Linear(base.in_features, rank, **float32)
+        self.lora_B = nn.Linear(rank, base.out_features, **float32)
         nn.init.normal_(self.lora_A.weight, std=1.0 / rank)
         nn.init.zeros_(self.lora_B.weight)  # zero update at init: adapted model == base model
         self.lora_enabled = True
@@ -59,51 +55,32 @@ class LoRALinear(nn.Linear):
         return out + (self.scale * update).to(out.dtype)
 
 
-def _replace(root: nn.Module, path: str, new: nn.Module):
-    """root.<path> = new, where path may end in a ModuleList index ("to_out.0")."""
-    parent_name, _, child_name = path.rpartition(".")
-    parent = root.get_submodule(parent_name)  # "" -> root itself
-    if child_name.isdigit():
-        parent[int(child_name)] = new
-    else:
-        setattr(parent, child_name, new)
-
-
 def _lora_modules(unet):
     return [(name, m) for name, m in unet.named_modules() if isinstance(m, LoRALinear)]
 
 
-def inject_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None, targets=DEFAULT_TARGETS):
+def inject_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None):
     """Freeze `unet`, wrap the target Linears of every attention module; returns the new trainable params."""
     if _lora_modules(unet):
         raise ValueError("inject_lora: this UNet already has LoRA adapters")
     alpha = float(rank if alpha is None else alpha)
     unet.requires_grad_(False)
     attention_modules = [m for m in unet.modules() if hasattr(m, "to_q") and hasattr(m, "to_out")]
-    if not attention_modules:
-        raise ValueError("inject_lora: no attention modules (with to_q/to_out) found in the model")
     params = []
     for attention in attention_modules:
-        for target in targets:
-            base = attention.get_submodule(target)
-            if not isinstance(base, nn.Linear):
-                raise TypeError(f"inject_lora: target {target!r} is {type(base).__name__}, not nn.Linear")
-            wrapped = LoRALinear(base, rank, alpha)
-            _replace(attention, target, wrapped)
+        for target in TARGETS:
+            wrapped = LoRALinear(attention.get_submodule(target), rank, alpha)
+            attention.set_submodule(target, wrapped)  # "to_out.0": a ModuleList index
             params += [wrapped.lora_A.weight, wrapped.lora_B.weight]
     return params
-
-
-def set_lora_enabled(unet: nn.Module, enabled: bool):
-    for _, module in _lora_modules(unet):
-        module.lora_enabled = enabled
 
 
 @contextmanager
 def lora_disabled(unet: nn.Module):
     """`with lora_disabled(unet): eps_ref = unet(...)` -- the base model is the DPO reference."""
     previous = [(m, m.lora_enabled) for _, m in _lora_modules(unet)]
-    set_lora_enabled(unet, False)
+    for module, _ in previous:
+        module.lora_enabled = False
     try:
         yield unet
     finally:
@@ -122,8 +99,6 @@ def lora_state_dict(unet: nn.Module, prefix: str = "unet.") -> dict[str, torch.T
 
 
 def save_lora(unet: nn.Module, path: str):
-    from safetensors.torch import save_file
-
     save_file(lora_state_dict(unet), str(path), metadata={"format": "pt"})
 
 
@@ -134,8 +109,11 @@ def load_lora(unet: nn.Module, path_or_state_dict, prefix: str = "unet."):
     from_file = not isinstance(path_or_state_dict, dict)
     state = read_state_dict(path_or_state_dict) if from_file else path_or_state_dict
     source = str(path_or_state_dict) if from_file else "state dict"
-    if not _lora_modules(unet):
-        inject_lora(unet, rank=lora_rank(state, source))
+    if not _lora_modules(unet):  # adapters of the file's rank
+        ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+        if len(ranks) != 1:
+            raise CheckpointError(f"{source}: not a LoRA file: expected one LoRA rank, found {sorted(ranks)}")
+        inject_lora(unet, rank=ranks.pop())
     modules = dict(_lora_modules(unet))
     expected = {f"{prefix}{name}.lora_{ab}.weight" for name in modules for ab in "AB"}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
@@ -161,14 +139,6 @@ def merge_lora(unet: nn.Module) -> nn.Module:
         module.weight.copy_(module.weight.float() + delta)  # in fp32, then rounded once to the weight's dtype
         plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
         plain.weight, plain.bias = module.weight, module.bias  # the same Parameters, no copy
-        _replace(unet, name, plain)
+        unet.set_submodule(name, plain)
     return unet
-
-
-def lora_rank(state: dict, source: str = "state dict") -> int:
-    """The rank of a lora_state_dict (to build the matching inject_lora before load_lora)."""
-    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    if len(ranks) != 1:
-        raise CheckpointError(f"{source}: not a LoRA file: expected one LoRA rank, found {sorted(ranks)}")
-    return ranks.pop()
 

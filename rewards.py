@@ -3,35 +3,29 @@
     images  float [B, 3, H, W] in [0, 1], any device      prompts  list[str] of length B
     scores  float [B] on images.device; differentiable w.r.t. images when reward.differentiable
 
-TailorPO ranks a step's candidates by r(decode(x0_pred)) (Ren et al. 2025, Fig. 3) and TailorPO-G follows
-grad_x r; Diffusion-DPO's AI feedback relabels pairs; evaluate.py reports rewards. get_reward(name, device,
-**paths) builds one by name:
+TailorPO ranks a step's candidates by r(decode(x0_pred)) (Ren et al. 2025, Fig. 3), TailorPO-G follows
+grad_x r, Diffusion-DPO's AI feedback relabels pairs. get_reward(name, device, **paths) builds one:
 
     aesthetic    LAION improved aesthetic predictor v2: MLP(normalize(CLIP ViT-L/14 image embedding)),
                  MLP 768->1024->128->64->16->1 with no nonlinearity (its ReLUs are commented out upstream)
     pickscore    PickScore v1 (Kirstain et al. 2023): logit_scale.exp() * cos(image, text), CLIP ViT-H/14
     hpsv2        HPS v2 / v2.1 (Wu et al. 2023): cos(image, text) of a fine-tuned OpenCLIP ViT-H-14
-    clipscore    CLIPScore (Hessel et al. 2021) as torchmetrics defines it: 100 * max(cos(image, text), 0)
-                 with OpenAI CLIP ViT-L/14 (the aesthetic reward's CLIP file)
+    clipscore    CLIPScore (Hessel et al. 2021) as torchmetrics: 100 * max(cos(image, text), 0), CLIP ViT-L/14
     jpeg_compressibility / jpeg_incompressibility   DDPO (Black et al. 2023): -/+ JPEG size in kB
     brightness, saturation   weight-free and differentiable (tests, the CPU toy world); toy: toy.py's model
 
 Deviations from the official code:
 1. Preprocessing in torch on the float images, so gradients reach the pixels: antialiased bicubic resize of
    the shortest side to 224, clamp to [0, 1], center crop, OpenAI mean/std. The originals resize uint8 with
-   PIL (rounding and clipping between its passes): ~1/255 per pixel apart on smooth images (test_rewards.py
-   measures it and the score change), up to 4/255 on i.i.d. noise (~20/255 when enlarged).
-2. hpsv2.score resizes the longer side to 224 and pads to a square; we use the others' shortest-side resize
-   and center crop: the same for square images.
+   PIL: ~1/255 per pixel apart on smooth images, up to 4/255 on i.i.d. noise (test_rewards.py measures it).
+2. hpsv2.score resizes the longer side to 224 and pads to a square; we crop as the others: same on squares.
 3. Prompts are tokenized by tokenizer.CLIPTokenizer (HF text cleaning for PickScore, OpenAI's for HPS) and
    eos-padded to 77, where PickScore pads to the longest prompt and open_clip with 0: the causal text towers
    pool at the first <|endoftext|>, so padding cannot change a score (the tests pad as the originals do).
-4. Weight files are read by weights.read_state_dict (safetensors, or torch.load(weights_only=True): pickled
-   code never runs); a bad one raises weights.CheckpointError, one line naming the file and the reason.
-   `python rewards.py convert IN OUT.safetensors` turns a pickle into safetensors once.
-5. Rewards score in float32 (float64 for gradcheck) with autocast disabled, whatever the caller runs under:
-   under bf16 autocast the aesthetic score has a resolution of 1/32 in [4, 8), so close TailorPO candidates,
-   AI-feedback and evaluation pairs became ties (DDPO's and Diffusion-DPO's scorers also run in fp32).
+4. Weights are read by weights.read_state_dict (safetensors, or torch.load(weights_only=True); a bad file:
+   CheckpointError naming it and why); `python rewards.py convert IN OUT` turns a pickle into safetensors.
+5. Rewards score in float32 (float64 for gradcheck) with autocast off, whatever the caller runs under: in
+   bf16 the aesthetic score has a resolution of 1/32 in [4, 8), so close candidates and pairs became ties.
 6. clipscore clamps each image's score at 0 (torchmetrics' documentation; Hessel et al., w = 100); its code
    clamps the batch mean: the same when every cosine is >= 0, as CLIP gives for images and their prompts.
 """
@@ -39,7 +33,6 @@ Deviations from the official code:
 import argparse
 import io
 import json
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -58,19 +51,6 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 AESTHETIC_MLP_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                      "sac+logos+ava1-l14-linearMSE.pth")
 VIT_L14 = "HF openai/clip-vit-large-patch14"
-
-
-def check_images(images: torch.Tensor, prompts: list[str]) -> None:
-    is_tensor = torch.is_tensor(images)
-    if not (is_tensor and images.ndim == 4 and images.shape[1] == 3 and images.is_floating_point()):
-        got = f"{images.dtype} {list(images.shape)}" if is_tensor else type(images).__name__
-        raise ValueError(f"rewards take images as a float tensor [B, 3, H, W] in [0, 1], got {got}")
-    low, high = torch.stack([images.min(), images.max()]).tolist()  # one host sync per reward call
-    if not (-1e-4 <= low and high <= 1 + 1e-4):  # also catches NaN
-        raise ValueError(f"rewards take images in [0, 1], got values in [{low:.3g}, {high:.3g}]; "
-                         "map decoded SD images x in [-1, 1] with (x / 2 + 0.5).clamp(0, 1)")
-    if len(prompts) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
 
 
 def read_image(path) -> torch.Tensor:
@@ -94,8 +74,7 @@ def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     return (images - mean) / std
 
 
-def read_weights(path, what: str) -> dict[str, torch.Tensor]:
-    """weights.read_state_dict, whose CheckpointError then also says which file was expected."""
+def read_weights(path, what: str) -> dict[str, torch.Tensor]:  # a CheckpointError also says what was expected
     try:
         return read_state_dict(path)
     except CheckpointError as error:
@@ -160,7 +139,16 @@ class Reward(nn.Module):
     differentiable = True
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, prompts)
+        is_tensor = torch.is_tensor(images)
+        if not (is_tensor and images.ndim == 4 and images.shape[1] == 3 and images.is_floating_point()):
+            got = f"{images.dtype} {list(images.shape)}" if is_tensor else type(images).__name__
+            raise ValueError(f"rewards take images as a float tensor [B, 3, H, W] in [0, 1], got {got}")
+        low, high = torch.stack([images.min(), images.max()]).tolist()  # one host sync per reward call
+        if not (-1e-4 <= low and high <= 1 + 1e-4):  # also catches NaN
+            raise ValueError(f"rewards take images in [0, 1], got values in [{low:.3g}, {high:.3g}]; "
+                             "map decoded SD images x in [-1, 1] with (x / 2 + 0.5).clamp(0, 1)")
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
         if not self.differentiable and images.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"the {self.name} reward is not differentiable, it has no gradient to give: "
                                "call it under torch.no_grad() or on images.detach()")
@@ -170,9 +158,6 @@ class Reward(nn.Module):
         with torch.autocast(device.type, enabled=False):  # deviation 5: fp32 whatever the caller runs under
             scores = self.score(images.to(device, dtype), prompts)
         return scores.to(images.device, dtype)
-
-    def train(self, mode: bool = True):  # a frozen scorer: dropout stays off even when a parent trains
-        return super().train(False)
 
 
 def brightness(images):
@@ -213,13 +198,6 @@ class PixelReward(Reward):
         return self.fn(images)
 
 
-def aesthetic_mlp(embed_dim: int = 768) -> nn.Sequential:
-    """The predictor's head, named as in the .pth: layers.{0,2,4,6,7} (Dropout is inert)."""
-    return nn.Sequential(OrderedDict(layers=nn.Sequential(  # no nonlinearities: the head is one affine map
-        nn.Linear(embed_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-        nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))))
-
-
 class CLIPReward(Reward):
     """A score of a CLIP model's normalised embeddings, by `output`: "aesthetic" = mlp(image embedding); of
     c = cos(image, text): "cosine" (HPSv2), "logits" = logit_scale.exp() * c (PickScore), "clipscore"."""
@@ -247,7 +225,10 @@ def load_aesthetic(clip_path="weights/clip-vit-large-patch14",
                    mlp_path="weights/sac+logos+ava1-l14-linearMSE.pth") -> CLIPReward:
     """clip_path: HF openai/clip-vit-large-patch14 (folder or model.safetensors); mlp_path: the .pth."""
     clip = load_clip(clip_path, CLIPTextConfig.sd15(), CLIPVisionConfig.vit_l14(), f"aesthetic {VIT_L14}")
-    mlp = aesthetic_mlp(clip.visual_projection.out_features)
+    mlp = nn.Sequential()  # the head, named as in the .pth: layers.{0,2,4,6,7} (the Dropouts are inert)
+    mlp.layers = nn.Sequential(nn.Linear(clip.visual_projection.out_features, 1024), nn.Dropout(0.2),
+                               nn.Linear(1024, 128), nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1),
+                               nn.Linear(64, 16), nn.Linear(16, 1))
     load_strict(mlp, read_weights(mlp_path, f"aesthetic reward MLP ({AESTHETIC_MLP_URL})"), str(mlp_path))
     return CLIPReward("aesthetic", clip, "aesthetic", mlp=mlp)
 
@@ -277,22 +258,16 @@ def load_toy_reward(cache_dir=".cache/toy") -> Reward:
     return toy.load_reward_model(cache_dir)
 
 
-REWARDS = {
-    "aesthetic": load_aesthetic,
-    "pickscore": load_pickscore,
-    "hpsv2": load_hpsv2,
-    "clipscore": load_clipscore,
+REWARDS = {  # name -> loader(**paths)
+    "aesthetic": load_aesthetic, "pickscore": load_pickscore, "hpsv2": load_hpsv2,
+    "clipscore": load_clipscore, "toy": load_toy_reward,
     "jpeg_compressibility": lambda: PixelReward(jpeg_compressibility, differentiable=False),
     "jpeg_incompressibility": lambda: PixelReward(jpeg_incompressibility, differentiable=False),
-    "brightness": lambda: PixelReward(brightness),
-    "saturation": lambda: PixelReward(saturation),
-    "toy": load_toy_reward,
-}
+    "brightness": lambda: PixelReward(brightness), "saturation": lambda: PixelReward(saturation)}
 
 
 def get_reward(name: str, device="cpu", dtype=torch.float32, **paths) -> Reward:
-    """A reward by name, e.g. get_reward("aesthetic", "cuda", mlp_path="sac+logos+ava1-l14-linearMSE.pth"),
-    scoring in float32 (float64: for gradcheck; deviation 5); a bad weight file raises CheckpointError."""
+    """A reward by name, e.g. get_reward("aesthetic", "cuda", mlp_path="sac+logos+ava1-l14-linearMSE.pth")."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose from {', '.join(REWARDS)}")
     if dtype not in (torch.float32, torch.float64):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import toy
 from data import to_pil
 from lora import load_lora, merge_lora
 from sampler import generate, image_size
@@ -41,7 +42,7 @@ def save_images(images: torch.Tensor, out: str) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Stable Diffusion 1.5 text-to-image (DDIM + guidance).")
-    p.add_argument("--model", required=True, help="diffusers folder, .safetensors/.ckpt file, or hub id")
+    p.add_argument("--model", required=True, help="diffusers folder, .safetensors/.ckpt file, hub id, or toy")
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional text)")
     p.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
@@ -70,7 +71,10 @@ def main(argv=None) -> list[Path]:
         parser.error(f"--num-images must be >= 1, got {args.num_images}")
     dtype = getattr(torch, args.dtype)
     try:
-        sd = load_stable_diffusion(args.model, device=args.device, dtype=dtype)
+        if args.model == "toy":  # the CPU toy world's cached base model (toy.py)
+            sd = toy.load_base_model(device=args.device).to(dtype=dtype)
+        else:
+            sd = load_stable_diffusion(args.model, device=args.device, dtype=dtype)
         if args.unet:
             sd.unet = load_unet(args.unet).to(args.device, dtype)
         if args.lora:

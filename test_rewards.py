@@ -23,7 +23,7 @@ from torch import nn
 
 import rewards
 from clip import CLIPTextConfig, CLIPVisionConfig
-from conftest import hf_clip_tokenizer, tokenizer_golden
+from conftest import hf_clip_tokenizer, save_hf_tokenizer, tokenizer_golden
 from rewards import clip_preprocess, get_reward
 from tokenizer import CLIPTokenizer
 from weights import CheckpointError
@@ -133,7 +133,7 @@ def test_pickscore_equals_transformers_with_pickscore_padding(tmp_path):
     import transformers
     model = hf_clip(*H14, seed=1)
     model.save_pretrained(tmp_path / "pickscore")
-    CLIPTokenizer.default().save_hf_files(tmp_path / "tokenizer")
+    save_hf_tokenizer(CLIPTokenizer.default(), tmp_path / "tokenizer")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp_path / "tokenizer", pad_token="!")
     batch = tokenizer(PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
     assert (batch.input_ids[0] == 0).any()  # the short prompt really is 0-padded

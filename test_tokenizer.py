@@ -1,8 +1,8 @@
 """Tests for tokenizer.py on the real CLIP vocabulary (assets/bpe_simple_vocab_16e6.txt.gz).
 
 References: the ids OpenAI's SimpleTokenizer gives for 322 strings, committed in assets/tokenizer_golden.json
-(so the tests need no extra install), and transformers' CLIPTokenizer reading the files our save_hf_files
-wrote. Deviations: none.
+(so the tests need no extra install), and transformers' CLIPTokenizer reading the files that
+conftest.save_hf_tokenizer wrote. Deviations: none.
 
 The golden file was written once by this file's main() from the reference, OpenAI CLIP's
 clip/simple_tokenizer.py (SimpleTokenizer.encode: ftfy + html.unescape cleaning, the `regex` pre-tokenizer,
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_clip_tokenizer, tokenizer_golden
+from conftest import hf_clip_tokenizer, save_hf_tokenizer, tokenizer_golden
 from tokenizer import CLIPTokenizer, clean_text, pretokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -223,7 +223,7 @@ def test_vocabulary_files_round_trip(tmp_path):
     assert len(tokenizer.vocab) == 49408 and len(tokenizer.merges) == 48894
     assert tokenizer.merges[0] == ("i", "n") and tokenizer.vocab["in"] == 512
     assert tokenizer.vocab["!"] == 0 and tokenizer.vocab["!</w>"] == 256
-    tokenizer.save_hf_files(tmp_path)
+    save_hf_tokenizer(tokenizer, tmp_path)
     assert (tmp_path / "merges.txt").read_text(encoding="utf-8").startswith("#version: 0.2\ni n\nt h\n")
     loaded = CLIPTokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
     assert loaded.vocab == tokenizer.vocab and loaded.merges == tokenizer.merges

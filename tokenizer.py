@@ -15,8 +15,7 @@ Deviations from the official code (OpenAI clip, transformers):
    only verbatim in the raw text. "openai" reproduces OpenAI clip / open_clip (HPSv2): ftfy.fix_text,
    html.unescape twice, whitespace collapsed, str.lower(), special tokens recognised after lower-casing.
    They differ e.g. on "don’t" (ftfy straightens the quote), "&amp;", fullwidth forms and ligatures.
-   ftfy is optional: without it "openai" applies NFC instead of fix_text, with a warning (differs from
-   OpenAI only on text ftfy repairs: curly quotes, fullwidth forms, ligatures, mojibake, controls).
+   ftfy is optional: without it "openai" applies NFC instead of fix_text (with a warning).
 2. The pre-tokenizer regex uses Python's `re`; the \\p{L} / \\p{N} classes it lacks are built once from
    `unicodedata` (Unicode 14 on Python 3.11; the `regex` module may know newer code points).
 """
@@ -175,16 +174,3 @@ class CLIPTokenizer:
             ids = [self.bos_id, *self.encode(prompt)[: self.max_length - 2], self.eos_id]
             rows.append(ids + [self.eos_id] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
-
-    def save_hf_files(self, folder) -> None:
-        """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (SD1.5 layout)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
-        merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges)
-        (folder / "merges.txt").write_text(merges, encoding="utf-8")
-        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-        config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length,
-                  "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

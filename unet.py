@@ -3,16 +3,15 @@
 Latent Diffusion Models (Rombach et al. 2022, arXiv:2112.10752), Sec. 3.3: eps_theta(z_t, t, tau(y)) is a
 UNet (Ho et al. 2020, DDPM, Appendix B) whose levels are ResNet blocks followed by "spatial transformers":
 self-attention, cross-attention to the text tokens tau(y) (softmax(Q K^T / sqrt(d)) V) and a GEGLU
-feed-forward. Every module path equals a diffusers `UNet2DConditionModel` state-dict key
-(`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...), so the public weights load with
-strict=True and no rename table. ResnetBlock, Attention and the resamplers serve vae.py too (as in
-diffusers). Upstream read (not copied): CompVis ldm/.../openaimodel.py, diffusers unet_2d_condition.py.
+feed-forward. Module paths equal diffusers' `UNet2DConditionModel` state-dict keys (strict loading, no
+rename table); ResnetBlock, Attention and the resamplers serve vae.py too. Upstream read (not copied):
+CompVis ldm/.../openaimodel.py, diffusers unet_2d_condition.py.
 
 Deviations from the paper / official code:
  1. Only the SD1.x topology (epsilon prediction, 1x1 conv proj_in/proj_out, one transformer layer per
     attention, no class or addition embeddings); `UNetConfig.from_diffusers` refuses other configs.
- 2. Dropout (0 in SD1.5) is left out of the ResNet blocks; attention and feed-forward keep diffusers'
-    Dropout(0) entries (`to_out.1`, `ff.net.1`) only so that the module lists match the diffusers layout.
+ 2. No Dropout in the ResNet blocks (0 in SD1.5); attention and feed-forward keep diffusers' Dropout(0)
+    entries (`to_out.1`, `ff.net.1`) only so that the module lists match the diffusers layout.
  3. SiLU(time embedding) is computed once per forward and shared by every ResNet block (diffusers: per block).
  4. The upsampler always interpolates to the size of the skip it is concatenated with next (diffusers only
     when H or W is not a multiple of 2**num_upsamplers; otherwise scale_factor=2, the same result).
@@ -46,7 +45,7 @@ class UNetConfig:
     num_heads: int = 8  # diffusers calls this `attention_head_dim` (a misnomer); head_dim = channels / 8
     cross_attention_dim: int = 768  # width of the text tokens (CLIP ViT-L/14 hidden size)
     norm_num_groups: int = 32
-    sample_size: int = 64  # latent side of the training resolution (64 * 8 = 512 px); informational
+    sample_size: int = 64  # latent side of the training resolution (64 * 8 = 512 px): sampler.py's default
 
     @classmethod
     def sd15(cls):
@@ -87,10 +86,8 @@ class UNetConfig:
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
-    """Sinusoidal embedding of integer timesteps [B] -> [B, dim] (DDPM Appendix B / Transformer PE).
-
-    SD1.5 uses flip_sin_to_cos=True and freq_shift=0: [cos, sin] with freqs exp(-ln(10000) * i / (dim/2)).
-    """
+    """Sinusoidal embedding of integer timesteps [B] -> [B, dim] (DDPM Appendix B / Transformer PE); SD1.5's
+    flip_sin_to_cos=True, freq_shift=0: [cos, sin] with freqs exp(-ln(10000) * i / (dim/2))."""
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
     angles = timesteps.float()[:, None] * torch.exp(exponent)[None, :]  # Attention Is All You Need Sec. 3.5
@@ -98,8 +95,7 @@ def timestep_embedding(timesteps, dim, max_period=10000):
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the time embedding (if any: the VAE has none) added in between, and a
-    (1x1 conv) shortcut."""
+    """GroupNorm-SiLU-conv twice, the time embedding (none in the VAE) added in between, plus the input."""
 
     def __init__(self, in_channels, out_channels, groups, eps=1e-5, time_dim=None):
         super().__init__()
@@ -109,16 +105,15 @@ class ResnetBlock(nn.Module):
             self.time_emb_proj = nn.Linear(time_dim, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Identity()  # no parameters: diffusers has conv_shortcut only when in != out
-        if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        # a 1x1 conv on the residual path only where the width changes (as in diffusers)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x, time_act=None):  # time_act = SiLU(time embedding) [B, time_dim]
         h = self.conv1(F.silu(self.norm1(x)))
         if time_act is not None:
             h = h + self.time_emb_proj(time_act)[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
-        return self.conv_shortcut(x) + h
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
 class Attention(nn.Module):
@@ -130,15 +125,14 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None):
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # Attention Is All You Need Eq. 1, as in LDM Sec. 3.3
-        out = rearrange(out, "b h n d -> b n (h d)")
-        return self.to_out[1](self.to_out[0](out))
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class GEGLU(nn.Module):
@@ -153,15 +147,6 @@ class GEGLU(nn.Module):
         return a * F.gelu(gate)  # GEGLU, GLU Variants (Shazeer 2020) Sec. 2
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim, mult=4):
-        super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)])
-
-    def forward(self, x):
-        return self.net[2](self.net[0](x))  # net[1] is Dropout(0): kept for the diffusers key layout only
-
-
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm transformer layer: self-attention, cross-attention to the text, GEGLU feed-forward."""
 
@@ -172,7 +157,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
+        self.ff = nn.Sequential(OrderedDict(net=nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0),
+                                                              nn.Linear(4 * dim, dim))))
 
     def forward(self, x, context):
         x = self.attn1(self.norm1(x)) + x
@@ -221,9 +207,8 @@ class Upsample(nn.Module):
 
 
 class UNetLevel(nn.Module):
-    """One resolution level: (ResNet [+ SpatialTransformer]) pairs, then a down- or upsampler if `resample`;
-    diffusers' (CrossAttn)DownBlock2D / (CrossAttn)UpBlock2D, and the mid block (2 ResNets, 1 transformer).
-    `in_channels` lists the input width of each ResNet."""
+    """diffusers' (CrossAttn)DownBlock2D / UpBlock2D / mid block: a ResNet per input width in `in_channels`,
+    the first `num_attentions` each followed by a SpatialTransformer, then a down/upsampler if `resample`."""
 
     def __init__(self, in_channels, channels, cfg, num_attentions, resample=None):
         super().__init__()
@@ -256,33 +241,26 @@ class UNet2DConditionModel(nn.Module):
 
         self.mid_block = UNetLevel([widths[-1]] * 2, widths[-1], cfg, 1)  # ResNet, attention, ResNet
 
-        # SD1.5 expanded (block_out_channels 320, 640, 1280, 1280; L = 2), ResNet in -> out widths; an up
-        # ResNet's input is cat([h, skip]); "attn": a transformer after each ResNet (test_models checks this):
-        #   down_blocks.0 attn: 320->320, 320->320, downsample     skips: 320 (conv_in), 320, 320, 320
-        #   down_blocks.1 attn: 320->640, 640->640, downsample     skips: 640, 640, 640
-        #   down_blocks.2 attn: 640->1280, 1280->1280, downsample  skips: 1280, 1280, 1280
-        #   down_blocks.3:      1280->1280, 1280->1280             skips: 1280, 1280
-        #   mid_block:          1280->1280, attn, 1280->1280
-        #   up_blocks.0:        2560->1280, 2560->1280, 2560->1280, upsample
-        #   up_blocks.1 attn:   2560->1280, 2560->1280, 1920->1280, upsample
-        #   up_blocks.2 attn:   1920->640, 1280->640, 960->640, upsample
-        #   up_blocks.3 attn:   960->320, 640->320, 640->320; GroupNorm, SiLU, conv_out 320->4
+        # SD1.5 (widths 320, 640, 1280, 1280; L = 2): skips 320 (conv_in), 320 x3, 640 x3, 1280 x3, 1280 x2;
+        # an up ResNet reads cat([h, skip]) (last-in first-out), so its input widths are (test_models checks):
+        #   up_blocks.0:      2560, 2560, 2560 -> 1280, upsample
+        #   up_blocks.1 attn: 2560, 2560, 1920 -> 1280, upsample
+        #   up_blocks.2 attn: 1920, 1280,  960 ->  640, upsample
+        #   up_blocks.3 attn:  960,  640,  640 ->  320; GroupNorm, SiLU, conv_out 320 -> 4
         self.up_blocks = nn.ModuleList()
-        h_width = widths[-1]
         for level, (width, attention) in reversed(list(enumerate(zip(widths, cfg.cross_attention)))):
+            h_width = widths[min(level + 1, len(widths) - 1)]  # from the level below (or the mid block)
             ins = [(h_width if i == 0 else width) + skip_widths.pop() for i in range(L + 1)]  # cat([h, skip])
             self.up_blocks.append(UNetLevel(ins, width, cfg, attention * (L + 1), "up" if level else None))
-            h_width = width
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, widths[0], eps=1e-5)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
 
-    def set_gradient_checkpointing(self, enabled: bool):
-        """Recompute each ResNet / transformer block in the backward pass instead of storing activations."""
+    def set_gradient_checkpointing(self, enabled: bool):  # recompute ResNet / transformer blocks in backward
         self.gradient_checkpointing = enabled
 
-    def _run(self, block, *args):
+    def _run(self, block, *args):  # with gradient checkpointing: recomputed in the backward pass
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -310,9 +288,8 @@ class UNet2DConditionModel(nn.Module):
                 h = level.downsamplers[0](h)
                 skips.append(h)
 
-        mid = self.mid_block
-        h = self._pair(mid, 0, h, time_act, context)
-        h = self._run(mid.resnets[1], h, time_act)
+        h = self._pair(self.mid_block, 0, h, time_act, context)  # ResNet, attention, then ResNet
+        h = self._run(self.mid_block.resnets[1], h, time_act)
 
         for level in self.up_blocks:
             for i in range(len(level.resnets)):

@@ -3,10 +3,9 @@
 Latent diffusion (Rombach et al. 2022, LDM Sec. 3.1) runs the diffusion model on z = E(x), a KL-regularised
 latent 8x smaller than the image per side. The encoder E maps an image x in [-1, 1] to a diagonal Gaussian
 posterior q(z|x) = N(mean, exp(logvar)); the decoder D maps a latent back to pixels. SD1.5 trains the UNet
-on z * scaling_factor (0.18215); the CALLER scales (weights.StableDiffusion.encode_images), never this file.
-Each side: conv_in -> levels of ResNet blocks (unet.ResnetBlock, no time input) -> mid block (ResNet,
-single-head self-attention, ResNet) -> GroupNorm -> SiLU -> conv_out. Module names are diffusers'
-AutoencoderKL state-dict keys, so its files load with strict=True.
+on z * scaling_factor (0.18215), applied by the caller (weights.StableDiffusion.encode_images). Each side:
+conv_in -> levels of ResNet blocks (unet.ResnetBlock, no time input) -> mid block (ResNet, single-head
+self-attention, ResNet) -> GroupNorm -> SiLU -> conv_out. Module names are diffusers' state-dict keys.
 
 Deviations from the original LDM code / diffusers:
 1. Only the SD configuration: DownEncoderBlock2D / UpDecoderBlock2D, SiLU, a mid-block attention,
@@ -77,15 +76,6 @@ class DiagonalGaussian:
         self.mean, logvar = moments.chunk(2, dim=1)
         self.logvar = logvar.clamp(-30.0, 20.0)  # same clamp as LDM/diffusers: keeps exp() finite
         self.std = torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator=None):
-        # noise drawn on the generator's device (like diffusers' randn_tensor): the same on any model device
-        device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)  # reparameterisation trick, AEVB Sec. 2.4
-
-    def mode(self):
-        return self.mean
 
 
 class Attention(unet.Attention):

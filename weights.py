@@ -1,19 +1,17 @@
 """Loading the public Stable Diffusion 1.5 weights into our from-scratch modules, strictly.
 
-Sources: a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
-`scheduler/`; our module names are its keys, so only vae.convert_legacy_vae_keys and clip.convert_hf_clip_keys
-are needed); the original CompVis/LDM single file (`v1-5-pruned-emaonly.safetensors`), renamed by the rule
-tables LDM_UNET_RULES / LDM_VAE_RULES; a hub id, fetched with huggingface_hub.snapshot_download if installed.
-Every module is built on the meta device (no memory, no random init) and filled by `load_strict`, which names
-the file and the first missing, unexpected or mis-shaped key. Pickles (.ckpt/.bin/.pt/.pth) are read only with
-torch.load(weights_only=True), which refuses pickled code.
+Sources: a diffusers folder (our module names are its keys: only vae.convert_legacy_vae_keys and
+clip.convert_hf_clip_keys are needed); the original CompVis/LDM single file (v1-5-pruned-emaonly.safetensors)
+renamed by the rule tables LDM_UNET_RULES / LDM_VAE_RULES; a hub id (huggingface_hub.snapshot_download).
+Modules are built on the meta device and filled by `load_strict`, which names the file and the first missing,
+unexpected or mis-shaped key. Pickles (.ckpt/.bin/.pt/.pth) are read only with torch.load(weights_only=True),
+which refuses pickled code.
 
 Deviations from diffusers' loaders:
  1. SD2.x and SDXL checkpoints are recognised and refused (this project implements SD1.x only).
- 2. Single-file checkpoints use the SD1.5 configs and schedule (the file stores no config); keys outside the
-    three model prefixes (the DDPM schedule buffers, `model_ema.*`) are ignored.
- 3. The tokenizer of a single-file checkpoint is CLIPTokenizer.default(), the bundled OpenAI BPE vocabulary,
-    which is SD1.5's (the single file contains no tokenizer).
+ 2. Single-file checkpoints use the SD1.5 configs and schedule (the file stores none); keys outside the three
+    model prefixes (the DDPM schedule buffers, `model_ema.*`) are ignored.
+ 3. A single file's tokenizer is CLIPTokenizer.default(), the bundled OpenAI BPE vocabulary (SD1.5's).
 """
 
 import itertools
@@ -86,10 +84,8 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
 
 def load_strict(module: nn.Module, state_dict: dict, source: str) -> nn.Module:
-    """load_state_dict(strict=True) with an error that names `source` and the first bad key.
-
-    A module on the meta device takes the tensors themselves (assign=True: no copy, no second allocation).
-    """
+    """load_state_dict(strict=True) with an error that names `source` and the first bad key. A module on the
+    meta device takes the tensors themselves (assign=True: no copy, no second allocation)."""
     expected = module.state_dict()
     name = type(module).__name__
     for kind, keys in (("missing", [k for k in expected if k not in state_dict]),
@@ -187,10 +183,14 @@ def refuse_other_families(source, kind: str, sdxl: bool, sd2: bool):
 # diffusers folder
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, parse=dict):
+    """parse(the JSON at path); a ValueError (bad JSON, an architecture our configs refuse) names the file."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    return json.loads(path.read_text())
+    try:
+        return parse(json.loads(path.read_text()))
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from error
 
 
 def weights_file(folder: Path, stem: str) -> Path:
@@ -201,75 +201,58 @@ def weights_file(folder: Path, stem: str) -> Path:
     raise CheckpointError(f"{folder}: no {stem}.safetensors, {stem}.fp16.safetensors or {stem}.bin")
 
 
-def config_for(folder: Path, reader):
-    try:
-        return reader(read_json(folder / "config.json"))
-    except ValueError as error:  # our configs refuse architectures they do not build
-        raise CheckpointError(f"{folder / 'config.json'}: {error}") from error
-
-
 def load_unet(path) -> UNet2DConditionModel:
     """A diffusers unet/ folder (config.json + weights), or a .safetensors UNet state dict in diffusers names
     (with the SD1.5 config unless a config.json lies beside it)."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    has_config = (folder / "config.json").is_file()
-    config = config_for(folder, UNetConfig.from_diffusers) if has_config else UNetConfig.sd15()
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    config = read_json(config_file, UNetConfig.from_diffusers) if config_file.is_file() else UNetConfig.sd15()
     file = weights_file(path, "diffusion_pytorch_model") if path.is_dir() else path
     return build(UNet2DConditionModel, config, read_state_dict(file), str(file))
 
 
 def load_diffusers_folder(folder: Path) -> StableDiffusion:
     model_index, unet_config = (read_json(folder / name) for name in ("model_index.json", "unet/config.json"))
-    refuse_other_families(folder, "model", sdxl="text_encoder_2" in model_index
-                          or unet_config.get("addition_embed_type") == "text_time",
-                          sd2=unet_config.get("cross_attention_dim") == 1024
-                          or bool(unet_config.get("use_linear_projection")))
+    refuse_other_families(folder, "model", sdxl="text_encoder_2" in model_index,
+                          sd2=unet_config.get("cross_attention_dim") == 1024)
     unet = load_unet(folder / "unet")
     vae_file = weights_file(folder / "vae", "diffusion_pytorch_model")  # query/key/value/proj_attn in SD1.5's
-    vae = build(AutoencoderKL, config_for(folder / "vae", VAEConfig.from_diffusers),
+    vae = build(AutoencoderKL, read_json(vae_file.with_name("config.json"), VAEConfig.from_diffusers),
                 convert_legacy_vae_keys(read_state_dict(vae_file)), str(vae_file))
     text_file = weights_file(folder / "text_encoder", "model")
-    text_encoder = build(CLIPTextModel, config_for(folder / "text_encoder", CLIPTextConfig.from_hf),
+    text_encoder = build(CLIPTextModel, read_json(text_file.with_name("config.json"), CLIPTextConfig.from_hf),
                          convert_hf_clip_keys(read_state_dict(text_file)), str(text_file))
 
     tokenizer_folder = folder / "tokenizer"
-    vocab, merges, tokenizer_json = (tokenizer_folder / name for name in ("vocab.json", "merges.txt",
-                                                                          "tokenizer.json"))
+    vocab, merges = tokenizer_folder / "vocab.json", tokenizer_folder / "merges.txt"
     if vocab.is_file() and merges.is_file():  # SD1.5's files
         tokenizer = CLIPTokenizer.from_files(vocab, merges)
-    elif tokenizer_json.is_file():  # all that transformers >= 5 save_pretrained writes
-        tokenizer = CLIPTokenizer.from_tokenizer_json(tokenizer_json)
+    elif (tokenizer_folder / "tokenizer.json").is_file():  # all that transformers >= 5 save_pretrained writes
+        tokenizer = CLIPTokenizer.from_tokenizer_json(tokenizer_folder / "tokenizer.json")
     else:
         raise CheckpointError(f"{tokenizer_folder}: no vocab.json + merges.txt or tokenizer.json "
                               "(the CLIP BPE tokenizer files)")
 
-    schedule = NoiseSchedule.sd15()
-    if (folder / "scheduler" / "scheduler_config.json").is_file():
-        try:
-            schedule = NoiseSchedule.from_folder(folder)
-        except ValueError as error:
-            raise CheckpointError(str(error)) from error
+    schedule, scheduler_file = NoiseSchedule.sd15(), folder / "scheduler/scheduler_config.json"
+    if scheduler_file.is_file():
+        schedule = read_json(scheduler_file, lambda c: NoiseSchedule.from_config(c, "unsupported scheduler"))
     return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule)
 
 
 def download(hub_id: str) -> Path:
     """Fetch the fp32 safetensors, configs and tokenizer of a hub model; needs huggingface_hub and network."""
-    not_local = f"'{hub_id}' is no local file or folder, and"
-    instead = "Pass a local path to a diffusers folder or a .safetensors file instead."
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:
-        raise CheckpointError(f"{not_local} loading it as a hub id needs `pip install huggingface_hub`. "
-                              f"{instead}") from error
     patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
                 "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors"]
     try:
+        from huggingface_hub import snapshot_download  # optional: only hub ids need it
         return Path(snapshot_download(hub_id, allow_patterns=patterns))
-    except Exception as error:  # offline, unknown repo, gated repo, ...
-        raise CheckpointError(f"{not_local} downloading it from the Hugging Face hub failed "
-                              f"({type(error).__name__}: {error}). {instead}") from error
+    except Exception as error:  # not installed, offline, unknown repo, gated repo, ...
+        failed = ("needs `pip install huggingface_hub`" if isinstance(error, ImportError)
+                  else f"failed ({type(error).__name__}: {error})")
+        raise CheckpointError(f"'{hub_id}' is no local file or folder, and downloading it from the Hugging "
+                              f"Face hub {failed}. Pass a local path to a diffusers folder or a .safetensors "
+                              "file instead.") from error
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,11 +263,8 @@ def download(hub_id: str) -> Path:
 
 
 def LDM_UNET_RULES(n):
-    def down(m, kind):  # input_blocks.i, i >= 1 (input_blocks.0 is conv_in)
-        return f"down_blocks.{(int(m[1]) - 1) // n}.{kind}.{(int(m[1]) - 1) % n}."
-
-    def up(m, kind):
-        return f"up_blocks.{int(m[1]) // n}.{kind}.{int(m[1]) % n}."
+    def block(side, i, kind):  # down: input_blocks.(i + 1) (input_blocks.0 is conv_in); up: output_blocks.i
+        return f"{side}_blocks.{i // n}.{kind}.{i % n}."
 
     return [
         (r"time_embed\.0\.", "time_embedding.linear_1."),
@@ -296,17 +276,19 @@ def LDM_UNET_RULES(n):
         (r"out\.0\.", "conv_norm_out."),
         (r"out\.2\.", "conv_out."),
         (r"input_blocks\.(\d+)\.0\.op\.", lambda m: f"down_blocks.{int(m[1]) // n - 1}.downsamplers.0.conv."),
-        (r"input_blocks\.(\d+)\.0\.", lambda m: down(m, "resnets")),
-        (r"input_blocks\.(\d+)\.1\.", lambda m: down(m, "attentions")),
+        (r"input_blocks\.(\d+)\.0\.", lambda m: block("down", int(m[1]) - 1, "resnets")),
+        (r"input_blocks\.(\d+)\.1\.", lambda m: block("down", int(m[1]) - 1, "attentions")),
         (r"output_blocks\.(\d+)\.[12]\.conv\.", lambda m: f"up_blocks.{int(m[1]) // n}.upsamplers.0.conv."),
-        (r"output_blocks\.(\d+)\.0\.", lambda m: up(m, "resnets")),
-        (r"output_blocks\.(\d+)\.1\.", lambda m: up(m, "attentions")),
+        (r"output_blocks\.(\d+)\.0\.", lambda m: block("up", int(m[1]), "resnets")),
+        (r"output_blocks\.(\d+)\.1\.", lambda m: block("up", int(m[1]), "attentions")),
     ]
 
 
-# Inside a ResBlock (the index gaps are SiLU / Dropout). Spatial transformers have the same names in both.
+# Inside ResNets (the index gaps are SiLU / Dropout; the VAE's differ only in nin_shortcut). The UNet's
+# spatial transformers have the same names in both.
 LDM_RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+                    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+                    "nin_shortcut": "conv_shortcut"}
 
 
 def LDM_VAE_RULES(levels):
@@ -326,8 +308,8 @@ def LDM_VAE_RULES(levels):
     ]
 
 
-def rename(state_dict, prefix, rules, inner_names=None):
-    """The keys under `prefix`, without it, renamed by the first matching rule and then by `inner_names`."""
+def rename(state_dict, prefix, rules):
+    """The keys under `prefix`, without it, renamed by the first matching rule, then by LDM_RESNET_NAMES."""
     renamed = {}
     for key, tensor in state_dict.items():
         if not key.startswith(prefix):
@@ -337,7 +319,7 @@ def rename(state_dict, prefix, rules, inner_names=None):
             key, count = re.subn("^" + pattern, replacement, key, count=1)
             if count:
                 break
-        for old, new in (inner_names or {}).items():
+        for old, new in LDM_RESNET_NAMES.items():
             key = key.replace(f".{old}.", f".{new}.")
         renamed[key] = tensor
     return renamed
@@ -345,10 +327,8 @@ def rename(state_dict, prefix, rules, inner_names=None):
 
 def ldm_to_diffusers(state_dict, unet_config: UNetConfig, vae_config: VAEConfig):
     """Split an LDM single-file state dict into (unet, vae, text encoder) state dicts with our key names."""
-    unet = rename(state_dict, "model.diffusion_model.", LDM_UNET_RULES(unet_config.layers_per_block + 1),
-                  LDM_RESNET_NAMES)
-    vae = rename(state_dict, "first_stage_model.", LDM_VAE_RULES(len(vae_config.block_out_channels)),
-                 {"nin_shortcut": "conv_shortcut"})
+    unet = rename(state_dict, "model.diffusion_model.", LDM_UNET_RULES(unet_config.layers_per_block + 1))
+    vae = rename(state_dict, "first_stage_model.", LDM_VAE_RULES(len(vae_config.block_out_channels)))
     vae = convert_legacy_vae_keys(vae)  # LDM attention q/k/v/proj_out: 1x1 convs [C,C,1,1] -> Linear [C,C]
     # cond_stage_model.transformer is a transformers CLIPTextModel: same names; drops its position_ids buffer
     text = convert_hf_clip_keys(rename(state_dict, "cond_stage_model.transformer.", []))

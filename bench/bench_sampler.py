@@ -61,7 +61,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from conftest import build_tiny_pipeline  # the tests' tiny SD; diffusers is the reference here
+    from conftest import build_tiny_pipeline, save_hf_tokenizer  # the tests' tiny SD; diffusers: reference
     from tokenizer import CLIPTokenizer
     from weights import load_stable_diffusion
 
@@ -69,7 +69,7 @@ def main():
     pipe = build_tiny_pipeline()
     pipe.save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(folder / "tokenizer")  # as conftest.tiny_sd_dir: our tokenizer's vocab.json + merges.txt
-    CLIPTokenizer.default().save_hf_files(folder / "tokenizer")
+    save_hf_tokenizer(CLIPTokenizer.default(), folder / "tokenizer")
     pipe.set_progress_bar_config(disable=True)
     sd = load_stable_diffusion(folder)
     ours_unet, theirs_unet = TimedForward(sd.unet), TimedForward(pipe.unet)

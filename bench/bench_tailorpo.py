@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 
 import tailorpo
-from conftest import UNetCallCounter, make_tiny_sd
+from conftest import UNetCallCounter, make_tiny_sd, save_hf_tokenizer
 from dpo import dpo_loss
 from rewards import get_reward
 from sampler import guided_eps
@@ -125,7 +125,7 @@ def bench_reward_rise(seeds: int, steps: int):
     with tempfile.TemporaryDirectory() as folder:
         build_tiny_pipeline().save_pretrained(folder, safe_serialization=True)
         shutil.rmtree(os.path.join(folder, "tokenizer"))
-        CLIPTokenizer.default().save_hf_files(os.path.join(folder, "tokenizer"))
+        save_hf_tokenizer(CLIPTokenizer.default(), os.path.join(folder, "tokenizer"))
         for method, seed in itertools.product(tailorpo.METHODS, range(seeds)):
             out = os.path.join(folder, f"run-{method}-{seed}")
             train.main([f"--model={folder}", f"--method={method}", "--reward=brightness",
