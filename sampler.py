@@ -51,7 +51,7 @@ def sample(unet, schedule: NoiseSchedule, cond, uncond, latents, num_steps: int 
     """DDIM from x_T = latents [B, C, h, w] to x_0. The noise of eta > 0 comes from `generator`, drawn on the
     generator's device (a CPU generator gives diffusers' numbers; one on the latents' device saves a copy)."""
     device = latents.device
-    timesteps = schedule.ddim_timesteps(num_steps).to(device)
+    timesteps = schedule.ddim_timesteps(num_steps, device)  # made on the device: no host-to-device copy
     gen_device = generator.device if generator is not None else device
     trajectory = {"x_t": [], "x_prev": [], "log_prob": [], "x0_pred": []}
     x_t = latents

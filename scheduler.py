@@ -96,12 +96,12 @@ class NoiseSchedule:
     def prev_timestep(self, t, num_steps: int):
         return t - self.num_train_timesteps // num_steps  # negative after the last step
 
-    def ddim_timesteps(self, num_steps: int) -> torch.Tensor:
+    def ddim_timesteps(self, num_steps: int, device=None) -> torch.Tensor:
         """DDIM sub-sequence, "leading" spacing: 50 steps -> [981, 961, ..., 1], 20 -> [951, ..., 1]."""
         if not 1 <= num_steps <= self.num_train_timesteps:
             raise ValueError(f"num_steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
         step_ratio = self.num_train_timesteps // num_steps
-        return (torch.arange(num_steps - 1, -1, -1) * step_ratio + self.steps_offset).long()
+        return torch.arange(num_steps - 1, -1, -1, device=device) * step_ratio + self.steps_offset  # no copy
 
     # ---- the processes (x: [B, ...], t: int, 0-d or [B]); arithmetic in at least float32
 

@@ -1,147 +1,172 @@
-"""Method comparison on the toy world (toy.py): Diffusion-DPO with AI feedback, the trajectory-level
-baseline, TailorPO and TailorPO-G at an EQUAL budget of UNet evaluations, and the paper's Figure 2
-(preference-order disagreement between intermediate steps and final images, as a function of t).
+"""Both papers' claims on the toy world, at an equal UNet budget, judged by the hidden utility (toy.py).
 
-    python -m bench.bench_methods                 # writes bench/results/bench_methods.md and bench/results/bench_methods.png
-    python -m bench.bench_methods --budget 6000 --seeds 0,1,2
+    python -m bench.bench_methods                       # ~15 min on the 2-core CPU
+    python -m bench.bench_methods --seeds 0,1 --budget 3000 --betas 250 --out /tmp/quick   # a quick look
 
-Part 1, methods. Every run starts from the same cached toy base model, injects LoRA (rank 4, reference = the
-adapters off), and trains with AdamW until its next step would exceed `budget` UNet rows: each UNet forward
-of a batch of n counts n (a classifier-free-guided call on [uncond; cond] counts 2 per image), counted by a
-forward pre-hook (tailorpo.UNetCallCounter) on the one UNet, so rollouts, reference calls and the policy calls
-of the losses all count. Backward passes are not counted (their cost follows the policy forward rows).
-  dpo-ai      Diffusion-DPO (dpo.dpo_train_step, Wallace et al. Eq. 14) on an offline set of pairs: the base
-              model draws two images per prompt (DDIM, eta 0, different seeds) and the reward ranks them
-              (the paper's AI-feedback variant). Half the budget generates the pairs, half trains on them.
-  trajectory  tailorpo.train_step(method="trajectory"): two trajectories from the same x_T, the final images'
-              reward labels every step (D3PO's pairs; the paper's Figure 1(a)).
-  tailorpo    tailorpo.train_step(method="tailorpo"): pairs from the same x_t ranked by the step-wise reward.
-  tailorpo-g  the same plus reward-gradient guidance of the preferred sample.
-The score of a run is the mean reward of fresh images (all 60 toy prompts x eval seeds, DDIM eta 0, not
-counted in the budget) after training; the table gives mean +- standard error over the run seeds.
+Every run starts from the toy base model with a fresh LoRA (rank 4, AdamW lr 3e-3) and trains until it has
+spent the same number of UNet forward rows (policy and reference forwards, rollouts; no CFG in the toy, so one
+row per image per step):
+  sft         eps-MSE on the preferred image of each human pair (the Diffusion-DPO paper's SFT baseline)
+  dpo         Diffusion-DPO on the human pairs (toy.make_pairs), toy.TRAIN_DEFAULTS
+  dpo-ai      Diffusion-DPO on the same pairs, each batch relabelled by the toy reward model (AI feedback)
+  trajectory  two rollouts from one x_T whose final rewards label every step (D3PO; TailorPO's baseline)
+  tailorpo    TailorPO: step-wise pairs from the same x_t, ranked by the reward model on x0_pred
+  tailorpo-g  TailorPO-G: TailorPO plus reward-gradient guidance of the preferred sample
+Each run is judged on fresh samples (toy.SAMPLING) from the same x_T as the base: the hidden utility, prompt
+fidelity, the reward model's score, and the utility win rate over the base (ties 1/2), on the 48 training
+prompts x seed 1000 and the 12 held-out prompts x seeds 1000-1003 (96 images). Tables: mean +- stderr over
+run seeds. Each claim is a line with its separation z = (a - b) / sqrt(se_a^2 + se_b^2) of the mean utility.
+Then the Figure 2 curve of the TailorPO paper (how often the order of two samples by the reward of x0_pred at
+step t disagrees with the order of their final images) and a beta sweep of Diffusion-DPO (utility and reward
+against the distance from the base, the mean squared pixel difference of same-x_T samples).
 
-Part 2, Figure 2 of the paper. For pairs of samples from the base model we compare the order of their
-step-wise rewards r(x0_pred) at step t with the order of the rewards of their final images:
-  trajectory pairs   two DDIM eta=1 trajectories from the same x_T; at each t, r(x0_pred(x_t^a)) vs
-                     r(x0_pred(x_t^b)).
-                     This is the label a trajectory-level method assumes to hold at every t.
-  same-x_t pairs     at each t, two children x_{t-1} of the same x_t (TailorPO's candidates), ranked by
-                     r(x0_pred(x_{t-1})); each child is then denoised to x_0 on its own (eta=1).
-The disagreement rate at t is the fraction of pairs whose two orders differ (ties count 1/2).
-
-Choices (numbered; the paper's hyperparameters were not available to us):
-1. Rollouts and evaluation use 10 DDIM steps and guidance 3 (the toy base model samples cleanly with them),
-   LoRA rank 4, AdamW lr 3e-3 for every method, 4 prompts per step; TailorPO beta 10 (mean log-prob).
-2. Diffusion-DPO: beta 5000 (official, mean-MSE convention), lr 3e-3 as the others, no prompt dropout.
-3. Equal budget in UNet forward rows (our measure of "UNet evaluations"); wall time is reported beside it.
+Choices (numbered; neither paper gives toy settings):
+1. The budget counts UNet forward rows of training only; evaluation is outside it. The reward model is not a
+   UNet and is not counted. Wall time per run is reported beside it.
+2. Each method uses its toy.TRAIN_DEFAULTS (online: 4 prompts per step from TRAIN_PROMPTS; TailorPO beta 10).
 """
 
 import argparse
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
+import data
 import dpo
-import evaluate
 import lora
+import plot
+import rewards
 import tailorpo
 import toy
-from tailorpo import TailorPOConfig, UNetCallCounter
+from sample import generate
+from sampler import guided_eps
 
-METHODS = ("dpo-ai", "trajectory", "tailorpo", "tailorpo-g")
+METHODS = ("sft", "dpo", "dpo-ai", "trajectory", "tailorpo", "tailorpo-g")
+CLAIMS = [  # (a, b, relation, paper)
+    ("dpo", "sft", ">", "Diffusion-DPO > SFT (Diffusion-DPO paper)"),
+    ("dpo-ai", "dpo", "~", "Diffusion-DPO with AI feedback ~ with human pairs (Diffusion-DPO paper)"),
+    ("tailorpo", "trajectory", ">", "TailorPO > trajectory-level preferences (TailorPO paper)"),
+    ("tailorpo-g", "tailorpo", ">", "TailorPO-G > TailorPO (TailorPO paper)"),
+]
 
 
 @dataclass
 class BenchConfig:
-    budget: int = 4000  # UNet forward rows per run (CFG = 2 rows per image), DPO's pair generation included
-    seeds: tuple = (0, 1, 2)  # one run per method and seed
-    reward: str = "saturation"  # rewards.py name (weight-free, differentiable)
-    batch_size: int = 4  # prompts (online) or pairs (DPO) per optimizer step
-    lora_rank: int = 4
-    learning_rate: float = 3e-3
-    dpo_beta: float = 5000.0
-    eval_seeds: tuple = (1000,)  # fresh images per prompt for the final reward (all 60 prompts)
-    figure_pairs: int = 64  # pairs of samples per curve of Figure 2
-    figure_steps: int = 10  # DDIM steps of Figure 2's trajectories
-    tailorpo: TailorPOConfig = field(default_factory=lambda: TailorPOConfig(num_steps=10, guidance_scale=3.0))
+    budget: int = 8000  # UNet forward rows of training per run
+    seeds: tuple = (0, 1, 2, 3, 4)
+    betas: tuple = (25.0, 250.0, 2500.0, 25000.0)  # Diffusion-DPO beta sweep (seed 0)
+    eval_seed: int = 1000
+    figure_pairs: int = 64  # pairs of samples per point of Figure 2
+
+
+class RowCounter:
+    """Counts the rows (batch entries) of every forward call of a module while active."""
+
+    def __init__(self, module):
+        self.rows, self.module = 0, module
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(self._count)
+        return self
+
+    def _count(self, module, args):
+        self.rows += args[0].shape[0]
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Part 1: the methods at an equal UNet budget
+# Runs
 
 
-def fresh_reward(sd, reward_fn, cfg: BenchConfig) -> torch.Tensor:
-    """Rewards [60 * len(eval_seeds)] of fresh images (DDIM eta 0, the rollout's steps and guidance)."""
-    scores, _ = evaluate.generate_and_score(sd, toy.PROMPTS, list(cfg.eval_seeds), {"r": reward_fn},
-                                            cfg.tailorpo.num_steps, cfg.tailorpo.guidance_scale, 0.0, 60,
-                                            (0, 0), progress=False)
-    return scores["r"]
-
-
-def ai_feedback_pairs(sd, reward_fn, num_pairs: int, cfg: BenchConfig, seed: int) -> list[dict]:
-    """Diffusion-DPO's AI-feedback data: two base-model images per prompt, the reward picks the winner."""
-    from sample import generate
-
-    prompts = [toy.PROMPTS[i % len(toy.PROMPTS)] for i in range(num_pairs)]
-    images = [generate(sd, prompts, num_steps=cfg.tailorpo.num_steps, guidance=cfg.tailorpo.guidance_scale,
-                       seed=seed * 1000 + k, progress=False) for k in range(2)]
-    with torch.no_grad():
-        first_wins = reward_fn(images[0], prompts) >= reward_fn(images[1], prompts)
-    pixels = [image * 2 - 1 for image in images]  # [0, 1] -> [-1, 1], data.py's convention
-    pixels_w = torch.where(first_wins.view(-1, 1, 1, 1), pixels[0], pixels[1])
-    pixels_l = torch.where(first_wins.view(-1, 1, 1, 1), pixels[1], pixels[0])
-    return [{"pixels_w": pixels_w[i:i + cfg.batch_size], "pixels_l": pixels_l[i:i + cfg.batch_size],
-             "prompts": prompts[i:i + cfg.batch_size]} for i in range(0, num_pairs, cfg.batch_size)]
-
-
-def train_run(method: str, seed: int, cfg: BenchConfig, reward_fn) -> dict:
-    """One LoRA run of `method` until the UNet budget is spent; returns its final rewards and counts."""
+def fresh_lora_model(seed: int):
+    """(sd with a fresh LoRA, its trainable parameters, reference_unet: the same UNet with LoRA off)."""
     sd = toy.load_base_model(progress=False)
     torch.manual_seed(seed)
-    params = lora.inject_lora(sd.unet, cfg.lora_rank, cfg.lora_rank)
+    defaults = toy.TRAIN_DEFAULTS["dpo"]
+    params = lora.inject_lora(sd.unet, defaults["lora_rank"], defaults["lora_alpha"])
 
     def reference_unet(x_t, t, context):
         with torch.no_grad(), lora.lora_disabled(sd.unet):
             return sd.unet(x_t, t, context)
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(10**4, generator=torch.Generator().manual_seed(seed)) % len(toy.PROMPTS)
-    started, steps, last_rows = time.time(), 0, 0
-    with UNetCallCounter(sd.unet) as counter:
-        if method == "dpo-ai":  # generation: 2 images x steps x 2 (CFG) rows per pair, half the budget
-            num_pairs = cfg.budget // 2 // (4 * cfg.tailorpo.num_steps)
-            with lora.lora_disabled(sd.unet):
-                batches = ai_feedback_pairs(sd, reward_fn, num_pairs, cfg, seed)
-        while counter.rows + last_rows <= cfg.budget:
+    return sd, params, reference_unet
+
+
+def train_run(method: str, seed: int, budget: int, reward_fn, pairs_folder: str, beta: float | None = None):
+    """One LoRA run of `method` until `budget` UNet rows are spent -> (sd, steps, rows, seconds)."""
+    defaults = toy.TRAIN_DEFAULTS["dpo" if method == "dpo-ai" else method]
+    beta = defaults["beta"] if beta is None else beta
+    sd, params, reference_unet = fresh_lora_model(seed)
+    optimizer = torch.optim.AdamW(params, lr=defaults["learning_rate"], weight_decay=0.0)
+    if method in ("sft", "dpo", "dpo-ai"):
+        pairs = data.PreferencePairs(pairs_folder, defaults["resolution"],
+                                     prompt_dropout=defaults["prompt_dropout"], seed=seed)
+        batches = iter(data.PairBatches(pairs, defaults["batch_size"]))
+    else:
+        online = tailorpo.TailorPOConfig(num_steps=toy.SAMPLING["num_steps"],
+                                         guidance_scale=toy.SAMPLING["guidance"])
+        order = torch.randperm(10**5, generator=torch.Generator().manual_seed(seed)) % len(toy.TRAIN_PROMPTS)
+    started, steps, last = time.time(), 0, 0
+    with RowCounter(sd.unet) as counter:
+        while counter.rows + last <= budget:
             before = counter.rows
-            if method == "dpo-ai":
-                loss, _ = dpo.dpo_train_step(sd, reference_unet, batches[steps % len(batches)], cfg.dpo_beta,
-                                             generator)
+            if method in ("sft", "dpo", "dpo-ai"):
+                batch = next(batches)
+                if method == "dpo-ai":
+                    with torch.no_grad():
+                        batch, _ = data.relabel_with_reward(batch, reward_fn)
+                loss, _ = (dpo.sft_train_step(sd, batch, seed) if method == "sft" else
+                           dpo.dpo_train_step(sd, reference_unet, batch, beta, seed))
             else:
-                prompts = [toy.PROMPTS[i] for i in order[steps * cfg.batch_size:(steps + 1) * cfg.batch_size]]
-                loss, _ = tailorpo.train_step(sd, reference_unet, prompts, reward_fn, cfg.tailorpo, generator,
-                                              method=method)
+                positions = list(range(steps * defaults["batch_size"], (steps + 1) * defaults["batch_size"]))
+                batch = {"prompts": [toy.TRAIN_PROMPTS[order[p]] for p in positions], "positions": positions}
+                loss, _ = tailorpo.train_step(sd, reference_unet, batch, reward_fn, online, seed, method)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            steps, last_rows = steps + 1, counter.rows - before
+            steps, last = steps + 1, counter.rows - before
         rows = counter.rows
-    seconds = time.time() - started
     sd.unet.eval()
-    return {"method": method, "seed": seed, "steps": steps, "rows": rows, "seconds": seconds,
-            "scores": fresh_reward(sd, reward_fn, cfg)}
+    return sd, steps, rows, time.time() - started
+
+
+EVAL_SETS = (("train prompts", toy.TRAIN_PROMPTS, 1), ("held-out prompts", toy.HELD_OUT_PROMPTS, 4))
+
+
+@torch.no_grad()
+def sample_eval(sd, cfg: BenchConfig) -> tuple[torch.Tensor, list[str]]:
+    """Images [96, 3, 16, 16] and prompts of the evaluation sets, x_T from seeds eval_seed + k."""
+    images, prompts = [], []
+    for _, prompt_set, num_seeds in EVAL_SETS:
+        for k in range(num_seeds):
+            seed = cfg.eval_seed + k
+            images.append(generate(sd, list(prompt_set), seed=seed, progress=False, **toy.SAMPLING))
+            prompts += list(prompt_set)
+    return torch.cat(images), prompts
+
+
+@torch.no_grad()
+def judge(images, prompts, base_images, reward_fn) -> dict:
+    """Per-image scores [N] and win/distance against the base images from the same x_T."""
+    u, u_base = toy.utility(images, prompts), toy.utility(base_images, prompts)
+    return {"utility": u, "fidelity": toy.fidelity(images, prompts), "reward": reward_fn(images, prompts),
+            "win": (u > u_base).double() + 0.5 * (u == u_base).double(),
+            "distance": (images - base_images).pow(2).flatten(1).mean(1)}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Part 2: Figure 2, preference-order disagreement vs t
+# Figure 2 of the TailorPO paper
 
 
-def disagreement(a: torch.Tensor, b: torch.Tensor, final_a: torch.Tensor, final_b: torch.Tensor) -> float:
+@torch.no_grad()
+def disagreement(a, b, final_a, final_b) -> float:
     """Fraction of pairs whose order by (a, b) differs from their order by (final_a, final_b); ties 1/2."""
     agree = torch.sign(a - b) * torch.sign(final_a - final_b)
     return ((agree < 0).double() + 0.5 * (agree == 0).double()).mean().item()
@@ -149,49 +174,42 @@ def disagreement(a: torch.Tensor, b: torch.Tensor, final_a: torch.Tensor, final_
 
 @torch.no_grad()
 def figure2(sd, reward_fn, cfg: BenchConfig) -> dict:
-    """{"t": [S-1], "trajectory": [S-1], "same_x_t": [S-1]} disagreement rates (see the header)."""
-    from sample import decode
-    from sampler import guided_eps
-
-    steps, n = cfg.figure_steps, cfg.figure_pairs
-    schedule, unet = sd.schedule, sd.unet
-    prompts = [toy.PROMPTS[(7 * i) % len(toy.PROMPTS)] for i in range(n)]
-    cond, uncond = sd.encode_prompts(prompts), sd.encode_prompts([""] * n)
-    guidance = cfg.tailorpo.guidance_scale
+    """{"t", "trajectory", "same_x_t"}: at each DDIM step t, the fraction of sample pairs whose order by the
+    reward of x0_pred(x_t) differs from the order of their final images (ties 1/2).
+    trajectory pairs: two eta=1 trajectories from one x_T (the label a trajectory-level method assumes at
+    every t); same-x_t pairs: two children x_{t-1} of one x_t (TailorPO's candidates), each finished alone."""
+    steps, n, schedule = toy.SAMPLING["num_steps"], cfg.figure_pairs, sd.schedule
+    prompts = [toy.TRAIN_PROMPTS[(7 * i) % len(toy.TRAIN_PROMPTS)] for i in range(n)]
+    cond = sd.encode_prompts(prompts)
     generator = torch.Generator().manual_seed(0)
     timesteps = schedule.ddim_timesteps(steps).tolist()
-    score = lambda x: reward_fn(decode(sd, x), prompts * (len(x) // n))
-    eps = lambda x, t: guided_eps(unet, x, t, cond.repeat(len(x) // n, 1, 1),
-                                  uncond.repeat(len(x) // n, 1, 1), guidance)
+    score = lambda x: reward_fn(sd.decode_latents(x), prompts * (len(x) // n))
+    eps = lambda x, t: guided_eps(sd.unet, x, t, cond.repeat(len(x) // n, 1, 1), None, 1.0)
+    step = lambda e, t, x: schedule.ddim_step(e, t, x, steps, eta=1.0,
+                                              noise=torch.randn(x.shape, generator=generator)).x_prev
 
-    def denoise(x, start: int):  # eta=1 DDIM from x at timesteps[start] to x_0
-        for t in timesteps[start:]:
-            x = schedule.ddim_step(eps(x, t), t, x, steps, eta=1.0, generator=generator)
-        return x
-
-    # trajectory pairs: [x_T; x_T] denoised with independent noise, step-wise rewards recorded on the way
-    x = torch.randn(n, 3, 16, 16, generator=generator).repeat(2, 1, 1, 1)
+    x = torch.randn(n, 3, 16, 16, generator=generator).repeat(2, 1, 1, 1)  # the same x_T twice
     stepwise = []
     for i, t in enumerate(timesteps):
         e = eps(x, t)
-        if i > 0:  # at i = 0 both are x_T
+        if i > 0:
             stepwise.append(score(schedule.x0_from_eps(x, e, t)))
-        x = schedule.ddim_step(e, t, x, steps, eta=1.0, generator=generator)
+        x = step(e, t, x)
     final = score(x)
     trajectory = [disagreement(s[:n], s[n:], final[:n], final[n:]) for s in stepwise]
 
-    # same-x_t pairs: branch two children at each step of one trajectory, score them, finish both
     x = torch.randn(n, 3, 16, 16, generator=generator)
     same_x_t = []
     for i, t in enumerate(timesteps[:-1]):
-        e = eps(x, t)
-        children = schedule.ddim_step(e.repeat(2, 1, 1, 1), t, x.repeat(2, 1, 1, 1), steps, eta=1.0,
-                                      generator=generator)
+        children = step(eps(x, t).repeat(2, 1, 1, 1), t, x.repeat(2, 1, 1, 1))
         t_prev = timesteps[i + 1]
         r = score(schedule.x0_from_eps(children, eps(children, t_prev), t_prev))
-        final = score(denoise(children, i + 1))
+        finished = children
+        for later in timesteps[i + 1:]:
+            finished = step(eps(finished, later), later, finished)
+        final = score(finished)
         same_x_t.append(disagreement(r[:n], r[n:], final[:n], final[n:]))
-        x = children[:n]  # continue the spine from one child
+        x = children[:n]
     return {"t": timesteps[1:], "trajectory": trajectory, "same_x_t": same_x_t}
 
 
@@ -199,100 +217,157 @@ def figure2(sd, reward_fn, cfg: BenchConfig) -> dict:
 # Report
 
 
-def write_plot(path: str, runs: list[dict], base: float, figure: dict, cfg: BenchConfig) -> str:
-    """Left: Figure 2 (disagreement vs t); right: final reward per method, one point per seed + base line."""
-    from PIL import Image
+def stats(values: list[float]) -> tuple[float, float]:
+    """(mean, standard error) of a list."""
+    if len(values) < 2:
+        return values[0], float("nan")
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
-    import plot
 
-    curves = {"trajectory pairs (x_t^a vs x_t^b)": (figure["t"], figure["trajectory"]),
-              "same-x_t pairs (TailorPO)": (figure["t"], figure["same_x_t"])}
-    left = plot.save_line_plot(path + ".left.png", curves, xlabel="timestep t", ylabel="disagreement rate",
-                               title="Figure 2: step-wise vs final-image order disagreement")
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    curves = {"base model": ([0, len(methods) - 1], [base, base])}
-    for m, method in enumerate(methods):
-        scores = [r["scores"].mean().item() for r in runs if r["method"] == method]
-        curves[method] = ([m] * len(scores), scores)  # one point per seed
-    names = ", ".join(f"{m}={name}" for m, name in enumerate(methods))
-    right = plot.save_line_plot(path + ".right.png", curves, xlabel=f"method ({names})", ylabel=cfg.reward,
-                                title=f"final {cfg.reward}, {cfg.budget} UNet rows (segment: seed range)")
-    images = [Image.open(p) for p in (left, right)]
-    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
-    canvas.paste(images[0], (0, 0))
-    canvas.paste(images[1], (images[0].width, 0))
-    canvas.save(path)
-    for p in (left, right):
-        os.remove(p)
+def bar_chart(path: str, groups: dict[str, dict[str, tuple[float, float]]], title: str) -> str:
+    """One panel per metric: a bar per method (mean) with an error bar (+- stderr)."""
+    panels, width, height, margin = list(groups.items()), 300, 260, 40
+    image = Image.new("RGB", (width * len(panels), height), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    draw.text((4, 2), title, fill="black", font=font)
+    for p, (metric, bars) in enumerate(panels):
+        left = p * width + margin
+        low = min(0.0, min(m - s for m, s in bars.values()))
+        high = max(m + s for m, s in bars.values())
+        high = high + 0.05 * (high - low)
+        y = lambda v, low=low, high=high: height - 30 - (v - low) / (high - low) * (height - 60)
+        draw.text((left, 16), metric, fill="black", font=font)
+        draw.line([(left, y(low)), (left + width - margin - 10, y(low))], fill="black")
+        slot = (width - margin - 10) / len(bars)
+        for i, (name, (mean, se)) in enumerate(bars.items()):
+            x0 = left + i * slot + 3
+            colour = plot.COLOURS[i % len(plot.COLOURS)]
+            top, bottom = sorted((y(mean), y(max(low, 0.0))))
+            draw.rectangle([x0, top, x0 + slot - 6, bottom], fill=colour)
+            centre = x0 + (slot - 6) / 2
+            if math.isfinite(se):
+                draw.line([(centre, y(mean - se)), (centre, y(mean + se))], fill="black", width=2)
+                draw.line([(centre - 4, y(mean + se)), (centre + 4, y(mean + se))], fill="black")
+                draw.line([(centre - 4, y(mean - se)), (centre + 4, y(mean - se))], fill="black")
+            draw.text((centre, height - 26), name[:10], fill="black", font=font, anchor="ma")
+            draw.text((centre, y(mean) - 12), f"{mean:.3g}", fill="black", font=font, anchor="ma")
+    image.save(path)
     return path
 
 
-def markdown(runs, base_scores, figure, cfg: BenchConfig, seconds: float) -> str:
-    base_mean, base_stderr = base_scores.mean().item(), base_scores.std().item() / math.sqrt(len(base_scores))
+def report(runs: dict, base: dict, figure: dict, sweep: dict, cfg: BenchConfig, seconds: float, out: str):
+    """bench_methods.md and .png (bars, Figure 2, beta sweep)."""
+    metrics = ("utility", "fidelity", "reward", "win", "distance")
+    per_run = {m: {k: [r["scores"][k].mean().item() for r in rs] for k in metrics} for m, rs in runs.items()}
+    split = len(toy.TRAIN_PROMPTS)  # the first rows of the evaluation are the training prompts
     lines = [
         "# Method comparison on the toy world (bench_methods.py)", "",
-        f"Reward `{cfg.reward}`; budget {cfg.budget} UNet forward rows per run (CFG = 2 rows per image); "
-        f"LoRA rank {cfg.lora_rank}, AdamW lr {cfg.learning_rate}, {cfg.batch_size} prompts/pairs per step; "
-        f"rollouts {cfg.tailorpo.num_steps} DDIM steps, guidance {cfg.tailorpo.guidance_scale}; seeds "
-        f"{list(cfg.seeds)}. Final reward: {len(base_scores)} fresh images per run (60 prompts x "
-        f"{len(cfg.eval_seeds)} seeds, DDIM eta 0). Total wall time {seconds:.0f} s "
-        f"({torch.get_num_threads()} threads).", "",
-        f"Base model: {base_mean:.4f} +- {base_stderr:.4f} (stderr over images).", "",
-        "| method | final reward (mean +- stderr over seeds) | delta vs base | win rate vs base "
-        "| optimizer steps | UNet rows | wall s / run |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method in dict.fromkeys(r["method"] for r in runs):
-        mine = [r for r in runs if r["method"] == method]
-        stats = evaluate.mean_stderr(torch.tensor([r["scores"].mean().item() for r in mine]))
-        mean, stderr = stats["mean"], stats["stderr"]
-        wins = sum(evaluate.win_rate(r["scores"], base_scores)["win_rate"] for r in mine) / len(mine)
-        lines.append(f"| {method} | {mean:.4f} +- {stderr:.4f} | {mean - base_mean:+.4f} | {wins:.2f} | "
-                     f"{sum(r['steps'] for r in mine) / len(mine):.0f} | {max(r['rows'] for r in mine)} | "
-                     f"{sum(r['seconds'] for r in mine) / len(mine):.0f} |")
-    lines += ["", "Figure 2 (base model, saturation): disagreement between the order of two samples by their "
-              "step-wise reward r(x0_pred) at t and by their final images' reward "
-              f"({cfg.figure_pairs} pairs per point, {cfg.figure_steps} DDIM steps, eta 1).", "",
-              "| t | " + " | ".join(str(t) for t in figure["t"]) + " |",
-              "|---|" + "---|" * len(figure["t"]),
+        f"Equal budget: {cfg.budget} UNet forward rows of training per run; LoRA rank 4, lr 3e-3; seeds "
+        f"{list(cfg.seeds)}; sampling {toy.SAMPLING}. Judged by the hidden utility u (toy.utility, in "
+        "[0, 4]) on "
+        "96 fresh images per run (48 training prompts x 1 seed, 12 held-out prompts x 4 seeds), the same x_T "
+        f"as the base. Total wall time {seconds:.0f} s ({torch.get_num_threads()} thread(s), load average "
+        f"{os.getloadavg()[0]:.1f} at the end).", "",
+        f"Base model: utility {base['utility'].mean():.3f}, fidelity {base['fidelity'].mean():.3f}, reward "
+        f"{base['reward'].mean():.3f}.", "",
+        "| method | utility | fidelity | reward model | win rate vs base | win, train prompts "
+        "| win, held-out prompts | steps | UNet rows | s / run |", "|---" * 10 + "|"]
+    for method, rs in runs.items():
+        cell = lambda values: "{:.3f} +- {:.3f}".format(*stats(values))
+        wins_train = [r["scores"]["win"][:split].mean().item() for r in rs]
+        wins_held = [r["scores"]["win"][split:].mean().item() for r in rs]
+        steps, seconds = sum(r["steps"] for r in rs) / len(rs), sum(r["seconds"] for r in rs) / len(rs)
+        lines.append(f"| {method} | " + " | ".join(cell(per_run[method][k]) for k in metrics[:4]) +
+                     f" | {cell(wins_train)} | {cell(wins_held)} | {steps:.0f} | "
+                     f"{max(r['rows'] for r in rs)} | {seconds:.0f} |")
+    lines += ["", "Claims (separation z of the mean utility over seeds, in standard errors):", ""]
+    for a, b, relation, claim in CLAIMS:
+        if a not in per_run or b not in per_run:
+            continue
+        (mean_a, se_a), (mean_b, se_b) = stats(per_run[a]["utility"]), stats(per_run[b]["utility"])
+        z = (mean_a - mean_b) / math.sqrt(se_a**2 + se_b**2)
+        holds = abs(z) < 2 if relation == "~" else z >= 2
+        lines.append(f"- {claim}: {mean_a:.3f} vs {mean_b:.3f}, z = {z:+.1f}: "
+                     f"{'holds' if holds else 'does NOT hold'} here"
+                     f"{' (|z| < 2)' if relation == '~' else ' (z >= 2)'}.")
+    lines += ["", f"Figure 2 (TailorPO paper), base model, toy reward model, {cfg.figure_pairs} pairs per "
+              "point: disagreement between the order by the reward of x0_pred at step t and the order of the "
+              "final images.", "",
+              "| t | " + " | ".join(str(t) for t in figure["t"]) + " |", "|---|" + "---|" * len(figure["t"]),
               "| trajectory pairs | " + " | ".join(f"{v:.2f}" for v in figure["trajectory"]) + " |",
-              "| same-x_t pairs | " + " | ".join(f"{v:.2f}" for v in figure["same_x_t"]) + " |", ""]
+              "| same-x_t pairs | " + " | ".join(f"{v:.2f}" for v in figure["same_x_t"]) + " |", "",
+              "Diffusion-DPO beta sweep (seed 0): a small beta moves further from the base.", "",
+              "| beta | utility | reward model | win rate | distance from base |", "|---|---|---|---|---|"]
+    for beta, scores in sweep.items():
+        lines.append(f"| {beta:g} | {scores['utility'].mean():.3f} | {scores['reward'].mean():.3f} | "
+                     f"{scores['win'].mean():.2f} | {scores['distance'].mean():.5f} |")
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+    panels = {f"{k} - base": {m: stats([x - base[k].mean().item() for x in v[k]]) for m, v in per_run.items()}
+              for k in metrics[:3]}
+    panels["win rate vs base"] = {m: stats(v["win"]) for m, v in per_run.items()}
+    bars = bar_chart(out + ".bars.png", panels, "mean +- stderr over seeds. Utility, fidelity, toy reward "
+                     "model: change from the base; win rate by the hidden utility (1/2 = no change)")
+    curves = plot.save_line_plot(out + ".fig2.png", {"trajectory pairs": (figure["t"], figure["trajectory"]),
+                                                     "same-x_t pairs": (figure["t"], figure["same_x_t"])},
+                                 title="Figure 2: step-wise vs final order disagreement", xlabel="timestep t",
+                                 ylabel="disagreement")
+    betas = list(sweep)
+    beta_plot = plot.save_line_plot(out + ".beta.png", {
+        "utility": ([sweep[b]["distance"].mean().item() for b in betas], [sweep[b]["utility"].mean().item()
+                                                                           for b in betas])},
+        title="DPO beta sweep: " + ", ".join(f"{b:g}" for b in betas), xlabel="distance from base",
+        ylabel="utility")
+    pictures = [Image.open(p) for p in (bars, curves, beta_plot)]
+    canvas = Image.new("RGB", (max(pictures[0].width, pictures[1].width + pictures[2].width),
+                               pictures[0].height + max(pictures[1].height, pictures[2].height)), "white")
+    canvas.paste(pictures[0], (0, 0))
+    canvas.paste(pictures[1], (0, pictures[0].height))
+    canvas.paste(pictures[2], (pictures[1].width, pictures[0].height))
+    canvas.save(out + ".png")
+    for p in (bars, curves, beta_plot):
+        os.remove(p)
     return "\n".join(lines)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Toy-world comparison of Diffusion-DPO (AI feedback), the "
-                                "trajectory baseline, TailorPO and TailorPO-G at an equal UNet budget.")
+    p = argparse.ArgumentParser(description="Toy-world test of the Diffusion-DPO and TailorPO claims.")
     p.add_argument("--budget", type=int, default=BenchConfig.budget, help="UNet forward rows per run")
-    p.add_argument("--seeds", default="0,1,2", help="run seeds, e.g. 0,1,2")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="run seeds")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
-    p.add_argument("--figure-pairs", type=int, default=BenchConfig.figure_pairs, help="pairs per point")
+    p.add_argument("--betas", default="25,250,2500,25000", help="Diffusion-DPO beta sweep ('' = none)")
     p.add_argument("--out", default="bench/results/bench_methods", help="writes OUT.md and OUT.png")
     args = p.parse_args(argv)
-    import rewards
-
     cfg = replace(BenchConfig(), budget=args.budget, seeds=tuple(int(s) for s in args.seeds.split(",")),
-                  figure_pairs=args.figure_pairs)
+                  betas=tuple(float(b) for b in args.betas.split(",") if b))
     started = time.time()
-    reward_fn = rewards.get_reward(cfg.reward)
-    base = toy.load_base_model()
-    base_scores = fresh_reward(base, reward_fn, cfg)
-    figure = figure2(base, reward_fn, cfg)
-    print("Figure 2 done", f"{time.time() - started:.0f} s", flush=True)
-    runs = []
+    torch.set_num_threads(1)
+    pairs_folder = toy.make_pairs()
+    reward_fn = rewards.get_reward("toy")
+    base_sd = toy.load_base_model(progress=False)
+    base_images, prompts = sample_eval(base_sd, cfg)
+    base = judge(base_images, prompts, base_images, reward_fn)
+    figure = figure2(base_sd, reward_fn, cfg)
+    print(f"base and Figure 2: {time.time() - started:.0f} s", flush=True)
+    runs = {}
     for seed in cfg.seeds:
         for method in args.methods.split(","):
-            runs.append(train_run(method, seed, cfg, reward_fn))
-            r = runs[-1]
-            print(f"{method} seed {seed}: {r['scores'].mean():.4f} after {r['steps']} steps, {r['rows']} "
-                  f"rows, {r['seconds']:.0f} s", flush=True)
-    table = markdown(runs, base_scores, figure, cfg, time.time() - started)
-    print(table)
+            sd, steps, rows, seconds = train_run(method, seed, cfg.budget, reward_fn, pairs_folder)
+            scores = judge(*sample_eval(sd, cfg)[:1], prompts, base_images, reward_fn)
+            runs.setdefault(method, []).append(dict(steps=steps, rows=rows, seconds=seconds, scores=scores))
+            print(f"{method} seed {seed}: utility {scores['utility'].mean():.3f}, "
+                  f"win {scores['win'].mean():.2f} "
+                  f"({steps} steps, {rows} rows, {seconds:.0f} s)", flush=True)
+    sweep = {}
+    for beta in cfg.betas:
+        sd, *_ = train_run("dpo", 0, cfg.budget, reward_fn, pairs_folder, beta=beta)
+        sweep[beta] = judge(*sample_eval(sd, cfg)[:1], prompts, base_images, reward_fn)
+        print(f"beta {beta:g}: utility {sweep[beta]['utility'].mean():.3f}", flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
-    plot_path = write_plot(args.out + ".png", runs, base_scores.mean().item(), figure, cfg)
-    print("wrote", args.out + ".md", plot_path)
+    print(report(runs, base, figure, sweep, cfg, time.time() - started, args.out))
+    print("wrote", args.out + ".md", args.out + ".png")
     return runs
 
 
