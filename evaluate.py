@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import lora
 import rewards
+import toy
 from data import to_pil
 from sampler import generate_latents, initial_latents
 from weights import CheckpointError, build, load_stable_diffusion, load_unet, read_state_dict
@@ -57,8 +58,8 @@ def read_prompts(spec: str, max_prompts: int = 0) -> PromptSet:
     per line) or a .csv/.tsv: the column prompt/prompts/caption/text (any case; else the first), category."""
     path = PROMPT_SETS.get(spec, Path(spec))
     if spec == "toy":
-        import toy
-        rows = [["prompt"]] + [[prompt] for prompt in toy.PROMPTS]
+        rows = [["prompt", "category"]] + [[prompt, "held-out combination" if prompt in toy.HELD_OUT_PROMPTS
+                                            else "training prompt"] for prompt in toy.PROMPTS]
     elif not path.is_file():
         raise ValueError(f"--prompts {spec!r}: no such file; give {', '.join(PROMPT_SETS)}, 'toy', or a "
                          ".txt/.csv/.tsv file")
@@ -323,7 +324,7 @@ def main(argv=None) -> dict:
     try:  # every option and file is checked before a model is loaded
         prompt_set = read_prompts(args.prompts, args.max_prompts)
         seeds = parse_seeds(args.seeds)
-        reward_fns = load_rewards(names, args.device, dict(paths))
+        reward_fns = {**(toy.JUDGES if toy_model else {}), **load_rewards(names, args.device, dict(paths))}
         base, aligned = load_models(args.model, args.unet, args.lora, args.device, getattr(torch, args.dtype))
         aligned_files = [args.model] + [  # with size and time: a retrained file is another model
             f"{os.path.abspath(f)} ({os.stat(f).st_size} bytes, modified {int(os.stat(f).st_mtime)})"

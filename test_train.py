@@ -209,7 +209,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(calibr
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("lora_rank", [0, 2])
-def test_step_zero_is_log_2_under_mixed_precision(calibrated_sd_dir, pairs_dir, tmp_path, precision, lora_rank):
+def test_step_zero_is_log_2_under_mixed_precision(calibrated_sd_dir, pairs_dir, tmp_path, precision,
+                                                  lora_rank):
     """The policy equals its reference at step 0 under the same autocast: loss log 2, implicit accuracy 0."""
     run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=2", f"--lora_rank={lora_rank}",
         f"--mixed_precision={precision}", "--learning_rate=1e-3")
@@ -238,7 +239,8 @@ def run_two_processes(argv, timeout=120):
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
-def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(calibrated_sd_dir, pairs_dir, tmp_path, kind):
+def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(calibrated_sd_dir, pairs_dir, tmp_path,
+                                                                      kind):
     if kind == "parquet":
         write_synthetic_pick_a_pic(tmp_path / "parquet", 80, rows_per_group=10, sizes=(SIZE, 40),
                                    distinct_images=8)
@@ -272,15 +274,17 @@ def test_ddp_online_run_with_empty_pair_sets_neither_hangs_nor_diverges(calibrat
     assert min(kept) < 1.0, kept  # some pairs were dropped (the case under test)
 
 
-def test_online_method_logs_fresh_sample_rewards_and_the_relabel_count(calibrated_sd_dir, pairs_dir, tmp_path):
+def test_online_method_logs_fresh_sample_rewards_and_the_relabel_count(calibrated_sd_dir, pairs_dir,
+                                                                        tmp_path):
     train.main([f"--model={calibrated_sd_dir}", "--method=tailorpo", "--reward=brightness", "--max_steps=2",
                 "--batch_size=2", "--tailorpo.num_steps=2", "--eval_every=1", "--eval_prompts=2",
                 f"--out_dir={tmp_path / 'online'}"])
     rows = metrics(tmp_path / "online")
     assert [r["step"] for r in rows if "eval_reward" in r] == [0, 1, 2]
-    assert (tmp_path / "online" / "reward.png").exists() and (tmp_path / "online" / "lora.safetensors").exists()
+    assert all((tmp_path / "online" / name).exists() for name in ("reward.png", "lora.safetensors"))
     dark_preferred = bright_dark_pairs(tmp_path / "dark", 8, seed=2, labels_0=[0.0] * 8)
-    run(calibrated_sd_dir, dark_preferred, tmp_path / "ai", "--max_steps=2", "--ai_feedback", "--reward=brightness")
+    run(calibrated_sd_dir, dark_preferred, tmp_path / "ai", "--max_steps=2", "--ai_feedback",
+        "--reward=brightness")
     assert all(r["pairs_relabelled"] == 2 for r in metrics(tmp_path / "ai"))  # brightness flips every label
 
 
@@ -290,7 +294,8 @@ def test_final_report_uses_the_trained_reward_weights(calibrated_sd_dir, pairs_d
     hf_clip(*L14).save_pretrained(tmp_path / "clip")
     write_aesthetic_pth(tmp_path / "mlp.pth", L14[0].projection_dim)
     paths = {"clip_path": tmp_path / "clip", "mlp_path": tmp_path / "mlp.pth"}
-    run(calibrated_sd_dir, pairs_dir, tmp_path / "out", "--max_steps=1", "--ai_feedback", "--reward=aesthetic",
+    run(calibrated_sd_dir, pairs_dir, tmp_path / "out", "--max_steps=1", "--ai_feedback",
+        "--reward=aesthetic",
         "--reward_paths=" + ",".join(f"{key}={path}" for key, path in paths.items()))
     report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
     assert "aesthetic" in report["rewards"]
@@ -342,7 +347,9 @@ def test_bad_input_fails_in_seconds_from_the_command_line(tmp_path):
     torch.save({"state_dict": Evil()}, tmp_path / "evil.ckpt")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     for argv in (["--method=dpo", "--data=/nonexistent"], ["--tailorpo.log_prob_reduction=Mean"],
-                 [f"--model={tmp_path / 'evil.ckpt'}", "--data=.", "--max_steps=1"]):
+                 ["--tailorpo.next_state=Random"], ["--tailorpo.eta=0"], ["--tailorpo.train_start_step=50"],
+                 ["--method=tailorpo", f"--model={tmp_path}"],
+                 [f"--model={tmp_path / 'evil.ckpt'}", "--data=."]):
         started = time.time()
         result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, capture_output=True, text=True)
         assert result.returncode != 0 and time.time() - started < 10 and "Traceback" not in result.stderr

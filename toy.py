@@ -237,6 +237,7 @@ def utility(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return terms["shape"] + terms["colour"] + terms["background"] + 0.5 * (terms["vivid"] + terms["clean"])
 
 
+JUDGES = {"utility": utility, "fidelity": fidelity}  # the hidden judge in every report; never trained on
 HELD_OUT_PROMPTS = tuple(p for i, p in enumerate(PROMPTS) if i % 5 == i // 20)  # 12 (colour, shape,
 #   background) combinations that no pair and no reward model sees; every colour, shape and background, and
 #   every pair of them, still appears among the other 48 (test_toy checks)

@@ -234,10 +234,10 @@ def evaluation(cfg, sd, base_unet, items, val_batches, reward_fn) -> dict:
 
 
 def final_report(cfg, aligned_sd, base_sd, items, reward_fns):
-    """Base vs aligned on held-out seeds (evaluate.py): each reward's mean +- stderr, the paired difference,
-    the win rate, per prompt category; the images, report.md/json and the base | aligned grid."""
+    """Base vs aligned on held-out seeds (evaluate.py): each reward's and the toy judge's statistics."""
     captions = items if isinstance(items, list) else sorted({row[0] for row in items.rows})[:64]
     prompts = evaluate.read_prompts("toy") if cfg.model == "toy" else evaluate.PromptSet("", captions, None)
+    reward_fns = {**(toy.JUDGES if cfg.model == "toy" else {}), **reward_fns}
     shutil.rmtree(out := os.path.join(cfg.out_dir, "eval"), ignore_errors=True)  # this run's images only
     report = evaluate.compare(aligned_sd, prompts.prompts, reward_fns, list(range(1000, 1004)), out, base_sd,
                               prompts.categories, num_steps=cfg.tailorpo.num_steps,

@@ -101,7 +101,7 @@ def fresh_lora_model(seed: int):
 def train_run(method: str, seed: int, budget: int, reward_fn, pairs_folder: str, beta: float | None = None):
     """One LoRA run of `method` until `budget` UNet rows are spent -> (sd, steps, rows, seconds)."""
     defaults = toy.TRAIN_DEFAULTS["dpo" if method == "dpo-ai" else method]
-    beta = defaults["beta"] if beta is None else beta
+    beta = defaults.get("beta") if beta is None else beta  # Diffusion-DPO only
     sd, params, reference_unet = fresh_lora_model(seed)
     optimizer = torch.optim.AdamW(params, lr=defaults["learning_rate"], weight_decay=0.0)
     if method in ("sft", "dpo", "dpo-ai"):
