@@ -272,6 +272,7 @@ _PAIRS = {  # Diffusion-DPO and SFT on make_pairs()
     "beta": 250.0,  # the official 5000 is for SD latents, D = 4*64*64 elements: the mean-MSE convention
     #   divides the paper's beta by D, and 5000 * 768 / 16384 ~ 250 is the same paper beta for D = 3*16*16
     "prompt_dropout": 0.2,  # official
+    "val_pairs": 256, "eval_every": 25,  # the held-out validation curve (fixed noise and t)
 }
 _ONLINE = {**_COMMON, "max_steps": 100, "batch_size": 4}  # 4 prompts per step from TRAIN_PROMPTS; beta 10
 TRAIN_DEFAULTS = {"dpo": _PAIRS, "sft": _PAIRS, "tailorpo": _ONLINE, "tailorpo-g": _ONLINE,
