@@ -15,7 +15,7 @@ Choices where the papers are silent:
 1. Ties count 1/2 in the win rate (e.g. a saturated reward), as the Diffusion-DPO paper's human study.
 2. The standard errors treat the prompt x seed pairs as independent draws (no clustering by prompt).
 3. Sampling defaults: DDIM, 50 steps, guidance 7.5, eta 0 for SD1.5 (the DPO paper's quick_samples setting);
-   the toy world uses 10 steps and guidance 3 (its alignment runs' rollout settings).
+   the toy world uses toy.SAMPLING (10 steps, no guidance), the setting its pairs and rollouts use.
 4. x_T of image (i, s) is torch.randn with torch.Generator("cpu").manual_seed(s) for every prompt: what
    diffusers' pipeline gives for (prompt i, seed s), whatever the batching or reuse (at eta > 0: the batch's).
 5. Rewards score the saved PNGs (uint8): a reused image scores as when it was made, as other tools see it.
@@ -303,7 +303,7 @@ def main(argv=None) -> dict:
                    "file, e.g. mlp_path=a.pth or pickscore.path=PickScore_v1 (NAME.KEY: that reward only)")
     p.add_argument("--seeds", default="0-3", help="'0-7' (a range), '1,5,9' (a list) or '4' (a count)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: 10 for the toy, else 50)")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: 3 for the toy, else 7.5)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: toy.SAMPLING for the toy, else 7.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic given the seed)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generation / scoring batch")
     p.add_argument("--out", default="out/eval", help="folder for images/, report.md, report.json, grid.png")
@@ -311,6 +311,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = p.parse_args(argv)
     toy_model = args.model == "toy"
+    defaults = toy.SAMPLING if toy_model else {"num_steps": 50, "guidance": 7.5}
     names = [name for name in args.rewards.split(",") if name]
     paths = [item.split("=", 1) for item in args.reward_path]
     unknown = [name for name in names if name not in rewards.REWARDS]
@@ -332,8 +333,8 @@ def main(argv=None) -> dict:
         report = compare(
             aligned, prompt_set.prompts, reward_fns, seeds, args.out, base_sd=base, eta=args.eta,
             categories=prompt_set.categories, prompt_set=prompt_set.name, batch_size=args.batch_size,
-            num_steps=args.steps or (10 if toy_model else 50),
-            guidance=args.guidance if args.guidance is not None else (3.0 if toy_model else 7.5),
+            num_steps=args.steps or defaults["num_steps"],
+            guidance=defaults["guidance"] if args.guidance is None else args.guidance,
             model_ids={"base": args.model, "aligned": " + ".join(aligned_files)})
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None  # one line naming the option or file and why

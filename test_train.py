@@ -144,9 +144,18 @@ def crash_at_call(monkeypatch, call_number, function_owner, name):
     monkeypatch.setattr(function_owner, name, wrapper)
 
 
-@pytest.mark.parametrize("lora_rank", [0, 2])
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(calibrated_sd_dir, pairs_dir, tmp_path,
-                                                                  monkeypatch, lora_rank):
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory):
+    """Pick-a-Pic-like parquet shards (bench_data's generator): 80 rows in row groups of 10, ties included."""
+    folder = tmp_path_factory.mktemp("parquet")
+    write_synthetic_pick_a_pic(folder, 80, rows_per_group=10, sizes=(SIZE, 40), distinct_images=8)
+    return folder
+
+
+@pytest.mark.parametrize("lora_rank, kind", [(0, "jsonl"), (2, "jsonl"), (2, "parquet")])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(calibrated_sd_dir, pairs_dir, parquet_dir,
+                                                                  tmp_path, monkeypatch, lora_rank, kind):
+    pairs_dir = parquet_dir if kind == "parquet" else pairs_dir
     options = ["--max_steps=6", "--save_every=3", "--grad_accum=2", f"--lora_rank={lora_rank}"]
     run(calibrated_sd_dir, pairs_dir, tmp_path / "straight", *options)
     with monkeypatch.context() as patch:
@@ -239,12 +248,9 @@ def run_two_processes(argv, timeout=120):
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
-def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(calibrated_sd_dir, pairs_dir, tmp_path,
-                                                                      kind):
-    if kind == "parquet":
-        write_synthetic_pick_a_pic(tmp_path / "parquet", 80, rows_per_group=10, sizes=(SIZE, 40),
-                                   distinct_images=8)
-    source = pairs_dir if kind == "jsonl" else tmp_path / "parquet"
+def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(calibrated_sd_dir, pairs_dir, parquet_dir,
+                                                                      tmp_path, kind):
+    source = pairs_dir if kind == "jsonl" else parquet_dir
     common = [f"--model={calibrated_sd_dir}", "--method=dpo", f"--data={source}", f"--resolution={SIZE}",
               "--lora_rank=0", "--max_steps=2", "--learning_rate=1e-4", "--beta=500"]
     # one thread here (conftest) as in the workers: Adam's update of a near-zero gradient is sensitive to the
