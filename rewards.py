@@ -254,8 +254,8 @@ def load_clipscore(clip_path="weights/clip-vit-large-patch14") -> CLIPReward:
 
 
 def load_toy_reward(cache_dir=".cache/toy") -> Reward:
-    import toy  # toy.py builds on this module: imported here, not at the top
-    return toy.load_reward_model(cache_dir)
+    import toy_reward  # toy_reward.py builds on this module: imported here, not at the top
+    return toy_reward.load_reward_model(cache_dir)
 
 
 REWARDS = {  # name -> loader(**paths)

@@ -10,6 +10,7 @@ from PIL import Image
 
 import evaluate
 import toy
+import toy_reward
 
 
 def test_toy_prompts_and_drawings_match():
@@ -29,36 +30,49 @@ def test_toy_prompts_and_drawings_match():
 
 
 def test_identity_vae_has_the_autoencoder_interface():
-    vae, x = toy.IdentityVAE(), torch.randn(2, 3, 16, 16)
-    assert torch.equal(vae.encode(x).sample(), x) and torch.equal(vae.encode(x).mode(), x)
+    """The posterior is N(x, 0) with vae.DiagonalGaussian's fields; StableDiffusion.encode_images /
+    decode_latents are the identity (up to [-1, 1] -> [0, 1]) on it, with or without posterior noise."""
+    from weights import StableDiffusion
+
+    vae, x = toy.IdentityVAE(), torch.rand(2, 3, 16, 16) * 2 - 1
+    posterior = vae.encode(x)
+    assert torch.equal(posterior.mean, x) and torch.equal(posterior.std, torch.zeros_like(x))
+    assert torch.equal(posterior.logvar, torch.full_like(x, -30.0))
     assert torch.equal(vae.decode(x), x)
-    assert vae.config.scaling_factor == 1.0 and vae.downsample_factor == 1
+    assert vae.config.scaling_factor == 1.0 and vae.downsample_factor == 1 and vae.config.latent_channels == 3
+    sd = StableDiffusion(unet=None, vae=vae, text_encoder=None, tokenizer=None, schedule=None)
+    assert torch.equal(sd.encode_images(x), x) and torch.equal(sd.encode_images(x, torch.randn_like(x)), x)
+    assert torch.equal(sd.decode_latents(x), x / 2 + 0.5)
+
+
+TINY = toy.ToyConfig(pretrain_steps=4, batch_size=8)  # seconds instead of minutes: the same shapes, few steps
 
 
 @pytest.fixture(scope="module")
 def tiny_toy(tmp_path_factory, request):
-    """The toy world at test size in a temporary cache: load_base_model at ToyConfig.tiny() (4 pretraining
-    steps), make_pairs with 3 samples per prompt and 2-step sampling, a 20-step reward model; patched into toy
-    so that train.py, evaluate.py and rewards.get_reward("toy") (which call them with defaults) use these."""
+    """The toy world at test size in a temporary cache: load_base_model at TINY (4 pretraining steps),
+    make_pairs with 3 samples per prompt and 2-step sampling, a 20-step reward model; patched into toy and
+    toy_reward so that train.py, evaluate.py and rewards.get_reward("toy") (which call them with defaults)
+    use these."""
     cache = tmp_path_factory.mktemp("toy_cache")
     load_base_model, make_pairs = toy.load_base_model, toy.make_pairs
-    load_reward_model = toy.load_reward_model
+    load_reward_model = toy_reward.load_reward_model
 
     def load_tiny(cache_dir=None, device="cpu", config=None, progress=False):
-        return load_base_model(str(cache), device, config or toy.ToyConfig.tiny(), progress)
+        return load_base_model(str(cache), device, config or TINY, progress)
 
     def make_tiny_pairs(cache_dir=None, config=None, sd=None, progress=False):
         config = config or toy.PairsConfig(images_per_prompt=3, held_out_images=2, num_steps=2)
         return make_pairs(str(cache), config, sd, progress)
 
     def load_tiny_reward(cache_dir=None, device="cpu", config=None, pairs_folder=None, progress=False):
-        config = config or toy.RewardModelConfig(steps=20, validation=16)
+        config = config or toy_reward.RewardModelConfig(steps=20, validation=16)
         return load_reward_model(str(cache), device, config, pairs_folder, progress)
 
     patch = pytest.MonkeyPatch()
     patch.setattr(toy, "load_base_model", load_tiny)
     patch.setattr(toy, "make_pairs", make_tiny_pairs)
-    patch.setattr(toy, "load_reward_model", load_tiny_reward)
+    patch.setattr(toy_reward, "load_reward_model", load_tiny_reward)
     request.addfinalizer(patch.undo)
     return cache
 
@@ -66,37 +80,39 @@ def tiny_toy(tmp_path_factory, request):
 def test_base_model_is_cached_and_reloads_identically(tiny_toy):
     """First call pretrains and writes the cache folder (keyed by the config hash); the second loads the same
     weights; another config gets another key. The returned sd generates 16x16 images through sample.py."""
-    from sample import generate
+    from sampler import generate
 
     first = toy.load_base_model()
     (folder,) = list(tiny_toy.iterdir())
-    assert folder.name == toy.ToyConfig.tiny().cache_key() != toy.ToyConfig.default().cache_key()
+    assert folder.name == TINY.cache_key() != toy.ToyConfig().cache_key()
     files = {p.name for p in folder.iterdir()}
     assert files >= {"unet.safetensors", "text_encoder.safetensors", "config.json"}
     second = toy.load_base_model()
     for a, b in zip(first.unet.state_dict().values(), second.unet.state_dict().values()):
         assert torch.equal(a, b)
     losses = json.loads((folder / "pretrain_loss.json").read_text())
-    assert len(losses) == toy.ToyConfig.tiny().pretrain_steps and all(v == v for v in losses)
+    assert len(losses) == TINY.pretrain_steps and all(v == v for v in losses)
     images = generate(first, toy.PROMPTS[:2], num_steps=2, guidance=3.0, progress=False)
     assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
 
 
 def test_shortened_default_pipeline_end_to_end(tiny_toy, tmp_path):
-    """train.py with its default method and model (TailorPO on the toy, LoRA) for 2 steps, then evaluate.py on
-    its LoRA: report.json and grid.png are written and well-formed, and the aligned model differs from the
-    base (the LoRA update reached the images: not every pair is a tie)."""
+    """train.py with its default method and model (Diffusion-DPO on the toy pairs, LoRA; 8 validation pairs:
+    the tiny pairs folder has fewer than the default 256) for 2 steps, then evaluate.py on its LoRA:
+    report.json and grid.png are written and well-formed, and the aligned model differs from the base (the
+    LoRA update reached the images: not every pair is a tie)."""
     import train
 
     out = tmp_path / "run"
     train.main([f"--out_dir={out}", "--max_steps=2", "--batch_size=2", "--tailorpo.num_steps=3",
-                "--eval_every=0", "--learning_rate=1e-2"])
+                "--eval_every=0", "--val_pairs=8", "--learning_rate=1e-2"])
     report = evaluate.main(["--model", "toy", "--lora", str(out / "lora.safetensors"), "--max-prompts", "3",
                             "--seeds", "0-1", "--steps", "3", "--rewards", "saturation,brightness",
                             "--out", str(tmp_path / "eval")])
     saved = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    assert saved["num_pairs"] == 6 and set(saved["rewards"]) == {"saturation", "brightness"}
+    assert saved["num_pairs"] == 6  # the toy's hidden judge (toy.JUDGES) is reported beside the rewards asked
+    assert set(saved["rewards"]) == {"saturation", "brightness", "utility", "fidelity"}
     for r in saved["rewards"].values():
         assert 0 <= r["win_rate"] <= 1 and r["stderr"] >= 0 and r["base"]["stderr"] >= 0
     assert saved["rewards"]["saturation"]["ties"] < 6
@@ -207,8 +223,8 @@ def test_reward_model_learns_the_preferences(tmp_path):
 
     write(tmp_path, [toy.TRAIN_PROMPTS[i % 48] for i in range(384)], 0)
     write(tmp_path / "heldout", [toy.HELD_OUT_PROMPTS[i % 12] for i in range(96)], 1000)
-    config = toy.RewardModelConfig(steps=150, validation=64)
-    model, metrics = toy.train_reward_model(str(tmp_path), config, progress=False)
+    config = toy_reward.RewardModelConfig(steps=150, validation=64)
+    model, metrics = toy_reward.train_reward_model(str(tmp_path), config, progress=False)
     assert metrics["held_out_prompts_accuracy"] > 0.75 and metrics["validation_accuracy"] > 0.75
     prompts = list(toy.HELD_OUT_PROMPTS)
     images = drawings(prompts, 5).requires_grad_(True)

@@ -1,57 +1,32 @@
 """A CPU toy world where preference alignment visibly works: coloured shapes described by short prompts.
 
-The point of this file is to let a newcomer without a GPU or the SD1.5 weights run both papers' stories end
-to end in minutes: Diffusion-DPO (offline, on human preference pairs) and TailorPO (online, against a reward
-model), each judged by a hidden "human" that nothing trains on. Nothing is downloaded: the images are drawn
-on the fly and the base model is pretrained here, with the plain DDPM objective (Ho et al. 2020, Eq. 14):
-
-    L = E_{x_0, t ~ U{0..999}, eps ~ N(0,I)} || eps - eps_pred(x_t, t, c) ||^2,
-        x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
-
-The world. A 16x16 RGB picture of one shape (circle, square, triangle) of one colour on a background of
-another colour, described by the prompt "a red circle on a blue background" (60 prompts). Position and size
-vary, and so does the *vividness* of each colour (every colour is mixed with mid-grey by a random amount).
-
-The pieces, in the order of the RLHF picture:
-1. The base model (load_base_model): the repository's own modules at tiny size, pretrained on draw()'s
-   pictures and cached. Its samples are imperfect the way a real base model's are: wrong or muddy
-   background colours, pixel noise, dull colours, blobby shapes.
-2. The toy human (judge / utility / fidelity): a hidden utility u(image, prompt) in [0, 4], prompt fidelity
-   (the asked shape, shape colour and background colour) plus quality (vivid colours, no pixel noise or
-   ragged edges); the formula is in judge() and utility(). It is only ever used to label pairs and to
-   judge results.
-3. A toy Pick-a-Pic (make_pairs): two base-model samples of the same prompt, labelled by the toy human with
-   noisy Bradley-Terry preferences, P(A > B) = sigmoid((u_A - u_B) / tau), near-equal pairs labelled ties;
-   a pairs.jsonl folder with PNGs that --method=dpo|sft reads through data.py like Pick-a-Pic. 12 of the 60
-   prompts (HELD_OUT_PROMPTS, new combinations of known words) appear in no pair, for a generalisation check.
-4. A toy reward model (ToyRewardModel, rewards.get_reward("toy")), the role PickScore plays for SD:
-   prompt-aware, differentiable, learned from the pairs with the Bradley-Terry loss; NOT the hidden utility.
-   The online methods and Diffusion-DPO with AI feedback use it.
-TRAIN_DEFAULTS holds the settings train.py applies for --model=toy; SAMPLING the sampling of pairs, rollouts
-and evaluation (10 DDIM steps, no CFG: the preference data are on-policy).
+Both papers' stories in minutes with no GPU or download, judged by a hidden "human" that nothing trains on.
+A 16x16 picture shows a shape (circle, square, triangle) of one colour on a background of another, prompted
+"a red circle on a blue background" (60 prompts); position, size and each colour's vividness vary.
+1. The base model (load_base_model): the repository's modules at tiny size, pretrained and cached with
+       L = E_{x_0, t ~ U{0..999}, eps ~ N(0,I)} || eps - eps_pred(x_t, t, c) ||^2     (Ho et al. 2020, Eq. 14)
+       x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+2. The toy human (judge, utility, fidelity; JUDGES) only labels pairs and judges results: prompt fidelity
+   plus quality, with the terms of judge() in [0, 1],
+       u(image, prompt) = shape + colour + background + 0.5 (vivid + clean)    in [0, 4]
+3. A toy Pick-a-Pic (make_pairs) for --method=dpo|sft: two base-model samples of one prompt labelled by noisy
+   Bradley-Terry preferences P(A > B) = sigmoid((u_A - u_B) / tau), near-equal pairs ties. The 12
+   HELD_OUT_PROMPTS appear in no pair.
+4. The toy reward model (toy_reward.py, rewards.get_reward("toy")): learned from the pairs, not u.
 
 Measured (one thread of the shared 2-core CPU, load ~1-2): pretraining 271 s, pairs 10 s, reward model 13 s
-(pairwise accuracy 0.95 on held-out pairs of the training prompts, 0.89 on the held-out prompts' pairs; u
-itself: 0.93 / 0.91 against the noisy labels). Against the base on fresh seeds (192 images each; mean +-
-stderr), hidden-utility win rate and prompt-fidelity change:
-    Diffusion-DPO (TRAIN_DEFAULTS["dpo"], 45 s)   training prompts 0.90 +- 0.02, +0.024 +- 0.004;
-                                                 held-out prompts 0.93 +- 0.02, +0.039 +- 0.006
-    TailorPO (TRAIN_DEFAULTS["tailorpo"], 35 s)   training prompts 0.81 +- 0.03, +0.033 +- 0.006;
-                                                 held-out prompts 0.78 +- 0.03, +0.035 +- 0.006
+(accuracy on held-out pairs of training | held-out prompts 0.95 | 0.89; u 0.93 | 0.91). Win rate vs base by u
+and fidelity change, fresh seeds, 192 images each, training | held-out prompts:
+    Diffusion-DPO (TRAIN_DEFAULTS["dpo"], 45 s)  0.90 +- 0.02, +0.024 +- 0.004 | 0.93 +- 0.02, +0.039 +- 0.006
+    TailorPO (TRAIN_DEFAULTS["tailorpo"], 35 s)  0.81 +- 0.03, +0.033 +- 0.006 | 0.78 +- 0.03, +0.035 +- 0.006
 
 Deviations from Stable Diffusion (numbered):
-1. No VAE. The toy diffuses in pixel space through IdentityVAE, a stand-in with the AutoencoderKL interface
-   (encode(x).sample()/.mode() == x, decode(z) == z, config.scaling_factor = 1.0, downsample_factor = 1).
-   Pretraining even the tiny VAE of vae.py takes longer than the whole toy budget on a 2-core CPU, and a
-   16x16 image is already as small as a latent.
-2. The text encoder is trained from scratch together with the UNet (SD1.5 keeps a pretrained CLIP frozen);
-   10% of the prompts are dropped to "" during pretraining so classifier-free guidance works.
+1. No VAE: pixel-space diffusion through IdentityVAE; pretraining even vae.py's tiny VAE takes longer than the
+   whole toy budget, and 16x16 is already as small as a latent.
+2. The text encoder is trained from scratch with the UNet (SD1.5 keeps CLIP frozen); 10% of the prompts are
+   dropped to "" during pretraining so classifier-free guidance works.
 3. Cross-attention only at the 8x8 level of the UNet (SD1.5: at every level but the lowest); see ToyConfig.
-4. Everything is cached under .cache/toy/: the base model in <hash of ToyConfig>/, the pairs in
-   pairs-<hash>/ (keyed by the base weights and PairsConfig), the reward model inside the pairs folder. Each
-   is written to a temporary name and renamed, so an interrupted run never leaves half a cache. The same
-   config and seed always give the same files (on the same torch build). The base weights are an
-   exponential moving average of the pretraining iterates (decay 0.99): cleaner samples after few steps.
+4. Cached under .cache/toy/ (base model, pairs, reward model, keyed by hash_key), each written atomically.
 """
 
 import hashlib
@@ -61,6 +36,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -68,26 +44,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from rewards import Reward
+from clip import CLIPTextConfig, CLIPTextModel
+from data import write_pairs_jsonl
+from sampler import generate
+from scheduler import NoiseSchedule
+from tokenizer import CLIPTokenizer
+from unet import UNet2DConditionModel, UNetConfig
+from weights import StableDiffusion, load_strict
 
-# ----------------------------------------------------------------------------------------------------------
-# The world: prompts and procedurally drawn images
+# The world: prompts and procedurally drawn images -----------------------------------------------------------
 
 SHAPES = ("circle", "square", "triangle")
-COLOURS = {  # pure RGB in [0, 1]; each image mixes them with grey by a random amount (the "vividness")
-    "red": (0.95, 0.1, 0.1),
-    "green": (0.1, 0.8, 0.15),
-    "blue": (0.15, 0.3, 0.95),
-    "yellow": (0.95, 0.85, 0.1),
-    "purple": (0.6, 0.15, 0.85),
-}
-PROMPTS = [
-    f"a {colour} {shape} on a {background} background"
-    for shape in SHAPES
-    for colour in COLOURS
-    for background in COLOURS
-    if background != colour
-]  # 3 shapes x 5 colours x 4 backgrounds = 60 prompts
+COLOURS = {"red": (0.95, 0.1, 0.1), "green": (0.1, 0.8, 0.15), "blue": (0.15, 0.3, 0.95),  # pure RGB
+           "yellow": (0.95, 0.85, 0.1), "purple": (0.6, 0.15, 0.85)}  # in [0, 1]; draw() mixes them with grey
+PROMPTS = [f"a {colour} {shape} on a {background} background" for shape in SHAPES for colour in COLOURS
+           for background in COLOURS if background != colour]  # 3 shapes x 5 colours x 4 backgrounds = 60
 
 
 def parse_prompt(prompt: str) -> tuple[str, str, str]:
@@ -138,33 +109,22 @@ def draw(prompt: str, size: int, generator: torch.Generator) -> torch.Tensor:
 
 def sample_batch(batch_size: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
     """A training batch: images [B, 3, size, size] in [-1, 1] and their prompts (uniform over PROMPTS)."""
-    indices = torch.randint(len(PROMPTS), (batch_size,), generator=generator).tolist()
-    prompts = [PROMPTS[i] for i in indices]
+    prompts = [PROMPTS[i] for i in torch.randint(len(PROMPTS), (batch_size,), generator=generator).tolist()]
     return torch.stack([draw(p, size, generator) for p in prompts]), prompts
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The toy human: a hidden utility u(image, prompt), the judge of every alignment result
+# The toy human: a hidden utility u(image, prompt), the judge of every alignment result ----------------------
 
 COLOUR_NAMES = tuple(COLOURS)
 _CHROMA = torch.tensor([COLOURS[name] for name in COLOUR_NAMES]) - 0.5  # [5, 3] colour minus mid-grey
 
 
-def _templates(size: int) -> torch.Tensor:
-    """[3 shapes, 13 * 13 * 7, size * size]: each shape at 13 x 13 centres and 7 radii spanning draw()'s."""
-    grid = torch.linspace(0.3, 0.7, 13)
-    cx, cy, radius = torch.meshgrid(grid, grid, torch.linspace(0.2, 0.32, 7), indexing="ij")
-    return torch.stack([shape_mask(shape, cx.flatten(), cy.flatten(), radius.flatten(), size).flatten(1)
-                        for shape in SHAPES])
-
-
 def colour_membership(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(membership [B, 5, H*W], vividness [B, H*W]) of images [B, 3, H, W] in [0, 1].
 
-    A pixel p is the colour k whose direction from grey its own chroma d = p - 0.5 points to (softmax over
-    the cosines, temperature 0.1), times a confidence min(1, |d| / 0.1) (grey pixels are no colour; 0.1 is
-    about the chroma of draw()'s dullest shade). Its vividness is |d| / |c_k - 0.5| of the nearest colour k
-    (draw()'s saturation 0.2 + 0.8 vividness for a clean drawing), capped at 1."""
+    A pixel p is the colour k its chroma d = p - 0.5 points to (softmax over the cosines, temperature 0.1),
+    times a confidence min(1, |d| / 0.1) (grey is no colour; 0.1 ~ the chroma of draw()'s dullest shade).
+    Its vividness is min(1, |d| / |c_k - 0.5|) for the nearest colour k (shade()'s saturation, if clean)."""
     d = images.flatten(2).transpose(1, 2) - 0.5  # [B, HW, 3]
     norm = (d.pow(2).sum(-1) + 1e-8).sqrt()  # [B, HW] (smooth at grey, for the reward model's gradient)
     chroma = _CHROMA.to(d)
@@ -178,16 +138,14 @@ def colour_membership(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def judge(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
     """The toy human's view of images [B, 3, H, W] in [0, 1]: {term: [B]}, each term in [0, 1].
 
-    With P_c the colour membership of each pixel (colour_membership), fg / bg the asked shape and background
-    colours, and T a template mask of a shape at one of 196 positions/sizes (_templates), a template explains
-    the picture as well as A(T) = mean_pixels(T P_fg + (1 - T) P_bg). T* is the best template of the asked
-    shape, T' the best of the other two shapes:
-        shape      = clip(0.5 + (A(T*) - A(T')) / 0.04, 0, 1)    the asked shape explains it best
+    P_fg, P_bg: each pixel's membership of the asked shape and background colours (colour_membership).
+    S = 1 - P_bg is the picture's shape, of area a (a fraction of the picture); T_s is a mask of shape s with
+    S's centroid and area, IoU_s = sum min(T_s, S) / sum max(T_s, S); T* (hard, > 0.5) is T_s of the asked s:
+        shape      = clip(0.5 + (IoU_asked - max IoU_other) / 0.1, 0, 1) min(1, a / 0.05)
         colour     = <T*, P_fg> / <T*, 1>                         the shape area has the asked colour
         background = <1 - T*, P_bg> / <1 - T*, 1>                 the rest has the asked background colour
         vivid      = mean_pixels vividness                        (colour_membership)
-        clean      = exp(-mean (x - median3x3(x))^2 / 0.003)     pixel noise and ragged edges leave a
-                     residual after a 3x3 median filter; flat areas and straight edges do not
+        clean      = exp(-mean (x - median3x3(x))^2 / 0.003)     noise, ragged edges survive a median
     """
     colour, shape, background = zip(*(parse_prompt(p) for p in prompts))
     batch, _, height, width = images.shape
@@ -196,8 +154,6 @@ def judge(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
     rows = torch.arange(batch)
     p_fg = membership[rows, torch.tensor([COLOUR_NAMES.index(c) for c in colour])]  # [B, HW]
     p_bg = membership[rows, torch.tensor([COLOUR_NAMES.index(c) for c in background])]
-    # the picture's shape: anything that is not the background colour; its centroid and area place one
-    # template per shape (draw()'s shapes are centred on their centroid), the IoU says which fits
     shape_area = (1 - p_bg).view(batch, height, width)
     mass = shape_area.sum(dim=(1, 2)).clamp(min=1e-3)
     grid = (torch.arange(height) + 0.5) / height
@@ -238,36 +194,41 @@ def utility(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 
 
 JUDGES = {"utility": utility, "fidelity": fidelity}  # the hidden judge in every report; never trained on
-HELD_OUT_PROMPTS = tuple(p for i, p in enumerate(PROMPTS) if i % 5 == i // 20)  # 12 (colour, shape,
-#   background) combinations that no pair and no reward model sees; every colour, shape and background, and
-#   every pair of them, still appears among the other 48 (test_toy checks)
+HELD_OUT_PROMPTS = tuple(p for i, p in enumerate(PROMPTS) if i % 5 == i // 20)  # 12 combinations in no
+#   pair, seen by no reward model; every colour, shape, background and pair of them is among the other 48
 TRAIN_PROMPTS = tuple(p for p in PROMPTS if p not in HELD_OUT_PROMPTS)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# A toy Pick-a-Pic: the toy human's noisy preferences between base-model samples
+# A toy Pick-a-Pic: the toy human's noisy preferences between base-model samples -----------------------------
+
+def hash_key(fields: dict) -> str:
+    """A cache entry's name: 12 hex digits of the SHA-256 of `fields` as JSON."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-SAMPLING = {"num_steps": 10, "guidance": 1.0}  # the toy's sampling everywhere: DDIM eta 0, no CFG. Pairs,
-#   rollouts and evaluation use the same setting, so the preference data are on-policy. With CFG 3 the base
-#   follows prompts better (fidelity 0.48 vs 0.35), but Diffusion-DPO's gains did not survive it: aligned on
-#   CFG-3 pairs and judged at CFG 3, win rates vs base 0.43-0.75 and fidelity down (14 settings tried).
+def publish(temporary: str, folder: str, fields: dict):
+    """Finish a cache folder: fields -> temporary/config.json, rename it to folder (unless already there)."""
+    with open(os.path.join(temporary, "config.json"), "w") as f:
+        json.dump(fields, f, indent=1)
+    if os.path.isdir(folder):
+        shutil.rmtree(temporary)
+    else:
+        os.replace(temporary, folder)
+
+
+SAMPLING = {"num_steps": 10, "guidance": 1.0}  # DDIM eta 0, no CFG, for pairs, rollouts and evaluation alike
+#   (on-policy data). CFG 3 raises the base's fidelity (0.48 vs 0.35), but then DPO won 0.43-0.75 (14 tries)
 
 
 # train.py's settings for --model=toy, per method (applied before --config files and the command line).
 # Measured with toy.SAMPLING on 48 training prompts x 4 held-out seeds and 12 held-out prompts x 16 seeds.
 _COMMON = {
-    "resolution": 16,
-    "lora_rank": 4,
-    "lora_alpha": 4.0,
-    "learning_rate": 3e-3,
+    "resolution": 16, "lora_rank": 4, "lora_alpha": 4.0, "learning_rate": 3e-3,
     "reward": "toy",  # the learned toy reward model: online methods, --ai_feedback, the report
-    "tailorpo.num_steps": SAMPLING["num_steps"],  # also the sampling of train.py's report
-    "tailorpo.guidance_scale": SAMPLING["guidance"],
+    "tailorpo.num_steps": SAMPLING["num_steps"], "tailorpo.guidance_scale": SAMPLING["guidance"],  # + report
 }
 _PAIRS = {  # Diffusion-DPO and SFT on make_pairs()
-    **_COMMON,
-    "max_steps": 150,
+    **_COMMON, "max_steps": 150,
     "batch_size": 32,  # pairs per step; with 4-8 the gradient noise undid the gains (measured)
     "beta": 250.0,  # the official 5000 is for SD latents, D = 4*64*64 elements: the mean-MSE convention
     #   divides the paper's beta by D, and 5000 * 768 / 16384 ~ 250 is the same paper beta for D = 3*16*16
@@ -289,9 +250,8 @@ class PairsConfig:
     tie_margin: float = 0.02  # |u_A - u_B| below this: a tie (label 0.5; data.py skips ties)
     seed: int = 0
 
-    def cache_key(self, model_key: str) -> str:
-        blob = json.dumps({"world": TOY_WORLD_VERSION, "model": model_key, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    def fields(self, model_key: str) -> dict:  # what the cache key hashes; the folder's config.json
+        return {"world": TOY_WORLD_VERSION, "model": model_key, **asdict(self)}
 
 
 def preference_labels(u_0: torch.Tensor, u_1: torch.Tensor, tau: float, tie_margin: float,
@@ -306,19 +266,15 @@ def preference_labels(u_0: torch.Tensor, u_1: torch.Tensor, tau: float, tie_marg
 def _write_pairs(folder: str, sd, prompts, images_per_prompt: int, config: PairsConfig, seed: int):
     """Sample images_per_prompt images per prompt (DDIM from x_T of seed*1000 + k), label every two of them
     and write folder/pairs.jsonl + images/ (data.write_pairs_jsonl). Returns the utilities of the pairs."""
-    from data import write_pairs_jsonl
-    from sample import generate
-
     images = torch.stack([generate(sd, list(prompts), num_steps=config.num_steps, guidance=config.guidance,
                                    seed=seed * 1000 + k, progress=False)
                           for k in range(images_per_prompt)], 1)  # [P, K, 3, H, W]
     utilities = utility(images.flatten(0, 1), [p for p in prompts for _ in range(images_per_prompt)])
     utilities = utilities.view(len(prompts), images_per_prompt)
-    index = torch.combinations(torch.arange(images_per_prompt))  # all pairs (a, b), a < b
-    captions = [p for p in prompts for _ in range(len(index))]
-    images_0 = images[:, index[:, 0]].flatten(0, 1)
-    images_1 = images[:, index[:, 1]].flatten(0, 1)
-    u_0, u_1 = utilities[:, index[:, 0]].flatten(), utilities[:, index[:, 1]].flatten()
+    a, b = torch.combinations(torch.arange(images_per_prompt)).T  # all pairs (a, b), a < b
+    captions = [p for p in prompts for _ in range(len(a))]
+    images_0, images_1 = images[:, a].flatten(0, 1), images[:, b].flatten(0, 1)
+    u_0, u_1 = utilities[:, a].flatten(), utilities[:, b].flatten()
     labels = preference_labels(u_0, u_1, config.tau, config.tie_margin, torch.Generator().manual_seed(seed))
     write_pairs_jsonl(folder, captions, list(images_0), list(images_1), labels)
     return u_0, u_1, labels
@@ -326,15 +282,14 @@ def _write_pairs(folder: str, sd, prompts, images_per_prompt: int, config: Pairs
 
 def make_pairs(cache_dir: str = ".cache/toy", config: PairsConfig | None = None, sd=None,
                progress: bool = True) -> str:
-    """The toy Pick-a-Pic folder (cached): pairs.jsonl + images/ over TRAIN_PROMPTS for --method=dpo|sft, and
-    heldout/pairs.jsonl over HELD_OUT_PROMPTS (never trained on). Pairs are two base-model samples of one
-    prompt (different seeds), labelled by preference_labels on the hidden utility. sd: the base model
-    (default load_base_model(cache_dir)); the folder is keyed by its weights and `config`."""
+    """The toy Pick-a-Pic folder (cached, keyed by the weights of sd, default load_base_model(cache_dir), and
+    config): pairs.jsonl + images/ over TRAIN_PROMPTS for --method=dpo|sft, heldout/pairs.jsonl over
+    HELD_OUT_PROMPTS (never trained on); two samples of one prompt labelled by preference_labels on u."""
     config = config or PairsConfig()
     sd = sd or load_base_model(cache_dir, progress=progress)
     model_key = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
                                         for p in sd.unet.parameters())).hexdigest()[:12]
-    folder = os.path.join(cache_dir, "pairs-" + config.cache_key(model_key))
+    folder = os.path.join(cache_dir, "pairs-" + hash_key(config.fields(model_key)))
     if os.path.isdir(folder):
         return folder
     print(f"sampling the toy preference pairs (cached in {folder})")
@@ -344,188 +299,15 @@ def make_pairs(cache_dir: str = ".cache/toy", config: PairsConfig | None = None,
                                     config.seed)
     _write_pairs(os.path.join(temporary, "heldout"), sd, HELD_OUT_PROMPTS, config.held_out_images, config,
                  config.seed + 1)
-    with open(os.path.join(temporary, "config.json"), "w") as f:
-        json.dump({"world": TOY_WORLD_VERSION, "model": model_key, **asdict(config)}, f, indent=1)
     decided = torch.tensor([label != 0.5 for label in labels])
     agree = ((u_0 > u_1) == torch.tensor([label == 1.0 for label in labels]))[decided].float().mean()
     print(f"{len(labels)} pairs ({(~decided).sum()} ties) in {time.time() - start:.0f} s; the label agrees "
           f"with the utility order on {agree:.2f} of the others")
-    if os.path.isdir(folder):
-        shutil.rmtree(temporary)
-    else:
-        os.replace(temporary, folder)
+    publish(temporary, folder, config.fields(model_key))
     return folder
 
 
-# ----------------------------------------------------------------------------------------------------------
-# A toy reward model (the role PickScore plays for SD): learned from the pairs, not the hidden utility
-
-
-class ToyRewardModel(Reward):
-    """r(image, prompt): a small CNN on fixed, prompt-aware feature maps, learned from the preference pairs.
-
-    The toy's stand-in for PickScore, a head learned on top of fixed features (as the LAION aesthetic
-    predictor is an MLP on CLIP embeddings). Per pixel, four fixed differentiable features: how much it is
-    the asked shape colour and the asked background colour (colour_membership), its vividness, and its
-    roughness ||x - boxblur3x3(x)||^2. Two 3x3 convolutions with GELU over these maps, a mean over the
-    picture and a linear head give one number; all of that is learned. A fifth, constant map, the distance
-    from the picture's centre, lets it learn where each colour belongs. It never sees u's templates, weights
-    or median filter. Images [B, 3, H, W] in [0, 1] -> scores [B]; differentiable in the images."""
-
-    name = "toy"
-
-    def __init__(self, width: int = 16):
-        super().__init__()
-        channels = 5 + len(SHAPES)
-        self.convs = nn.ModuleList([nn.Conv2d(channels, width, 3, padding=1),
-                                    nn.Conv2d(width, width, 3, padding=1)])
-        self.head = nn.Linear(2 * width, 1)
-
-    def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """[B, 8, H, W]: asked-colour and asked-background membership, vividness, roughness, the distance
-        from the centre, and the asked shape as three constant one-hot planes."""
-        colour, shape, background = zip(*(parse_prompt(p) for p in prompts))
-        rows = torch.arange(len(prompts), device=images.device)
-        membership, vividness = colour_membership(images)  # [B, 5, HW], [B, HW]
-        index = lambda names: torch.tensor([COLOUR_NAMES.index(c) for c in names], device=images.device)
-        p_fg, p_bg = membership[rows, index(colour)], membership[rows, index(background)]
-        blurred = F.avg_pool2d(images, 3, 1, 1, count_include_pad=False)
-        roughness = (images - blurred).pow(2).sum(dim=1).flatten(1)
-        height, width = images.shape[2:]
-        grid = (torch.arange(height, device=images.device) + 0.5) / height - 0.5
-        radius = (grid[:, None] ** 2 + grid[None, :] ** 2).sqrt().flatten().expand(len(prompts), -1)
-        shapes = F.one_hot(torch.tensor([SHAPES.index(s) for s in shape], device=images.device), len(SHAPES))
-        maps = torch.cat([torch.stack([p_fg, p_bg, vividness, roughness * 10, radius * 2], dim=1),
-                          shapes[:, :, None].to(p_fg).expand(-1, -1, height * width)], dim=1)
-        return maps.view(len(prompts), -1, height, width)
-
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        h = self.features(images, prompts)
-        for conv in self.convs:
-            h = F.gelu(conv(h))
-        return self.head(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)).squeeze(1)
-
-
-@dataclass
-class RewardModelConfig:
-    width: int = 16  # ToyRewardModel channels
-    steps: int = 400  # AdamW steps of the Bradley-Terry loss
-    batch_size: int = 64  # pairs per step
-    lr: float = 3e-3
-    weight_decay: float = 1e-2
-    validation: int = 256  # pairs of the training prompts kept out of training, for the accuracy report
-    seed: int = 0
-
-
-def _pair_tensors(folder: str):
-    """(winners [N,3,H,W], losers [N,3,H,W] in [0, 1], captions) of a pairs.jsonl folder, read by data.py
-    (ties skipped there; no flips, no prompt dropout)."""
-    from data import PreferencePairs
-
-    pairs = PreferencePairs(folder, resolution=16, hflip=False, prompt_dropout=0.0)
-    (batch,) = pairs.batches(len(pairs))
-    return (batch["pixels_w"] + 1) / 2, (batch["pixels_l"] + 1) / 2, batch["captions"]
-
-
-def pairwise_accuracy(reward_fn, winners, losers, captions) -> float:
-    """Fraction of pairs the reward orders as labelled (ties in score count 1/2)."""
-    with torch.no_grad():
-        margin = reward_fn(winners, captions) - reward_fn(losers, captions)
-    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
-
-
-def _augment(images, flip, blur):
-    """images [B,3,H,W] blended with their 3x3 box blur by blur [B,1,1,1] in [0, 1], flipped where flip."""
-    images = torch.lerp(images, F.avg_pool2d(images, 3, 1, 1, count_include_pad=False), blur)
-    return torch.where(flip, images.flip(-1), images)
-
-
-def train_reward_model(pairs_folder: str, config: RewardModelConfig | None = None, progress: bool = True):
-    """Fit ToyRewardModel to the pairs with the Bradley-Terry loss -log sigmoid(r(x_w) - r(x_l)) (the reward
-    model step of RLHF). Augmentation, the same for both images of a pair: a horizontal flip (p 1/2), and
-    (p 1/2) a blend with a 3x3 box blur of random strength, so that the blurry x0_pred of early denoising
-    steps (which TailorPO scores) are ranked like finished images. Returns (model, metrics: accuracies on the
-    held-out pairs of the training prompts and of the held-out prompts)."""
-    config = config or RewardModelConfig()
-    winners, losers, captions = _pair_tensors(pairs_folder)
-    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
-    validation, train = order[:config.validation], order[config.validation:]
-    torch.manual_seed(config.seed)
-    model = ToyRewardModel(config.width)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    for step in tqdm(range(config.steps), desc="toy reward model", disable=not progress):
-        batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
-        flip = torch.rand(len(batch), 1, 1, 1, generator=generator) < 0.5
-        blur = torch.rand(len(batch), 1, 1, 1, generator=generator)
-        blur = blur * (torch.rand(len(batch), 1, 1, 1, generator=generator) < 0.5)
-        texts = [captions[i] for i in batch]
-        margin = (model(_augment(winners[batch], flip, blur), texts)
-                  - model(_augment(losers[batch], flip, blur), texts))
-        loss = -F.logsigmoid(margin).mean()  # Bradley-Terry
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for group in optimizer.param_groups:  # cosine decay to 0
-            group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / config.steps))
-    model.eval().requires_grad_(False)
-    held_out = _pair_tensors(os.path.join(pairs_folder, "heldout"))
-    metrics = {
-        "train_accuracy": pairwise_accuracy(model, winners[train], losers[train],
-                                            [captions[i] for i in train]),
-        "validation_accuracy": pairwise_accuracy(model, winners[validation], losers[validation],
-                                                 [captions[i] for i in validation]),
-        "held_out_prompts_accuracy": pairwise_accuracy(model, *held_out),
-        "utility_held_out_prompts_accuracy": pairwise_accuracy(utility, *held_out),
-    }
-    return model, metrics
-
-
-def load_reward_model(cache_dir: str = ".cache/toy", device="cpu", config: RewardModelConfig | None = None,
-                      pairs_folder: str | None = None, progress: bool = True) -> ToyRewardModel:
-    """The learned toy reward model (rewards.get_reward("toy")), frozen; trained on make_pairs(cache_dir) and
-    cached beside the pairs on the first call."""
-    config = config or RewardModelConfig()
-    pairs_folder = pairs_folder or make_pairs(cache_dir, progress=progress)
-    blob = json.dumps({"pairs": os.path.basename(os.path.normpath(pairs_folder)), **asdict(config)},
-                      sort_keys=True)
-    path = os.path.join(pairs_folder, f"reward-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.safetensors")
-    if not os.path.isfile(path):
-        start = time.time()
-        model, metrics = train_reward_model(pairs_folder, config, progress)
-        print(f"trained the toy reward model in {time.time() - start:.0f} s; pairwise accuracy: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in metrics.items()))
-        save_file(model.state_dict(), f"{path}.tmp{os.getpid()}", metadata={k: str(v) for k, v in
-                                                                           metrics.items()})
-        os.replace(f"{path}.tmp{os.getpid()}", path)
-    from weights import load_strict
-
-    model = load_strict(ToyRewardModel(config.width), load_file(path), path)
-    return model.eval().requires_grad_(False).to(device)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The identity "VAE" (deviation 1)
-
-
-class IdentityLatent:
-    """What AutoencoderKL.encode returns (a DiagonalGaussian) with zero variance: sample() == mode() == x."""
-
-    def __init__(self, x: torch.Tensor):
-        self.mean, self.logvar, self.std = x, torch.full_like(x, -30.0), torch.zeros_like(x)
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.mean
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-
-@dataclass
-class IdentityVAEConfig:
-    scaling_factor: float = 1.0
-    latent_channels: int = 3
-
+# The identity "VAE" (deviation 1) ---------------------------------------------------------------------------
 
 class IdentityVAE(nn.Module):
     """Pixel-space stand-in for vae.AutoencoderKL: latents are the images themselves ([-1, 1], 3 channels)."""
@@ -534,19 +316,19 @@ class IdentityVAE(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.config = IdentityVAEConfig()
+        self.config = SimpleNamespace(scaling_factor=1.0, latent_channels=3)
         # no weights, but a dtype and device like a real VAE (moved by .to(); not saved)
         self.register_buffer("dtype_carrier", torch.zeros(()), persistent=False)
 
-    def encode(self, x: torch.Tensor) -> IdentityLatent:
-        return IdentityLatent(x)
+    def encode(self, x: torch.Tensor) -> SimpleNamespace:
+        """The posterior N(x, 0) with vae.DiagonalGaussian's fields (mean, std, logvar)."""
+        return SimpleNamespace(mean=x, std=torch.zeros_like(x), logvar=torch.full_like(x, -30.0))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The base model: config, pretraining, cache
+# The base model: config, pretraining, cache -----------------------------------------------------------------
 
 TOY_WORLD_VERSION = 2  # bump when the world (draw, PROMPTS) or what is cached from it changes
 
@@ -566,38 +348,18 @@ class ToyConfig:
     prompt_dropout: float = 0.1  # fraction of prompts replaced by "" (classifier-free guidance)
     seed: int = 0  # initialisation and data
 
-    @classmethod
-    def default(cls):
-        return cls()
-
-    @classmethod
-    def tiny(cls):
-        """Seconds instead of minutes, for tests: the same world and model shapes, a few steps."""
-        return cls(pretrain_steps=4, batch_size=8)
-
     def cache_key(self) -> str:
-        blob = json.dumps({"world": TOY_WORLD_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return hash_key({"world": TOY_WORLD_VERSION, **asdict(self)})
 
 
 def build_models(config: ToyConfig):
     """Fresh (unet, text_encoder, tokenizer) at toy size, initialised from config.seed."""
-    from clip import CLIPTextConfig, CLIPTextModel
-    from tokenizer import CLIPTokenizer
-    from unet import UNet2DConditionModel, UNetConfig
-
     text_config = CLIPTextConfig.tiny()
-    unet_config = replace(
-        UNetConfig.tiny(),
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=tuple(config.block_out_channels),
-        cross_attention=tuple(config.cross_attention),
-        layers_per_block=config.layers_per_block,
-        num_heads=config.num_heads,
-        cross_attention_dim=text_config.hidden_size,
-        sample_size=config.image_size,
-    )
+    unet_config = replace(UNetConfig.tiny(), in_channels=3, out_channels=3, sample_size=config.image_size,
+                          block_out_channels=tuple(config.block_out_channels),
+                          cross_attention=tuple(config.cross_attention), num_heads=config.num_heads,
+                          layers_per_block=config.layers_per_block,
+                          cross_attention_dim=text_config.hidden_size)
     torch.manual_seed(config.seed)
     return UNet2DConditionModel(unet_config), CLIPTextModel(text_config), CLIPTokenizer.default()
 
@@ -617,8 +379,6 @@ def pretrain(unet, text_encoder, tokenizer, schedule, config: ToyConfig, progres
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ema = [p.detach().clone() for p in params]
-    unet.train()
-    text_encoder.train()
     losses = []
     for _ in tqdm(range(config.pretrain_steps), desc="toy pretraining", disable=not progress):
         x0, prompts = sample_batch(config.batch_size, config.image_size, generator)
@@ -640,38 +400,26 @@ def pretrain(unet, text_encoder, tokenizer, schedule, config: ToyConfig, progres
         torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         losses.append(loss.item())
     with torch.no_grad():
-        for p, average in zip(params, ema):
-            p.copy_(average)
-    unet.eval()
-    text_encoder.eval()
+        torch._foreach_copy_(params, ema)
     return losses
 
 
 def load_base_model(cache_dir: str = ".cache/toy", device="cpu", config: ToyConfig | None = None,
                     progress: bool = True):
-    """The pretrained toy model as a weights.StableDiffusion; pretrains and caches it on the first call.
-
-    The cache folder is .cache/toy/<config hash>/ (unet.safetensors, text_encoder.safetensors,
-    config.json, pretrain_loss.json); it is written to a temporary folder and renamed, so an interrupted
-    pretraining never leaves a half-written model behind.
-    """
-    from scheduler import NoiseSchedule
-    from weights import StableDiffusion, load_strict
-
+    """The pretrained toy model as a weights.StableDiffusion; pretrains it on the first call and caches it in
+    cache_dir/<config hash>/ (unet and text_encoder .safetensors, config.json, pretrain_loss.json)."""
     if torch.device(device).type == "cpu":
-        # The toy's tensors are tiny: a second intra-op thread gains little, and on a shared CPU threads that
-        # wait for each other made pretraining steps up to 25x slower (measured here). A process-wide setting.
+        # tiny tensors: on a shared CPU, threads waiting for each other made steps up to 25x slower (measured)
         torch.set_num_threads(1)
-    config = config or ToyConfig.default()
+    config = config or ToyConfig()
     unet, text_encoder, tokenizer = build_models(config)
     schedule = NoiseSchedule.sd15()
     folder = os.path.join(cache_dir, config.cache_key())
+    modules = {"unet": unet, "text_encoder": text_encoder}
     if os.path.isdir(folder):
-        load_strict(unet, load_file(os.path.join(folder, "unet.safetensors")), os.path.join(folder, "unet"))
-        load_strict(text_encoder, load_file(os.path.join(folder, "text_encoder.safetensors")),
-                    os.path.join(folder, "text_encoder"))
-        unet.eval()
-        text_encoder.eval()
+        for name, module in modules.items():
+            path = os.path.join(folder, name)
+            load_strict(module, load_file(f"{path}.safetensors"), path)
     else:
         print(f"pretraining the toy base model ({config.pretrain_steps} steps; cached in {folder})")
         start = time.time()
@@ -680,18 +428,12 @@ def load_base_model(cache_dir: str = ".cache/toy", device="cpu", config: ToyConf
         print(f"pretrained in {time.time() - start:.0f} s, loss of the last 50 steps {final:.4f}")
         temporary = f"{folder}.tmp{os.getpid()}"
         os.makedirs(temporary, exist_ok=True)
-        save_file(unet.state_dict(), os.path.join(temporary, "unet.safetensors"))
-        save_file(text_encoder.state_dict(), os.path.join(temporary, "text_encoder.safetensors"))
-        with open(os.path.join(temporary, "config.json"), "w") as f:
-            json.dump({"world": TOY_WORLD_VERSION, **asdict(config)}, f, indent=1)
+        for name, module in modules.items():
+            save_file(module.state_dict(), os.path.join(temporary, f"{name}.safetensors"))
         with open(os.path.join(temporary, "pretrain_loss.json"), "w") as f:
             json.dump(losses, f)
-        if os.path.isdir(folder):  # another process cached the same model meanwhile: keep theirs
-            shutil.rmtree(temporary)
-        else:
-            os.replace(temporary, folder)
-    for module in (unet, text_encoder):
-        module.requires_grad_(False)
-        module.to(device)
+        publish(temporary, folder, {"world": TOY_WORLD_VERSION, **asdict(config)})
+    for module in modules.values():
+        module.eval().requires_grad_(False).to(device)
     return StableDiffusion(unet=unet, vae=IdentityVAE().to(device), text_encoder=text_encoder,
                            tokenizer=tokenizer, schedule=schedule)

@@ -42,8 +42,7 @@ import plot
 import rewards
 import tailorpo
 import toy
-from sample import generate
-from sampler import guided_eps
+from sampler import generate, guided_eps
 
 METHODS = ("sft", "dpo", "dpo-ai", "trajectory", "tailorpo", "tailorpo-g")
 CLAIMS = [  # (a, b, relation, paper)

@@ -1,0 +1,160 @@
+"""The toy reward model: the role PickScore plays for SD, learned from the toy pairs; NOT the hidden utility.
+
+r(image, prompt) is prompt-aware and differentiable in the image. It is fitted to toy.make_pairs() with the
+Bradley-Terry loss of the RLHF reward-model step,
+
+    L = -log sigmoid(r(x_w, c) - r(x_l, c))          (dpo.dpo_loss with beta = 1 and log-ratios r_w, r_l)
+
+and used by the online methods and by Diffusion-DPO with AI feedback (rewards.get_reward("toy")). It never
+sees toy.judge()'s templates, weights or median filter; its held-out pairwise accuracy is reported.
+"""
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import toy
+from data import PreferencePairs
+from dpo import dpo_loss
+from rewards import Reward
+from weights import load_strict
+
+
+class ToyRewardModel(Reward):
+    """A small CNN on fixed, prompt-aware feature maps (as the LAION aesthetic predictor is an MLP on CLIP
+    embeddings). Per pixel: the asked shape colour's and the asked background colour's membership
+    (toy.colour_membership), vividness, roughness ||x - boxblur3x3(x)||^2, the distance from the centre, and
+    the asked shape as three constant one-hot planes; two 3x3 convolutions with GELU, mean and max pooling and
+    a linear head give one number. Images [B, 3, H, W] in [0, 1] -> scores [B]."""
+
+    name = "toy"
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        channels = 5 + len(toy.SHAPES)
+        self.convs = nn.ModuleList([nn.Conv2d(channels, width, 3, padding=1),
+                                    nn.Conv2d(width, width, 3, padding=1)])
+        self.head = nn.Linear(2 * width, 1)
+
+    def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """[B, 8, H, W]: the fixed feature maps of the class docstring."""
+        colour, shape, background = zip(*(toy.parse_prompt(p) for p in prompts))
+        rows = torch.arange(len(prompts), device=images.device)
+        membership, vividness = toy.colour_membership(images)  # [B, 5, HW], [B, HW]
+        index = lambda names: torch.tensor([toy.COLOUR_NAMES.index(c) for c in names], device=images.device)
+        p_fg, p_bg = membership[rows, index(colour)], membership[rows, index(background)]
+        blurred = F.avg_pool2d(images, 3, 1, 1, count_include_pad=False)
+        roughness = (images - blurred).pow(2).sum(dim=1).flatten(1)
+        height, width = images.shape[2:]
+        grid = (torch.arange(height, device=images.device) + 0.5) / height - 0.5
+        radius = (grid[:, None] ** 2 + grid[None, :] ** 2).sqrt().flatten().expand(len(prompts), -1)
+        shapes = F.one_hot(torch.tensor([toy.SHAPES.index(s) for s in shape], device=images.device),
+                           len(toy.SHAPES))
+        maps = torch.cat([torch.stack([p_fg, p_bg, vividness, roughness * 10, radius * 2], dim=1),
+                          shapes[:, :, None].to(p_fg).expand(-1, -1, height * width)], dim=1)
+        return maps.view(len(prompts), -1, height, width)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        h = self.features(images, prompts)
+        for conv in self.convs:
+            h = F.gelu(conv(h))
+        return self.head(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)).squeeze(1)
+
+
+@dataclass
+class RewardModelConfig:
+    width: int = 16  # ToyRewardModel channels
+    steps: int = 400  # AdamW steps of the Bradley-Terry loss
+    batch_size: int = 64  # pairs per step
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    validation: int = 256  # pairs of the training prompts kept out of training, for the accuracy report
+    seed: int = 0
+
+
+def _pair_tensors(folder: str):
+    """(winners [N,3,H,W], losers [N,3,H,W] in [0, 1], captions) of a pairs.jsonl folder, read by data.py
+    (ties skipped there; no flips, no prompt dropout)."""
+    pairs = PreferencePairs(folder, resolution=16, hflip=False, prompt_dropout=0.0)
+    (batch,) = pairs.batches(len(pairs))
+    return (batch["pixels_w"] + 1) / 2, (batch["pixels_l"] + 1) / 2, batch["captions"]
+
+
+def pairwise_accuracy(reward_fn, winners, losers, captions) -> float:
+    """Fraction of pairs the reward orders as labelled (ties in score count 1/2)."""
+    with torch.no_grad():
+        margin = reward_fn(winners, captions) - reward_fn(losers, captions)
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+
+
+def _augment(images, flip, blur):
+    """images [B,3,H,W] blended with their 3x3 box blur by blur [B,1,1,1] in [0, 1], flipped where flip."""
+    images = torch.lerp(images, F.avg_pool2d(images, 3, 1, 1, count_include_pad=False), blur)
+    return torch.where(flip, images.flip(-1), images)
+
+
+def train_reward_model(pairs_folder: str, config: RewardModelConfig | None = None, progress: bool = True):
+    """Fit ToyRewardModel to the pairs with the Bradley-Terry loss. Augmentation, the same for both images of
+    a pair: a horizontal flip (p 1/2) and (p 1/2) a blend with a 3x3 box blur of random strength, so that the
+    blurry x0_pred of early steps (which TailorPO scores) rank like finished images. Returns (model, metrics:
+    accuracies on the held-out pairs of the training prompts and of the held-out prompts)."""
+    config = config or RewardModelConfig()
+    winners, losers, captions = _pair_tensors(pairs_folder)
+    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
+    validation, train = order[:config.validation], order[config.validation:]
+    torch.manual_seed(config.seed)
+    model = ToyRewardModel(config.width)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    for step in tqdm(range(config.steps), desc="toy reward model", disable=not progress):
+        batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
+        flip = torch.rand(len(batch), 1, 1, 1, generator=generator) < 0.5
+        blur = torch.rand(len(batch), 1, 1, 1, generator=generator)
+        blur = blur * (torch.rand(len(batch), 1, 1, 1, generator=generator) < 0.5)
+        texts = [captions[i] for i in batch]
+        reward_w = model(_augment(winners[batch], flip, blur), texts)
+        reward_l = model(_augment(losers[batch], flip, blur), texts)
+        loss = dpo_loss(reward_w, reward_l, beta=1.0)[0]  # Bradley-Terry: -log sigmoid(r_w - r_l)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for group in optimizer.param_groups:  # cosine decay to 0
+            group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / config.steps))
+    model.eval().requires_grad_(False)
+    held_out = _pair_tensors(os.path.join(pairs_folder, "heldout"))
+    metrics = {
+        "train_accuracy": pairwise_accuracy(model, winners[train], losers[train],
+                                            [captions[i] for i in train]),
+        "validation_accuracy": pairwise_accuracy(model, winners[validation], losers[validation],
+                                                 [captions[i] for i in validation]),
+        "held_out_prompts_accuracy": pairwise_accuracy(model, *held_out),
+        "utility_held_out_prompts_accuracy": pairwise_accuracy(toy.utility, *held_out),
+    }
+    return model, metrics
+
+
+def load_reward_model(cache_dir: str = ".cache/toy", device="cpu", config: RewardModelConfig | None = None,
+                      pairs_folder: str | None = None, progress: bool = True) -> ToyRewardModel:
+    """The learned toy reward model (rewards.get_reward("toy")), frozen; trained on toy.make_pairs(cache_dir)
+    on the first call, cached beside the pairs as reward-<hash of the pairs folder, config>.safetensors."""
+    config = config or RewardModelConfig()
+    pairs_folder = pairs_folder or toy.make_pairs(cache_dir, progress=progress)
+    key = toy.hash_key({"pairs": os.path.basename(os.path.normpath(pairs_folder)), **asdict(config)})
+    path = os.path.join(pairs_folder, f"reward-{key}.safetensors")
+    if not os.path.isfile(path):
+        start = time.time()
+        model, metrics = train_reward_model(pairs_folder, config, progress)
+        print(f"trained the toy reward model in {time.time() - start:.0f} s; pairwise accuracy: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in metrics.items()))
+        save_file(model.state_dict(), f"{path}.tmp{os.getpid()}", metadata={k: str(v) for k, v in
+                                                                           metrics.items()})
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+    model = load_strict(ToyRewardModel(config.width), load_file(path), path)
+    return model.eval().requires_grad_(False).to(device)
