@@ -65,11 +65,13 @@ def diffusion_log_ratio(model_err, ref_err):
     return -0.5 * (model_err - ref_err)
 
 
-def keyed_latents(sd, pixels, seed: int, positions: list[int], stream: str) -> torch.Tensor:
-    """pixels [B,3,H,W] in [-1,1] -> latents x_0 [B,C,h,w] float32: a posterior sample keyed by position."""
+def keyed_latents(sd, pixels, seed: int, positions: list[int], streams=("w",)) -> torch.Tensor:
+    """pixels [kB,3,H,W] in [-1,1], k halves of B images (one noise stream each: "w", "l") -> latents x_0
+    [kB,C,h,w] float32: posterior samples keyed by (seed, position, stream), in ONE VAE call."""
     factor, device = sd.vae.downsample_factor, next(sd.unet.parameters()).device
     shape = (sd.vae.config.latent_channels, pixels.shape[2] // factor, pixels.shape[3] // factor)
-    return sd.encode_images(pixels, keyed_randn(seed, positions, shape, f"vae_{stream}", device))
+    noise = torch.cat([keyed_randn(seed, positions, shape, f"vae_{stream}", device) for stream in streams])
+    return sd.encode_images(pixels, noise)
 
 
 def keyed_t_and_eps(sd, latents, seed: int, positions: list[int]):
@@ -88,8 +90,8 @@ def dpo_train_step(sd, reference_unet, batch: dict, beta: float, seed: int):
     policy/reference errors model_err_w, model_err_l, ref_err_w, ref_err_l.
     """
     positions = batch["positions"]
-    latents_w = keyed_latents(sd, batch["pixels_w"], seed, positions, "w")
-    latents_l = keyed_latents(sd, batch["pixels_l"], seed, positions, "l")
+    pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
+    latents_w, latents_l = keyed_latents(sd, pixels, seed, positions, ("w", "l")).chunk(2)
     t, eps = keyed_t_and_eps(sd, latents_w, seed, positions)
     t, eps = t.repeat(2), eps.repeat(2, 1, 1, 1)  # deviation 3: the same t and eps for winner and loser
     x_t = sd.schedule.add_noise(torch.cat([latents_w, latents_l]), eps, t)  # q(x_t | x_0), [2B]: w, then l
@@ -108,7 +110,7 @@ def dpo_train_step(sd, reference_unet, batch: dict, beta: float, seed: int):
 def sft_train_step(sd, batch: dict, seed: int):
     """train.py plug-in for the paper's SFT baseline: eps-MSE (DDPM L_simple, Ho et al. 2020 Eq. 14) on
     the preferred images batch["pixels_w"] only (winner's streams). Returns (loss, {loss, model_err_w})."""
-    latents = keyed_latents(sd, batch["pixels_w"], seed, batch["positions"], "w")
+    latents = keyed_latents(sd, batch["pixels_w"], seed, batch["positions"])
     t, eps = keyed_t_and_eps(sd, latents, seed, batch["positions"])
     eps_pred = sd.unet(sd.schedule.add_noise(latents, eps, t), t, sd.encode_prompts(batch["prompts"]))
     loss = per_sample_mse(eps_pred, eps).mean()

@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 import torch.distributed as dist
@@ -189,9 +190,8 @@ def load_data(cfg, rank: int, world: int, start: int):
 
 
 def prompt_batches(prompts: list[str], batch_size: int, rank: int, world: int, seed: int, start: int):
-    """Endless {"prompts", "positions"} positioned like data.PairBatches: position p holds prompt
-    perm_e[p % N], e = p // N, perm_e seeded by seed + e: a pure function of (seed, position)."""
-    order = lambda epoch: torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch))
+    """Endless {"prompts", "positions"} like data.PairBatches: p holds prompts[order(p // N)[p % N]]."""
+    order = cache(lambda e: torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + e)))
     for step in itertools.count(start):
         positions = data.batch_positions(step, batch_size, rank, world)
         yield {"prompts": [prompts[order(p // len(prompts))[p % len(prompts)]] for p in positions],

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 import lora
 import train
 import weights
+from bench import write_report
 from clip import CLIPTextConfig, CLIPTextModel
 from scheduler import NoiseSchedule
 from tokenizer import CLIPTokenizer
@@ -305,10 +306,7 @@ def main():
             print(implementation, mode, results[implementation, mode], flush=True)
 
     table = report(results, args)
-    print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(table)
+    write_report(table, args.out)
 
 
 if __name__ == "__main__":

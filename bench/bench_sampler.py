@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bench import write_report
 from sampler import generate, sample
 
 
@@ -132,9 +133,7 @@ def main():
     end_to_end = median["ours: end to end"] / median["diffusers: end to end"]
     lines += ["", f"End to end ours / diffusers: {end_to_end:.2f}x"]
     report = "\n".join(lines) + "\n"
-    print(report)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(report)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,15 @@ import itertools
 import json
 import math
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import replace
 
 import torch
 
+import evaluate
 import tailorpo
+from bench import write_report
 from conftest import UNetCallCounter, make_tiny_sd, save_hf_tokenizer
 from dpo import dpo_loss
 from rewards import get_reward
@@ -163,14 +164,11 @@ def main():
                   f"mean +- stderr over {args.seeds} seeds:", "",
                   "| method | rise | per seed |", "|---|---|---|"]
         for method, values in rises.items():
-            stderr = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-            lines.append(f"| {method} | {statistics.mean(values):+.4f} +- {stderr:.4f} | "
+            stats = evaluate.mean_stderr(torch.tensor(values))
+            lines.append(f"| {method} | {stats['mean']:+.4f} +- {stats['stderr']:.4f} | "
                          + ", ".join(f"{v:+.4f}" for v in values) + " |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":
