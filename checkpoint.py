@@ -1,10 +1,8 @@
-"""Checkpoints for train.py: one safetensors file with what a bit-exact resume needs, written atomically, and
-the public exports of the trained weights.
-
-A checkpoint holds the trainable weights, the AdamW state, the fp16 loss scale and the step; nothing else is
-needed, since every random draw is a pure function of (seed, the sample's stream position) and the data
-position is step * grad_accum. No pickles. Exports: LoRA -> lora.safetensors (PEFT names, diffusers'
-load_lora_weights reads it); full fine-tune -> a diffusers UNet folder (config.json + safetensors).
+"""Checkpoints for train.py: one safetensors file (no pickles), written atomically, with what a bit-exact
+resume needs: the trainable weights, the AdamW state, the fp16 loss scale and the step. No RNG state: every
+random draw is a pure function of (seed, stream position), and the data position is step * grad_accum.
+Exports: LoRA -> lora.safetensors (PEFT names, diffusers' load_lora_weights reads it); full fine-tune -> a
+diffusers UNet folder (config.json + safetensors).
 """
 
 import dataclasses
@@ -66,8 +64,11 @@ def latest(out_dir: str) -> str | None:
     return paths[-1] if paths else None
 
 
-def load(path: str, unet, optimizer, scaler) -> int:
-    """Restore what save wrote, in place; returns the step. A mismatch names the first bad key."""
+def resume(out_dir: str, unet, optimizer, scaler) -> int:
+    """Restore the latest checkpoint in out_dir in place; returns its step (0: none, a fresh start)."""
+    path = latest(out_dir)
+    if path is None:
+        return 0
     tensors, params = load_file(path), trainable(unet)
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
@@ -98,9 +99,3 @@ def open_log(out_dir: str, start: int):
     log = open(path, "w")
     log.writelines(kept)
     return log
-
-
-def resume(out_dir: str, unet, optimizer, scaler) -> int:
-    """Restore the latest checkpoint in out_dir, if any; returns its step (0: none, a fresh start)."""
-    path = latest(out_dir)
-    return load(path, unet, optimizer, scaler) if path else 0

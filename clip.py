@@ -1,21 +1,17 @@
 """CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision").
 
-Two models, loadable from the public files with HF CLIPModel / CLIPTextModel key names and strict=True:
-* CLIPTextModel: the causal text transformer (Sec. 2.4). Stable Diffusion 1.5 conditions its UNet on the full
-  77-token last hidden state (after the final LayerNorm) of the OpenAI ViT-L/14 text tower.
-* CLIPModel: text + vision transformers with the projection heads and logit_scale (Sec. 2.3, the symmetric
-  contrastive objective: logits = exp(logit_scale) * cos(image, text)); the reward models (aesthetic,
-  PickScore, HPSv2) use its features in the ViT-L/14 (quick-GELU) and ViT-H/14 (exact GELU) layouts.
+Two models with transformers' key names (strict loading):
+* CLIPTextModel: the causal text transformer (Sec. 2.4). SD1.5 conditions its UNet on the full 77-token last
+  hidden state (after the final LayerNorm) of the OpenAI ViT-L/14 text tower.
+* CLIPModel: both towers with the projection heads and logit_scale (Sec. 2.3: logits = exp(logit_scale) *
+  cos(image, text)); the reward models use it in the ViT-L/14 (quick-GELU) and ViT-H/14 (exact GELU) layouts.
 
 Deviations from the official code (OpenAI clip, transformers):
-1. No `position_ids` buffer: positions are arange(L) on the fly, so convert_hf_clip_keys() drops the
-   (legacy) `*.embeddings.position_ids` tensors of a file; it also restores the `text_model.` prefix that
-   transformers >= 5 leaves out when it saves a bare CLIPTextModel.
+1. No `position_ids` buffer (positions are arange(L)): convert_hf_clip_keys() drops it from a file.
 2. The pooled text feature is taken at the FIRST eos (49407). transformers pools at input_ids.argmax() when a
-   (legacy, e.g. SD1.5) config says eos_token_id == 2; 49407 is CLIP's largest id, so both pick the same
-   position whenever the ids contain an eos.
-3. Attention through F.scaled_dot_product_attention (is_causal=True for text); no dropout, no attention
-   mask input (SD1.5 and the reward models pass none), no position-embedding interpolation.
+   legacy config (SD1.5's) says eos_token_id == 2; 49407 is CLIP's largest id, so both pick the same position.
+3. Attention through F.scaled_dot_product_attention; no dropout, attention mask (none is passed here) or
+   position-embedding interpolation.
 """
 
 from dataclasses import asdict, dataclass, replace
@@ -26,15 +22,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-# Our config fields that transformers names differently.
 HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
             "max_positions": "max_position_embeddings"}
 
 
 @dataclass
 class TowerConfig:
-    """The shape of a transformer tower, from / to transformers' names. A config.json may leave out any key
-    whose value is transformers' default; HF_DEFAULTS lists those defaults where they differ from ours."""
+    """A transformer tower's shape. HF_DEFAULTS: transformers' defaults, for keys a config.json leaves out."""
 
     hidden_size: int = 768
     num_layers: int = 12
@@ -49,10 +43,6 @@ class TowerConfig:
         """From a transformers CLIPTextConfig / CLIPVisionConfig dict."""
         defaults = {**asdict(cls()), **cls.HF_DEFAULTS}
         return cls(**{name: config.get(HF_NAMES.get(name, name), value) for name, value in defaults.items()})
-
-    def to_hf(self) -> dict:
-        """Keyword arguments for transformers' CLIPTextConfig / CLIPVisionConfig (the parity tests')."""
-        return {HF_NAMES.get(name, name): value for name, value in asdict(self).items()}
 
 
 @dataclass
@@ -97,11 +87,6 @@ class CLIPVisionConfig(TowerConfig):
     @classmethod
     def vit_h14(cls):  # OpenCLIP ViT-H/14 (PickScore, HPSv2)
         return cls(hidden_size=1280, num_layers=32, num_heads=16, intermediate_size=5120, hidden_act="gelu")
-
-    @classmethod
-    def tiny(cls):
-        return cls(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, patch_size=6,
-                   image_size=30)
 
 
 # quick_gelu: the sigmoid approximation x * sigmoid(1.702 x) of GELU (Hendrycks & Gimpel 2016, Sec. 2)
@@ -185,7 +170,6 @@ class CLIPTextModel(nn.Module):
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.config = config
         self.text_model = TextTransformer(config)
 
     def forward(self, input_ids):
@@ -236,12 +220,6 @@ class CLIPModel(nn.Module):
         self.text_projection = nn.Linear(text_config.hidden_size, text_config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(2.6592))  # log(1/0.07), the paper's initial temperature
 
-    @classmethod
-    def from_hf_config(cls, config: dict) -> "CLIPModel":
-        """Build from a transformers CLIPModel config.json dict."""
-        text = CLIPTextConfig.from_hf(config.get("text_config", {}), config.get("projection_dim", 512))
-        return cls(text, CLIPVisionConfig.from_hf(config.get("vision_config", {})))
-
     def get_image_features(self, pixel_values):
         return self.visual_projection(self.vision_model(pixel_values))
 
@@ -251,7 +229,7 @@ class CLIPModel(nn.Module):
 
 def convert_hf_clip_keys(state_dict: dict) -> dict:
     """A transformers CLIP(Text)Model file in our keys: no `*.embeddings.position_ids` (deviation 1), and
-    `text_model.` restored on a bare CLIPTextModel saved by transformers >= 5 (keys `embeddings.*`, ...)."""
+    `text_model.` restored on a bare CLIPTextModel saved by transformers >= 5."""
     bare_text_model = ("embeddings.", "encoder.", "final_layer_norm.")
     return {("text_model." + key if key.startswith(bare_text_model) else key): tensor
             for key, tensor in state_dict.items() if not key.endswith("embeddings.position_ids")}

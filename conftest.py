@@ -1,7 +1,7 @@
 """Shared pytest fixtures: tiny Stable Diffusion checkpoints in the public file formats.
 
 The fixtures write files the way the real SD1.5 files are written (diffusers `save_pretrained`, the legacy VAE
-attention names, the LDM single file), but with the tiny presets of unet.py / vae.py / clip.py and random
+attention names, the LDM single file), but with the tiny presets (unet.py, clip.py, this file) and random
 weights from a fixed seed, so the loaders in weights.py are tested against what users actually download.
 diffusers and transformers are test-only references: they are imported inside the fixtures.
 
@@ -13,13 +13,13 @@ rules in weights.py instead of repeating them.
 import functools
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from clip import CLIPTextConfig, CLIPTextModel
+from clip import HF_NAMES, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from scheduler import NoiseSchedule
 from tokenizer import BOS, EOS, CLIPTokenizer
 from unet import UNet2DConditionModel, UNetConfig
@@ -48,6 +48,22 @@ def clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.default()
 
 
+def hf_clip_kwargs(config) -> dict:
+    """Keyword arguments for transformers' CLIPTextConfig / CLIPVisionConfig: our tower config's values."""
+    return {HF_NAMES.get(name, name): value for name, value in asdict(config).items()}
+
+
+def tiny_vae_config() -> VAEConfig:
+    """The tests' tiny VAE: four levels (downsample factor 8, as SD1.5's), one ResNet per level."""
+    return VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
+
+
+def tiny_vision_config() -> CLIPVisionConfig:
+    """The tests' tiny CLIP vision tower (the text tower's preset is CLIPTextConfig.tiny)."""
+    return CLIPVisionConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, patch_size=6,
+                            image_size=30)
+
+
 def make_tiny_sd(seed=0, unet_config: UNetConfig | None = None) -> StableDiffusion:
     """The tests' one tiny Stable Diffusion, built in memory: our tiny presets with random weights from
     `seed` (UNet, then VAE, then text encoder), the UNet trainable, VAE and text encoder frozen, the SD1.5
@@ -56,7 +72,7 @@ def make_tiny_sd(seed=0, unet_config: UNetConfig | None = None) -> StableDiffusi
     unet_config = unet_config or UNetConfig.tiny()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(unet_config)
-    vae = AutoencoderKL(VAEConfig.tiny()).requires_grad_(False)
+    vae = AutoencoderKL(tiny_vae_config()).requires_grad_(False)
     text_config = replace(CLIPTextConfig.tiny(), hidden_size=unet_config.cross_attention_dim)
     text_encoder = CLIPTextModel(text_config).requires_grad_(False)
     return StableDiffusion(unet, vae, text_encoder, clip_tokenizer(), NoiseSchedule.sd15())
@@ -72,8 +88,8 @@ def build_tiny_pipeline(seed=0):
 
     torch.manual_seed(seed)
     unet = DiffusersUNet(**UNetConfig.tiny().to_diffusers())
-    vae = DiffusersVAE(**VAEConfig.tiny().to_diffusers())
-    text_encoder = HFTextModel(HFTextConfig(**CLIPTextConfig.tiny().to_hf()))
+    vae = DiffusersVAE(**tiny_vae_config().to_diffusers())
+    text_encoder = HFTextModel(HFTextConfig(**hf_clip_kwargs(CLIPTextConfig.tiny())))
     return StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
         tokenizer=hf_clip_tokenizer(),
@@ -247,7 +263,7 @@ def tiny_ldm_file(tiny_sd_dir, tmp_path_factory):
     parts = [load_file(tiny_sd_dir / name) for name in ("unet/diffusion_pytorch_model.safetensors",
                                                          "vae/diffusion_pytorch_model.safetensors",
                                                          "text_encoder/model.safetensors")]
-    levels = len(VAEConfig.tiny().block_out_channels)
+    levels = len(tiny_vae_config().block_out_channels)
     ldm = diffusers_to_ldm(*parts, UNetConfig.tiny().layers_per_block, levels)
     path = tmp_path_factory.mktemp("tiny_ldm") / "tiny-pruned-emaonly.safetensors"
     save_file({k: v.contiguous() for k, v in ldm.items()}, path)

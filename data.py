@@ -1,15 +1,13 @@
 """Preference pairs for Diffusion-DPO: (caption, preferred image x_0^w, dis-preferred image x_0^l).
 
-Diffusion-DPO (Wallace et al. 2024, Sec. 5) trains on Pick-a-Pic v2: `caption`, `jpg_0`, `jpg_1` (JPEG
-bytes) and `label_0` (1: jpg_0 preferred, 0: jpg_1, 0.5: a tie), in parquet shards or a folder with
-pairs.jsonl (jpg_0/jpg_1: image paths relative to it). As the official train.py: ties are dropped (~12%), the
-winner comes first, each image is resized (shorter side to R, bilinear), center- (or random-) cropped,
-randomly flipped and scaled to [-1, 1], independently for x_0^w and x_0^l; 20% of the captions become "".
+Pick-a-Pic v2 (Diffusion-DPO Sec. 5): `caption`, `jpg_0`, `jpg_1` (JPEG bytes), `label_0` (1: jpg_0 preferred,
+0: jpg_1, 0.5: a tie), in parquet shards or a pairs.jsonl folder. As the official train.py: ties are dropped
+(~12%), the winner comes first, each image is resized (shorter side to R, bilinear), center- (or random-)
+cropped, flipped and scaled to [-1, 1], independently for x_0^w and x_0^l; 20% of the captions become "".
 
-Position p of the endless stream is row order_e[p mod N] of epoch e = p // N (N usable pairs; pairs.jsonl:
-order_e = randperm(N, seed + e); parquet: deviation 4), augmented by an RNG seeded by (seed, p): a pure
-function of (seed, p), so a run resumes exactly; DDP rank r of W takes positions (step * W + r) * B + [0, B),
-what one process sees with a W x larger batch.
+Stream position p holds row order_e[p mod N] of epoch e = p // N (N usable pairs), augmented by an RNG seeded
+by (seed, p): a pure function of (seed, p), so a run resumes exactly and DDP ranks see what one process sees
+with a larger batch (batch_positions). pairs.jsonl: order_e = randperm(N, seed + e); parquet: deviation 4.
 
 Deviations from the official code:
   1. Bad data never stops a run (officially a corrupt image crashes it): ties, malformed rows and missing
@@ -18,11 +16,10 @@ Deviations from the official code:
   2. A per-position RNG, not torchvision's global one. Draw order per pair: winner crop, winner flip, loser
      crop, loser flip, prompt dropout.
   3. AI feedback scores batches of any size (official: 1) of augmented images; human ties are still dropped.
-  4. Parquet is read by row groups (~100 rows in Pick-a-Pic), so a full shuffle reads ~100 pairs to use one
-     (the official code first converts the data to memory-mapped Arrow files, another ~335 GB). order_e
-     shuffles the row groups, then the rows within windows of `window` groups (default 4; 0: a full shuffle):
-     each group is read once per epoch, by one DataLoader worker; a process holds <= `window` groups (~130 MB
-     for Pick-a-Pic v2); two rows of a group land <= window x rows-per-group - 1 (~400) positions apart.
+  4. Parquet is read by row groups (~100 rows), so a full shuffle reads ~100 pairs to use one (official: a
+     ~335 GB Arrow copy first). order_e shuffles the row groups, then the rows within windows of `window`
+     groups (default 4; 0: a full shuffle): each group is read once per epoch by one DataLoader worker, a
+     process holds <= window groups (~130 MB), and a group's rows land < window x ~100 positions apart.
 """
 
 import argparse
@@ -199,8 +196,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         return pq.ParquetFile(file).read_row_group(index, columns=list(IMAGE_COLUMNS)).to_pydict()
 
     def _load(self, ref) -> tuple[Image.Image, int]:
-        """(decoded image, encoded size) of an image ref; raises UnreadableImage. The last max(window, 1) row
-        groups read stay in memory: as positions only move forward, the windowed order reads each once."""
+        """(decoded image, encoded size) of an image ref; raises UnreadableImage."""
         if isinstance(ref, Path):
             kind, name, encoded = "missing", str(ref), ref.read_bytes() if ref.is_file() else None
             self._bytes_read += len(encoded or b"")
@@ -211,7 +207,7 @@ class PreferencePairs(torch.utils.data.Dataset):
             if group not in self._group_cells:
                 self._group_cells[group] = self._read_group(group)
                 self._bytes_read += nbytes
-                while len(self._group_cells) > max(self.window, 1):  # evict the oldest
+                while len(self._group_cells) > max(self.window, 1):  # evict the oldest (deviation 4)
                     del self._group_cells[next(iter(self._group_cells))]
             encoded = self._group_cells[group][column][offset]
         if encoded is None:
@@ -238,18 +234,17 @@ class PreferencePairs(torch.utils.data.Dataset):
             pixels_w, pixels_l = (preprocess(image, self.resolution, rng, self.random_crop, self.hflip)
                                   for image, _ in loaded)
             prompt = "" if rng is not None and rng.random() < self.prompt_dropout else caption
-            return dict(pixels_w=pixels_w, pixels_l=pixels_l, prompt=prompt, caption=caption, row=row,
+            return dict(pixels_w=pixels_w, pixels_l=pixels_l, prompt=prompt, caption=caption, row=int(row),
                         position=position, failures=failures, bytes_read=self._bytes_read - bytes_before,
                         image_bytes=sum(size for _, size in loaded))
 
     def __getitem__(self, position: int) -> dict:
         epoch, index = divmod(int(position), len(self.rows))
         rows = self.order(epoch)[0]
-        row = int(rows[index])
-        candidates = (int(rows[(index + i) % len(rows)]) for i in range(len(rows)))  # deviation 1
+        candidates = itertools.chain(rows[index:], rows[:index])  # deviation 1: then the epoch's next rows
         if self.members:  # parquet: first the next rows of the row group
-            members = self.members[self.rows[row][1][0]]
-            candidates = itertools.chain(np.roll(members, -members.index(row)).tolist(), candidates)
+            members = self.members[self.rows[rows[index]][1][0]]
+            candidates = itertools.chain(np.roll(members, -members.index(rows[index])), candidates)
         item = self._item(int(position), candidates, random.Random(f"{self.seed}/{position}"))  # deviation 2
         if item is None:
             raise RuntimeError(f"no readable pair at all ({self.stats})")
@@ -294,9 +289,8 @@ def batch_positions(step: int, batch_size: int, rank=0, world_size=1) -> list[in
 
 class PairBatches:
     """Endless collate batches of `pairs` from step `start_step` on; `.step`: the data position to save.
-    Task step * K + k holds the step's positions whose row group's slot (in the epoch's group order) is k mod
-    K; an in-order DataLoader hands it to worker k of K, so no two workers read one group. The K tasks merge
-    in position order; the failures and I/O that the workers met are added to pairs.stats here."""
+    Task step * K + k holds the step's positions whose group slot (order()) is k mod K: an in-order DataLoader
+    gives it to worker k of K, so no two workers read one group; the workers' failures and I/O go to stats."""
 
     def __init__(self, pairs: PreferencePairs, batch_size, start_step=0, rank=0, world_size=1, num_workers=0):
         self.pairs, self.batch_size, self.step = pairs, batch_size, start_step

@@ -13,19 +13,17 @@ the ELBO with q(x_{1:T}|x_0) for the reverse posterior: a contrast of denoising 
 i.e. dpo_loss with log-ratio(x) = -0.5 (err_theta(x) - err_ref(x)) per sample (`diffusion_log_ratio`): the
 policy learns to denoise the preferred image better than the frozen reference does, the other one worse.
 
-Deviations from Eq. 14, all as the official code (SalesforceAIResearch/DiffusionDPO train.py), so that its
+Deviations from Eq. 14, 1-5 as the official code (SalesforceAIResearch/DiffusionDPO train.py), so that its
 beta=5000 means the same here:
   1. The squared errors are MEANS over the C*H*W latent elements, not sums (||.||^2 / D).
   2. T*omega(lambda_t) is a constant and the log-ratio carries the factor 0.5: logits = -0.5*beta*(...);
      official beta_code is the paper's beta*T*omega = 0.5*beta_code/D (test_dpo checks it).
   3. Winner and loser share eps and t (Eq. 14 writes eps^w and eps^l; the official code shares them:
      `noise.chunk(2)[0].repeat(2, 1, 1, 1)`, see also DiffusionDPO issue #1).
-  4. Implicit accuracy counts a tie (logits == 0) as wrong, as the official code, so it is 0 at init when
-     policy == reference; diffusers' research script counts ties as 0.5 (`tie_credit`).
+  4. Implicit accuracy counts a tie (logits == 0, at init) as wrong; diffusers' script as 0.5 (`tie_credit`).
   5. The prompt is encoded once per pair and repeated for the loser (same caption by construction).
-  6. The VAE posterior noise of winner and loser, t and eps of a pair come from streams keyed by (seed, the
-     pair's global position) (scheduler.keyed_randn): N processes equal one with an N x batch (official: a
-     per-process generator).
+  6. A pair's VAE posterior noise, t and eps are keyed by (seed, its global position) (scheduler.keyed_randn):
+     N processes equal one with an N x batch (official: a per-process generator).
 """
 
 import torch
@@ -38,8 +36,7 @@ def dpo_loss(log_ratio_w, log_ratio_l, beta: float, tie_credit: float = 0.0, mas
     """The DPO objective (Rafailov et al. 2023, Eq. 7) on per-pair log-ratios; returns (loss 0-d, metrics).
 
     Shape: log_ratio_w, log_ratio_l [N]: log p_theta - log p_ref of the winner / loser (graph via the policy).
-    Shape: mask [N] or None: 1 for pairs that count, 0 for pairs kept only so that every call runs the same
-        forward (DDP); the loss is the mean over counted pairs (0 with a graph when none counts).
+    Shape: mask [N] or None: 1 where a pair counts; the loss is the mean over those (0 with a graph if none).
     metrics (the same keys on every call): loss; implicit_accuracy, the fraction of pairs with logits > 0, a
     tie worth `tie_credit`; reward_margin, the mean implicit reward margin beta * logits.
     """
@@ -86,8 +83,7 @@ def dpo_train_step(sd, reference_unet, batch: dict, beta: float, seed: int):
     """train.py plug-in: (loss, metrics) of a batch of pairs. ONE policy and ONE reference forward on [w; l].
 
     batch: {"pixels_w", "pixels_l": [B,3,H,W] in [-1,1], "prompts": list[str], "positions": list[int]};
-    reference_unet(x_t, t, context) -> eps_ref (called under no_grad). metrics: dpo_loss's plus the mean
-    policy/reference errors model_err_w, model_err_l, ref_err_w, ref_err_l.
+    reference_unet(x_t, t, context) -> eps_ref. metrics: dpo_loss's and the mean errors {model,ref}_err_{w,l}.
     """
     positions = batch["positions"]
     pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])

@@ -1,21 +1,14 @@
-"""Evaluate an aligned model against its base: same prompts and seeds, rewards, win rates, a picture grid.
-
-Per prompt i and seed s, one image from the base and one from the aligned model from the SAME x_T, saved as
-PNGs and scored by every reward: base and aligned mean +- stderr, the paired difference and the win rate
-P(reward(aligned) > reward(base)) +- its binomial stderr (Diffusion-DPO reports win rates, TailorPO and the
-seed means; the seed's published SD1.5-DPO DrawBench row is printed beside ours), overall and per category.
+"""Evaluate an aligned model against its base: per prompt i and seed s, base and aligned images from the SAME
+x_T, scored by every reward: means +- stderr, the paired difference and the win rate P(r(aligned) > r(base))
++- its binomial stderr, overall and per category; a picture grid.
 
     python evaluate.py --model path/to/stable-diffusion-v1-5 --lora out/lora.safetensors \\
         --prompts drawbench --rewards aesthetic,hpsv2,pickscore,clipscore --seeds 0-3 --out out/eval
 
---out gets images/{base,aligned}/p{prompt:03d}_s{seed}.png, report.md (also printed), report.json, grid.png
-(12 prompts x 4 seeds); a rerun generates only missing images, and refuses those of other settings.
-
 Choices where the papers are silent:
 1. Ties count 1/2 in the win rate (e.g. a saturated reward), as the Diffusion-DPO paper's human study.
 2. The standard errors treat the prompt x seed pairs as independent draws (no clustering by prompt).
-3. Sampling defaults: DDIM, 50 steps, guidance 7.5, eta 0 for SD1.5 (the DPO paper's quick_samples setting);
-   the toy world uses toy.SAMPLING (10 steps, no guidance), the setting its pairs and rollouts use.
+3. Sampling: DDIM, 50 steps, guidance 7.5, eta 0 (the DPO paper's quick_samples); the toy: toy.SAMPLING.
 4. x_T of image (i, s) is torch.randn with torch.Generator("cpu").manual_seed(s) for every prompt: what
    diffusers' pipeline gives for (prompt i, seed s), whatever the batching or reuse (at eta > 0: the batch's).
 5. Rewards score the saved PNGs (uint8): a reused image scores as when it was made, as other tools see it.
@@ -54,8 +47,7 @@ PromptSet = namedtuple("PromptSet", "name prompts categories")  # categories: on
 
 
 def read_prompts(spec: str, max_prompts: int = 0) -> PromptSet:
-    """The first max_prompts (0: all) of 'drawbench', 'parti' (assets/prompts), 'toy', a .txt file (a prompt
-    per line) or a .csv/.tsv: the column prompt/prompts/caption/text (any case; else the first), category."""
+    """The first max_prompts (0: all) of drawbench, parti, toy, a .txt (a prompt per line) or a .csv/.tsv."""
     path = PROMPT_SETS.get(spec, Path(spec))
     if spec == "toy":
         rows = [["prompt", "category"]] + [[prompt, "held-out combination" if prompt in toy.HELD_OUT_PROMPTS
@@ -122,29 +114,24 @@ def image_path(folder: Path, prompt_index: int, seed: int) -> Path:
 
 
 @torch.no_grad()
-def generate(sd, prompts: list[str], seeds: list[int], num_steps: int = 50, guidance: float = 7.5,
-             eta: float = 0.0, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
-    """Images [len(seeds) * len(prompts), 3, H, W] in [0, 1], row k * len(prompts) + i of (seeds[k], prompt
-    i), in batches of at most batch_size prompts; x_T: one draw per seed for every prompt (choice 4)."""
+def generate(sd, prompts: list[str], seed: int, num_steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
+             batch_size: int = 8) -> torch.Tensor:
+    """Images [len(prompts), 3, H, W] in [0, 1], in batches of batch_size, all from seed's x_T (choice 4)."""
+    x_T = initial_latents(sd, 1, None, None, torch.Generator("cpu").manual_seed(seed))
     images = []
-    with tqdm(total=len(prompts) * len(seeds), desc="generating", unit="image", disable=not progress) as bar:
-        for seed in seeds:
-            x_T = initial_latents(sd, 1, None, None, torch.Generator("cpu").manual_seed(seed))
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start:start + batch_size]
-                latents = generate_latents(sd, batch, num_steps=num_steps, guidance=guidance, eta=eta,
-                                           seed=seed, latents=x_T.expand(len(batch), -1, -1, -1),
-                                           progress=False)
-                images.append(sd.decode_latents(latents))
-                bar.update(len(batch))
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        latents = generate_latents(sd, batch, num_steps=num_steps, guidance=guidance, eta=eta, seed=seed,
+                                   latents=x_T.expand(len(batch), -1, -1, -1), progress=False)
+        images.append(sd.decode_latents(latents))
     return torch.cat(images)
 
 
 @torch.no_grad()
-def score_images(folder: Path, prompts: list[str], pairs: list, reward_fns: dict, batch_size: int, progress):
+def score_images(folder: Path, prompts: list[str], pairs: list, reward_fns: dict, batch_size: int):
     """{reward name: scores [len(pairs)]} of the saved PNGs of (prompt index, seed) pairs (choice 5)."""
     scores = {name: [] for name in reward_fns}
-    for k in tqdm(range(0, len(pairs), batch_size), f"scoring {folder.name}", disable=not progress):
+    for k in tqdm(range(0, len(pairs), batch_size), f"scoring {folder.name}"):
         batch = pairs[k:k + batch_size]
         images = torch.stack([rewards.read_image(image_path(folder, i, seed)) for i, seed in batch])
         for name, reward_fn in reward_fns.items():
@@ -173,11 +160,10 @@ def save_grid(folders: dict[str, Path], prompts: list[str], seeds: list[int], pa
 
 def compare(aligned_sd, prompts: list[str], reward_fns: dict, seeds: list[int], out_dir: str,
             base_sd=None, categories: list[str] | None = None, prompt_set: str = "", num_steps: int = 50,
-            guidance: float = 7.5, eta: float = 0.0, batch_size: int = 8, model_ids: dict | None = None,
-            progress: bool = True) -> dict:
+            guidance: float = 7.5, eta: float = 0.0, batch_size: int = 8,
+            model_ids: dict | None = None) -> dict:
     """Base vs aligned on the same prompts and seeds -> the report (also written as report.json, report.md).
-    reward_fns: {name: reward(images, prompts) -> [B]}. base_sd=None: aligned_sd's UNet with its LoRA adapters
-    off. categories: one per prompt. model_ids: {"base", "aligned": names of the models} in the settings."""
+    reward_fns: {name: reward(images, prompts) -> [B]}; base_sd None: aligned_sd with its LoRA off."""
     if base_sd is None and not any(isinstance(m, lora.LoRALinear) for m in aligned_sd.unet.modules()):
         raise ValueError("compare: base_sd=None, but aligned_sd has no LoRA layers to switch off (the base)")
     out, sampler = Path(out_dir), {"num_steps": num_steps, "guidance": guidance, "eta": eta}
@@ -190,8 +176,7 @@ def compare(aligned_sd, prompts: list[str], reward_fns: dict, seeds: list[int], 
         settings = {**sampler, "dtype": str(sd.unet.conv_in.weight.dtype), "prompts": prompts,
                     "model": (model_ids or {}).get(kind)}
         if saved.is_file() and json.loads(saved.read_text()) != settings:
-            raise FileExistsError(f"{folder} holds images made with other settings (see {saved}): give "
-                                  "another --out, or delete the folder")
+            raise FileExistsError(f"{folder} holds images made with other settings: give another --out")
         folder.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(settings, indent=1))
         missing = [(seed, [i for i in range(len(prompts)) if not image_path(folder, i, seed).is_file()])
@@ -200,16 +185,15 @@ def compare(aligned_sd, prompts: list[str], reward_fns: dict, seeds: list[int], 
                 for k in range(0, len(indices), batch_size)]  # one seed per batch: its x_T (choice 4)
         generated[kind] = sum(len(batch) for _, batch in todo)
         with (lora.lora_disabled(aligned_sd.unet) if kind == "base" else contextlib.nullcontext(),
-              tqdm(total=generated[kind], desc=f"generating {kind}", disable=not (progress and todo)) as bar):
+              tqdm(total=generated[kind], desc=f"generating {kind}", disable=not todo) as bar):
             for seed, batch in todo:
-                images = generate(sd, [prompts[i] for i in batch], [seed], num_steps, guidance, eta,
-                                  progress=False)
+                images = generate(sd, [prompts[i] for i in batch], seed, num_steps, guidance, eta)
                 for i, image in zip(batch, images):  # written atomically: no truncated PNG to reuse later
                     path = image_path(folder, i, seed)
                     to_pil(image).save(path.with_suffix(".partial.png"))
                     os.replace(path.with_suffix(".partial.png"), path)
                 bar.update(len(batch))
-        scores[kind] = score_images(folder, prompts, pairs, reward_fns, batch_size, progress)
+        scores[kind] = score_images(folder, prompts, pairs, reward_fns, batch_size)
 
     by_category = {}
     for category in sorted(set(categories or []) - {""}):
@@ -248,8 +232,7 @@ def format_markdown(report: dict) -> str:
         rows = [[f"{model} (published)", *values.values()] for model, values in report["reference"].items()]
         rows += [[f"ours: {kind}", *(f"{report['rewards'][m][kind]['mean']:.4f}" if m in report["rewards"]
                                      else "not measured" for m in metrics)] for kind in ("base", "aligned")]
-        lines += ["", f"Reference: {title} means published by the seed (DiffusionDPO reference numbers), not "
-                  "measured here (sbert: SentenceBERT text alignment); ours beside them.", ""]
+        lines += ["", f"{title} means published by the seed, not measured here (sbert: SentenceBERT):", ""]
         lines += table(["model", *metrics], rows)
     if report["categories"]:
         lines += ["", "Per category:", ""]
@@ -261,11 +244,8 @@ def format_markdown(report: dict) -> str:
 
 
 def load_models(model: str, unet: str | None, lora_path: str | None, device: str, dtype: torch.dtype):
-    """(base_sd, aligned_sd); base_sd None: aligned = base + LoRA (compare switches the adapters off)."""
-    if not unet and not lora_path:
-        raise ValueError("give the aligned weights: --unet (a UNet folder or state dict) and/or --lora")
+    """(base_sd, aligned_sd = model + --unet and/or --lora); base_sd None without --unet (base: LoRA off)."""
     if model == "toy":
-        import toy
         base = toy.load_base_model(device=device)
     else:
         base = load_stable_diffusion(model, device=device, dtype=dtype)
@@ -274,9 +254,9 @@ def load_models(model: str, unet: str | None, lora_path: str | None, device: str
         aligned.unet = load_unet(unet)
     elif unet:  # a state dict with diffusers names, for the base model's architecture
         aligned.unet = build(type(base.unet), base.unet.config, read_state_dict(unet), unet)
-    if lora_path:
-        lora.load_lora(aligned.unet, lora_path)  # a file that is no LoRA of this model: CheckpointError
     aligned.unet.to(device, dtype)
+    if lora_path:  # its adapters stay float32 (lora.py deviation 3); no LoRA of this model: CheckpointError
+        lora.load_lora(aligned.unet, lora_path)
     return (base if unet else None), aligned
 
 
@@ -312,14 +292,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     toy_model = args.model == "toy"
     defaults = toy.SAMPLING if toy_model else {"num_steps": 50, "guidance": 7.5}
+    num_steps = defaults["num_steps"] if args.steps is None else args.steps
     names = [name for name in args.rewards.split(",") if name]
     paths = [item.split("=", 1) for item in args.reward_path]
-    unknown = [name for name in names if name not in rewards.REWARDS]
-    for message, bad in [(f"--rewards: unknown {unknown}; choose from {', '.join(rewards.REWARDS)}", unknown),
-                         ("--rewards: give at least one reward", not names),
+    for message, bad in [(f"--rewards {args.rewards!r}: choose from {', '.join(rewards.REWARDS)}",
+                          not names or any(name not in rewards.REWARDS for name in names)),
                          ("--reward-path: give KEY=FILE", any(len(item) != 2 for item in paths)),
-                         ("--steps, --batch-size must be >= 1", min(args.steps or 1, args.batch_size) < 1),
-                         ("--max-prompts must be >= 0", args.max_prompts < 0)]:
+                         ("--steps, --batch-size must be >= 1", min(num_steps, args.batch_size) < 1),
+                         ("--max-prompts must be >= 0", args.max_prompts < 0),
+                         ("give the aligned weights: --unet and/or --lora", not (args.unet or args.lora))]:
         if bad:
             p.error(message)
     try:  # every option and file is checked before a model is loaded
@@ -333,8 +314,7 @@ def main(argv=None) -> dict:
         report = compare(
             aligned, prompt_set.prompts, reward_fns, seeds, args.out, base_sd=base, eta=args.eta,
             categories=prompt_set.categories, prompt_set=prompt_set.name, batch_size=args.batch_size,
-            num_steps=args.steps or defaults["num_steps"],
-            guidance=defaults["guidance"] if args.guidance is None else args.guidance,
+            num_steps=num_steps, guidance=defaults["guidance"] if args.guidance is None else args.guidance,
             model_ids={"base": args.model, "aligned": " + ".join(aligned_files)})
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"evaluate.py: {error}") from None  # one line naming the option or file and why

@@ -1,24 +1,18 @@
 """LoRA (Hu et al., 2021, arXiv 2106.09685) on the UNet's attention projections, diffusers/PEFT-compatible.
 
 A frozen Linear W (out x in) gets a trainable low-rank update (LoRA Eq. 3):  h = W x + (alpha / r) * B A x,
-A: r x in, B: out x r. B starts at zero (adapted model == base model at step 0); A is Gaussian with std 1/r
-(PEFT's init_lora_weights="gaussian", as in the diffusers Diffusion-DPO script). Adapters go into to_q, to_k,
-to_v and to_out.0 of every self- and cross-attention, the targets of diffusers' DPO/text-to-image scripts.
-The Diffusion-DPO reference eps_ref is the same UNet with adapters switched off (`lora_disabled`), as in the
-diffusers DPO script. The switch is read when a layer runs: call backward outside `lora_disabled`, or
-gradient checkpointing would recompute without LoRA.
+A: r x in, B: out x r. As in diffusers' Diffusion-DPO script: B starts at zero, A is Gaussian with std 1/r
+(PEFT's init_lora_weights="gaussian"); adapters go into to_q, to_k, to_v and to_out.0 of every attention; the
+reference eps_ref is the same UNet with adapters off (`lora_disabled`). The switch is read when a layer runs:
+call backward outside `lora_disabled`, or gradient checkpointing would recompute without LoRA.
 
 Deviations / implementation notes:
-  1. LoRALinear IS an nn.Linear holding the same weight/bias Parameters as the Linear it replaces, plus
-     lora_A and lora_B: base keys keep their diffusers names, and adapter keys are the PEFT names
-     (`...to_q.lora_A.weight`, prefixed `unet.`) that diffusers' `load_lora_weights` expects.
-  2. Saved files bake alpha/r into lora_B (scale 1.0 in the file), so loaders that assume alpha == rank
-     (diffusers without adapter metadata, ComfyUI) apply the right update; load_lora divides it back out
-     (exact when alpha/r is a power of two, e.g. the default alpha = rank).
-  3. LoRA weights stay float32 whatever the base dtype (as the diffusers script upcasts them); the update is
-     cast back to the activation dtype.
-  4. merge_lora folds B A into W in float32, rounded once to W's dtype (a 1e-4-sized update added to bf16
-     weights directly loses much of it), and turns every LoRALinear back into a plain nn.Linear.
+  1. LoRALinear IS the nn.Linear it replaces (same weight/bias Parameters) plus lora_A, lora_B: base keys keep
+     diffusers' names, adapter keys the PEFT names diffusers' `load_lora_weights` expects (`unet.` prefix).
+  2. Saved files bake alpha/r into lora_B, so loaders assuming alpha == rank (diffusers without adapter
+     metadata, ComfyUI) apply the right update; load_lora divides it out (exact for alpha/r a power of two).
+  3. LoRA weights stay float32 (the diffusers script upcasts them); the update is cast to the layer's dtype.
+  4. merge_lora folds B A into W in float32, rounded once to W's dtype (in bf16 a 1e-4 update loses much).
 """
 from contextlib import contextmanager
 
@@ -88,13 +82,13 @@ def lora_disabled(unet: nn.Module):
             module.lora_enabled = enabled
 
 
-def lora_state_dict(unet: nn.Module, prefix: str = "unet.") -> dict[str, torch.Tensor]:
+def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     """{'unet.<module path>.lora_A.weight': [r, in], '...lora_B.weight': [out, r]}, alpha/r baked into B."""
     state = {}
     for name, module in _lora_modules(unet):
-        state[f"{prefix}{name}.lora_A.weight"] = module.lora_A.weight.detach().float().contiguous()
+        state[f"unet.{name}.lora_A.weight"] = module.lora_A.weight.detach().float().contiguous()
         baked_B = module.scale * module.lora_B.weight.detach().float()  # deviation 2
-        state[f"{prefix}{name}.lora_B.weight"] = baked_B.contiguous()
+        state[f"unet.{name}.lora_B.weight"] = baked_B.contiguous()
     return state
 
 
@@ -102,10 +96,9 @@ def save_lora(unet: nn.Module, path: str):
     save_file(lora_state_dict(unet), str(path), metadata={"format": "pt"})
 
 
-def load_lora(unet: nn.Module, path_or_state_dict, prefix: str = "unet."):
-    """Load a lora_state_dict (or a file of one, read by weights.read_state_dict) into the UNet, injecting
-    adapters of its rank first if the UNet has none. A mismatch raises weights.CheckpointError (one line
-    naming the file and the first bad key)."""
+def load_lora(unet: nn.Module, path_or_state_dict):
+    """Load a lora_state_dict (or its file) into the UNet, injecting adapters of its rank if it has none.
+    A mismatch raises CheckpointError, one line naming the file and the first bad key."""
     from_file = not isinstance(path_or_state_dict, dict)
     state = read_state_dict(path_or_state_dict) if from_file else path_or_state_dict
     source = str(path_or_state_dict) if from_file else "state dict"
@@ -115,7 +108,7 @@ def load_lora(unet: nn.Module, path_or_state_dict, prefix: str = "unet."):
             raise CheckpointError(f"{source}: not a LoRA file: expected one LoRA rank, found {sorted(ranks)}")
         inject_lora(unet, rank=ranks.pop())
     modules = dict(_lora_modules(unet))
-    expected = {f"{prefix}{name}.lora_{ab}.weight" for name in modules for ab in "AB"}
+    expected = {f"unet.{name}.lora_{ab}.weight" for name in modules for ab in "AB"}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         first = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
@@ -124,7 +117,7 @@ def load_lora(unet: nn.Module, path_or_state_dict, prefix: str = "unet."):
     with torch.no_grad():
         for name, module in modules.items():
             for ab, scale in (("A", 1.0), ("B", module.scale)):
-                key, target = f"{prefix}{name}.lora_{ab}.weight", getattr(module, f"lora_{ab}").weight
+                key, target = f"unet.{name}.lora_{ab}.weight", getattr(module, f"lora_{ab}").weight
                 if state[key].shape != target.shape:
                     raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, the model "
                                           f"expects {tuple(target.shape)} (rank mismatch?)")
@@ -136,9 +129,8 @@ def merge_lora(unet: nn.Module) -> nn.Module:
     """W <- W + scale * B A, then replace each LoRALinear by a plain nn.Linear (deviation 4). In place."""
     for name, module in _lora_modules(unet):
         delta = module.scale * (module.lora_B.weight.float() @ module.lora_A.weight.float())
-        module.weight.copy_(module.weight.float() + delta)  # in fp32, then rounded once to the weight's dtype
+        module.weight.copy_(module.weight.float() + delta)  # deviation 4: rounded once to the weight's dtype
         plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
         plain.weight, plain.bias = module.weight, module.bias  # the same Parameters, no copy
         unet.set_submodule(name, plain)
     return unet
-

@@ -1,8 +1,6 @@
 """A tiny PNG line plot with PIL only (no matplotlib): training curves, reward curves.
 
-    save_line_plot("loss.png", {"loss": (steps, losses)}, title="DPO loss", smooth=0.9)
-    plot_metrics("out/metrics.jsonl")      # train.py's loss / implicit accuracy / reward PNGs beside the log
-    python plot.py out/metrics.jsonl      # the same from the command line, also while a run is going
+    python plot.py out/metrics.jsonl      # train.py's PNGs beside its log (plot_metrics), also mid-run
 
 Polylines on linear axes with round ticks and a legend. `smooth` is an exponential moving average (the
 TensorBoard convention: 0 = raw, 0.9 = heavy) drawn over the faint raw points; held-out curves (val_*) are
@@ -15,16 +13,16 @@ import os
 import sys
 from itertools import accumulate
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About `count` round tick values (1, 2, 5 x 10^k steps) covering [low, high]."""
-    raw_step = (high - low) / max(count - 1, 1)
+def _ticks(low: float, high: float) -> list[float]:
+    """About 5 round tick values (1, 2, 5 x 10^k steps) covering [low, high]."""
+    raw_step = (high - low) / 4
     magnitude = 10 ** math.floor(math.log10(raw_step))
-    step = min((m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw_step), default=raw_step)
+    step = min(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw_step)
     first = math.ceil(low / step) * step
     return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
@@ -43,23 +41,22 @@ def save_line_plot(path: str, curves: dict[str, tuple[list[float], list[float]]]
     width, height = 640, 400
     left, right, top, bottom = 70, 15, 30, 45  # margins in pixels for tick labels and the title
     image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(image)  # PIL's default font
     to_px = lambda x, y: (left + (x - x_low) / (x_high - x_low) * (width - left - right),
                           height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom))
 
     for y in _ticks(y_low, y_high):  # horizontal grid lines with y labels
         _, py = to_px(x_low, y)
         draw.line([(left, py), (width - right, py)], fill=(230, 230, 230))
-        draw.text((left - 5, py), f"{y:.4g}", fill="black", font=font, anchor="rm")
+        draw.text((left - 5, py), f"{y:.4g}", fill="black", anchor="rm")
     for x in _ticks(x_low, x_high):
         px, _ = to_px(x, y_low)
         draw.line([(px, height - bottom), (px, height - bottom + 4)], fill="black")
-        draw.text((px, height - bottom + 6), f"{x:.4g}", fill="black", font=font, anchor="ma")
+        draw.text((px, height - bottom + 6), f"{x:.4g}", fill="black", anchor="ma")
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((width / 2, 8), title, fill="black", font=font, anchor="ma")
-    draw.text((width / 2, height - 16), xlabel, fill="black", font=font, anchor="ma")
-    draw.text((8, top - 18), ylabel, fill="black", font=font)
+    draw.text((width / 2, 8), title, fill="black", anchor="ma")
+    draw.text((width / 2, height - 16), xlabel, fill="black", anchor="ma")
+    draw.text((8, top - 18), ylabel, fill="black")
 
     for i, (label, pts) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
@@ -75,7 +72,7 @@ def save_line_plot(path: str, curves: dict[str, tuple[list[float], list[float]]]
             draw.line([to_px(x, y) for x, y in zip(xs, ys)], fill=colour, width=2, joint="curve")
         legend_y = top + 10 + 14 * i
         draw.line([(left + 8, legend_y), (left + 24, legend_y)], fill=colour, width=3)
-        draw.text((left + 30, legend_y), label, fill=colour, font=font, anchor="lm")
+        draw.text((left + 30, legend_y), label, fill=colour, anchor="lm")
     image.save(path)
     return path
 

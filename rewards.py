@@ -1,13 +1,9 @@
-"""Reward models behind one signature: reward(images, prompts) -> scores.
+"""Reward models behind one signature: reward(images, prompts) -> scores; get_reward(name, device, **paths).
 
     images  float [B, 3, H, W] in [0, 1], any device      prompts  list[str] of length B
     scores  float [B] on images.device; differentiable w.r.t. images when reward.differentiable
 
-TailorPO ranks a step's candidates by r(decode(x0_pred)) (Ren et al. 2025, Fig. 3), TailorPO-G follows
-grad_x r, Diffusion-DPO's AI feedback relabels pairs. get_reward(name, device, **paths) builds one:
-
-    aesthetic    LAION improved aesthetic predictor v2: MLP(normalize(CLIP ViT-L/14 image embedding)),
-                 MLP 768->1024->128->64->16->1 with no nonlinearity (its ReLUs are commented out upstream)
+    aesthetic    LAION improved aesthetic predictor v2: MLP(normalize(CLIP ViT-L/14 image embedding))
     pickscore    PickScore v1 (Kirstain et al. 2023): logit_scale.exp() * cos(image, text), CLIP ViT-H/14
     hpsv2        HPS v2 / v2.1 (Wu et al. 2023): cos(image, text) of a fine-tuned OpenCLIP ViT-H-14
     clipscore    CLIPScore (Hessel et al. 2021) as torchmetrics: 100 * max(cos(image, text), 0), CLIP ViT-L/14
@@ -15,15 +11,12 @@ grad_x r, Diffusion-DPO's AI feedback relabels pairs. get_reward(name, device, *
     brightness, saturation   weight-free and differentiable (tests, the CPU toy world); toy: toy.py's model
 
 Deviations from the official code:
-1. Preprocessing in torch on the float images, so gradients reach the pixels: antialiased bicubic resize of
-   the shortest side to 224, clamp to [0, 1], center crop, OpenAI mean/std. The originals resize uint8 with
-   PIL: ~1/255 per pixel apart on smooth images, up to 4/255 on i.i.d. noise (test_rewards.py measures it).
+1. Preprocessing in torch on the float images (antialiased bicubic resize, clamp, center crop), so gradients
+   reach the pixels; the originals resize uint8 with PIL: ~1/255 per pixel apart (i.i.d. noise: 4/255).
 2. hpsv2.score resizes the longer side to 224 and pads to a square; we crop as the others: same on squares.
-3. Prompts are tokenized by tokenizer.CLIPTokenizer (HF text cleaning for PickScore, OpenAI's for HPS) and
-   eos-padded to 77, where PickScore pads to the longest prompt and open_clip with 0: the causal text towers
-   pool at the first <|endoftext|>, so padding cannot change a score (the tests pad as the originals do).
-4. Weights are read by weights.read_state_dict (safetensors, or torch.load(weights_only=True); a bad file:
-   CheckpointError naming it and why); `python rewards.py convert IN OUT` turns a pickle into safetensors.
+3. Prompts are eos-padded to 77, where PickScore pads to the longest prompt and open_clip with 0: the causal
+   text towers pool at the first <|endoftext|>, so padding cannot change a score.
+4. Weights: weights.read_state_dict (no pickled code runs); `python rewards.py convert IN OUT` -> safetensors.
 5. Rewards score in float32 (float64 for gradcheck) with autocast off, whatever the caller runs under: in
    bf16 the aesthetic score has a resolution of 1/32 in [4, 8), so close candidates and pairs became ties.
 6. clipscore clamps each image's score at 0 (torchmetrics' documentation; Hessel et al., w = 100); its code
@@ -32,7 +25,6 @@ Deviations from the official code:
 
 import argparse
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +36,7 @@ from torch import nn
 
 from clip import CLIPModel, CLIPTextConfig, CLIPVisionConfig, convert_hf_clip_keys
 from tokenizer import CLIPTokenizer
-from weights import CheckpointError, load_strict, read_state_dict
+from weights import CheckpointError, load_strict, read_json, read_state_dict
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,9 +54,8 @@ def read_image(path) -> torch.Tensor:
 def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     """[B, 3, H, W] in [0, 1] -> CLIP pixel_values [B, 3, size, size], differentiable (deviation 1)."""
     height, width = images.shape[-2:]
-    short, long = min(height, width), max(height, width)
-    new_long = int(size * long / short)  # as CLIPImageProcessor: the shortest side becomes `size`
-    new_size = (size, new_long) if height <= width else (new_long, size)
+    short = min(height, width)  # as CLIPImageProcessor: the shortest side becomes `size`
+    new_size = (int(size * height / short), int(size * width / short))
     if new_size != (height, width):
         images = F.interpolate(images, new_size, mode="bicubic", antialias=True, align_corners=False)
         images = images.clamp(0, 1)  # PIL stores uint8, so its bicubic overshoot is clipped too
@@ -83,18 +74,14 @@ def read_weights(path, what: str) -> dict[str, torch.Tensor]:  # a CheckpointErr
 
 def load_clip(path, text_config: CLIPTextConfig, vision_config: CLIPVisionConfig, what: str,
               convert=convert_hf_clip_keys) -> CLIPModel:
-    """A CLIPModel from an HF folder (config.json + model.safetensors or pytorch_model.bin; its configs win)
-    or from one weight file with the given configs; `convert` maps the file's key names to ours."""
+    """A CLIPModel from an HF folder (its config.json wins) or one file; `convert` maps its keys to ours."""
     path = Path(path)
     if path.is_dir():
-        files = [file for file in (path / "model.safetensors", path / "pytorch_model.bin") if file.is_file()]
-        if not (path / "config.json").is_file() or not files:
-            raise CheckpointError(f"{path}: no config.json and model.safetensors (or pytorch_model.bin), as "
-                                  f"saved by transformers' CLIPModel (expected: {what})")
-        config = json.loads((path / "config.json").read_text())
+        config = read_json(path / "config.json")
         text_config = CLIPTextConfig.from_hf(config["text_config"], config.get("projection_dim"))
         vision_config = CLIPVisionConfig.from_hf(config["vision_config"])
-        path = files[0]
+        safetensors = path / "model.safetensors"
+        path = safetensors if safetensors.is_file() else path / "pytorch_model.bin"
     state_dict = convert(read_weights(path, what))
     with torch.device("meta"):  # no random init of ~1B parameters that the file overwrites anyway
         model = CLIPModel(text_config, vision_config)
@@ -167,8 +154,7 @@ def brightness(images):
 
 
 def saturation(images):
-    """Mean over pixels of the std of (R, G, B), in [0, 1]: a pure primary scores ~1, grey 0. Linear in
-    toy.py's vividness (a colour mixed with mid-grey); the epsilon keeps sqrt differentiable on grey."""
+    """Mean std of (R, G, B) over pixels, in [0, 1] (pure primary ~1, grey 0); linear in toy's vividness."""
     return ((images.var(dim=1, unbiased=False) + 1e-6).sqrt() / (2 / 9 + 1e-6) ** 0.5).mean(dim=(1, 2))
 
 
@@ -199,58 +185,57 @@ class PixelReward(Reward):
 
 
 class CLIPReward(Reward):
-    """A score of a CLIP model's normalised embeddings, by `output`: "aesthetic" = mlp(image embedding); of
-    c = cos(image, text): "cosine" (HPSv2), "logits" = logit_scale.exp() * c (PickScore), "clipscore"."""
+    """A score of a CLIP model's normalised embeddings: the formula of its name in the module docstring."""
 
-    def __init__(self, name: str, clip: CLIPModel, output: str, tokenizer: CLIPTokenizer | None = None,
+    def __init__(self, name: str, clip: CLIPModel, tokenizer: CLIPTokenizer | None = None,
                  mlp: nn.Module | None = None):
         super().__init__()
-        self.name, self.clip, self.output, self.tokenizer, self.mlp = name, clip, output, tokenizer, mlp
+        self.name, self.clip, self.tokenizer, self.mlp = name, clip, tokenizer, mlp
         self.requires_grad_(False).eval()
 
     def score(self, images, prompts):
         pixels = clip_preprocess(images, self.clip.vision_model.config.image_size)
         image_features = F.normalize(self.clip.get_image_features(pixels), dim=-1)
-        if self.output == "aesthetic":
+        if self.name == "aesthetic":
             return self.mlp(image_features).squeeze(-1)
         ids = self.tokenizer(prompts).to(images.device)  # padded with eos (deviation 3)
         text_features = F.normalize(self.clip.get_text_features(ids), dim=-1)
         cosine = (image_features * text_features).sum(dim=-1)
-        if self.output == "logits":
+        if self.name == "pickscore":
             return self.clip.logit_scale.exp() * cosine
-        return 100 * cosine.clamp(min=0) if self.output == "clipscore" else cosine
+        return 100 * cosine.clamp(min=0) if self.name == "clipscore" else cosine  # hpsv2: the cosine
 
 
 def load_aesthetic(clip_path="weights/clip-vit-large-patch14",
                    mlp_path="weights/sac+logos+ava1-l14-linearMSE.pth") -> CLIPReward:
     """clip_path: HF openai/clip-vit-large-patch14 (folder or model.safetensors); mlp_path: the .pth."""
     clip = load_clip(clip_path, CLIPTextConfig.sd15(), CLIPVisionConfig.vit_l14(), f"aesthetic {VIT_L14}")
-    mlp = nn.Sequential()  # the head, named as in the .pth: layers.{0,2,4,6,7} (the Dropouts are inert)
+    mlp = nn.Sequential()  # named as in the .pth: layers.{0,2,4,6,7}; no ReLUs (commented out upstream)
     mlp.layers = nn.Sequential(nn.Linear(clip.visual_projection.out_features, 1024), nn.Dropout(0.2),
                                nn.Linear(1024, 128), nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1),
                                nn.Linear(64, 16), nn.Linear(16, 1))
     load_strict(mlp, read_weights(mlp_path, f"aesthetic reward MLP ({AESTHETIC_MLP_URL})"), str(mlp_path))
-    return CLIPReward("aesthetic", clip, "aesthetic", mlp=mlp)
+    return CLIPReward("aesthetic", clip, mlp=mlp)
 
 
 def load_pickscore(path="weights/PickScore_v1") -> CLIPReward:
     """path: the HF yuvalkirstain/PickScore_v1 folder (or its model.safetensors)."""
     clip = load_clip(path, CLIPTextConfig.vit_h14_text(), CLIPVisionConfig.vit_h14(),
                      "PickScore (HF yuvalkirstain/PickScore_v1)")
-    return CLIPReward("pickscore", clip, "logits", CLIPTokenizer.default())
+    return CLIPReward("pickscore", clip, CLIPTokenizer.default())
 
 
-def load_hpsv2(path="weights/HPS_v2.1_compressed.pt", text_config=None, vision_config=None) -> CLIPReward:
-    """path: HPS_v2(.1)_compressed.pt (HF xswu/HPSv2), open_clip names; ViT-H-14 unless configs are given."""
-    configs = text_config or CLIPTextConfig.vit_h14_text(), vision_config or CLIPVisionConfig.vit_h14()
-    clip = load_clip(path, *configs, "HPSv2 (HPS_v2.1_compressed.pt, HF xswu/HPSv2)", convert_open_clip_keys)
-    return CLIPReward("hpsv2", clip, "cosine", CLIPTokenizer.default(text_cleaning="openai"))
+def load_hpsv2(path="weights/HPS_v2.1_compressed.pt") -> CLIPReward:
+    """path: HPS_v2(.1)_compressed.pt (HF xswu/HPSv2): an OpenCLIP ViT-H-14 in open_clip names."""
+    clip = load_clip(path, CLIPTextConfig.vit_h14_text(), CLIPVisionConfig.vit_h14(),
+                     "HPSv2 (HPS_v2.1_compressed.pt, HF xswu/HPSv2)", convert_open_clip_keys)
+    return CLIPReward("hpsv2", clip, CLIPTokenizer.default(text_cleaning="openai"))
 
 
 def load_clipscore(clip_path="weights/clip-vit-large-patch14") -> CLIPReward:
     """clip_path: HF openai/clip-vit-large-patch14 (torchmetrics' default CLIPScore model, HF cleaning)."""
     clip = load_clip(clip_path, CLIPTextConfig.sd15(), CLIPVisionConfig.vit_l14(), f"CLIPScore {VIT_L14}")
-    return CLIPReward("clipscore", clip, "clipscore", CLIPTokenizer.default())
+    return CLIPReward("clipscore", clip, CLIPTokenizer.default())
 
 
 def load_toy_reward(cache_dir=".cache/toy") -> Reward:

@@ -3,10 +3,7 @@
     python sample.py --model stable-diffusion-v1-5 --prompt "a photo of an astronaut riding a horse" \\
         --num-images 4 --steps 50 --guidance 7.5 --seed 0 --out grid.png
 
-The command line of sampler.generate (DDIM with classifier-free guidance; the defaults and the seed's noise
-are diffusers' StableDiffusionPipeline's).
-
-Deviations
+Defaults and seeded noise as diffusers' StableDiffusionPipeline (sampler.generate), with these deviations:
 1. The negative prompt defaults to "" (diffusers: None, which also encodes ""), i.e. the same embeddings.
 2. --height/--width default to the model's native size (UNet sample_size * f; 512 for SD1.5) as diffusers.
 """
@@ -18,11 +15,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import toy
 from data import to_pil
-from lora import load_lora, merge_lora
+from evaluate import load_models
+from lora import merge_lora
 from sampler import generate, image_size
-from weights import CheckpointError, load_stable_diffusion, load_unet
+from weights import CheckpointError
 
 
 def save_images(images: torch.Tensor, out: str) -> list[Path]:
@@ -40,7 +37,7 @@ def save_images(images: torch.Tensor, out: str) -> list[Path]:
     return [out, *paths]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv=None) -> list[Path]:
     p = argparse.ArgumentParser(description="Stable Diffusion 1.5 text-to-image (DDIM + guidance).")
     p.add_argument("--model", required=True, help="diffusers folder, .safetensors/.ckpt file, hub id, or toy")
     p.add_argument("--prompt", required=True, help="text prompt")
@@ -57,37 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grid.png", help="grid PNG; single images: <stem>_000.png, ... beside it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="dtype")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet once (slow first step, faster ones after)")
-    return p
-
-
-def main(argv=None) -> list[Path]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.num_images < 1:
-        parser.error(f"--num-images must be >= 1, got {args.num_images}")
-    dtype = getattr(torch, args.dtype)
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step)")
+    args = p.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     try:
-        if args.model == "toy":  # the CPU toy world's cached base model (toy.py)
-            sd = toy.load_base_model(device=args.device).to(dtype=dtype)
-        else:
-            sd = load_stable_diffusion(args.model, device=args.device, dtype=dtype)
-        if args.unet:
-            sd.unet = load_unet(args.unet).to(args.device, dtype)
-        if args.lora:
-            load_lora(sd.unet, args.lora)
-            merge_lora(sd.unet)  # W + scale B A once, so sampling costs what the base model costs
-    except CheckpointError as error:  # missing, corrupt or mismatched: one line naming the file and why
+        _, sd = load_models(args.model, args.unet, args.lora, args.device, getattr(torch, args.dtype))
+        image_size(sd, args.height, args.width)
+    except CheckpointError as error:  # missing, corrupt or mismatched weights: one line naming file and why
         raise SystemExit(f"sample.py: {error}") from None
+    except ValueError as error:  # --height/--width: not multiples of the model's VAE factor
+        p.error(str(error))
+    if args.lora:
+        merge_lora(sd.unet)  # W + scale B A once, so sampling costs what the base model costs
     if args.compile:  # once per process, after the LoRA merge: every sampler step runs the compiled graph
         sd.unet = torch.compile(sd.unet)
-    try:
-        image_size(sd, args.height, args.width)
-    except ValueError as error:
-        parser.error(str(error))
     images = generate(sd, [args.prompt] * args.num_images, negative_prompt=args.negative_prompt,
                       num_steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
                       height=args.height, width=args.width)

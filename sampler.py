@@ -1,21 +1,16 @@
 """The DDIM sampling loop with classifier-free guidance, free of host syncs, and text-to-image on top of it.
 
 - Classifier-free guidance (Ho & Salimans 2022, Eq. 6): eps_pred = eps_uncond + w (eps_cond - eps_uncond),
-  w = guidance (diffusers' guidance_scale; the paper's w is our w - 1), from ONE UNet call on [uncond; cond]
-  (diffusers' order).
-- DDIM sampling (Song et al. 2021, Sec. 4.2 with Eq. 12 and 16, scheduler.ddim_step) from x_T to x_0, with an
-  optional trajectory record: per step x_t, x_{t-1}, log p(x_{t-1} | x_t), x0_pred.
+  w = guidance (diffusers' guidance_scale; the paper's w is our w - 1), from ONE UNet call on [uncond; cond].
+- DDIM sampling (Song et al. 2021, Sec. 4.2 with Eq. 12 and 16, scheduler.ddim_step) from x_T to x_0.
 - Stable Diffusion's sampling (Rombach et al. 2022, Sec. 3.3): prompts -> CLIP -> DDIM in latent space -> VAE
-  decode (`generate`), with StableDiffusionPipeline's defaults. x_T for seed S is drawn as diffusers draws it,
-  torch.randn((N, C, H/f, W/f), generator=Generator("cpu").manual_seed(S)), and eta > 0 noise comes from the
-  same generator afterwards, so images match diffusers' for the same seed.
-A step is one UNet call and a few elementwise ops; no Python number is read from a device tensor (no sync).
+  decode (`generate`), with StableDiffusionPipeline's defaults. x_T, then the eta > 0 noise, come from
+  Generator("cpu").manual_seed(seed) as in diffusers, so images match diffusers' for the same seed.
 
 Deviations
 1. Guidance runs only when guidance > 1 and uncond is given (as diffusers: guidance <= 1 uses cond alone).
 2. The recorded log_prob is scheduler.gaussian_log_prob's "mean" (the density / C*H*W); NaN at eta = 0.
-3. generate keeps the latents in float32 whatever the UNet's dtype (diffusers: the pipeline dtype) and
-   casts only the UNet's input: the precision policy of train.py.
+3. generate keeps the latents in float32 (diffusers: the pipeline dtype) and casts only the UNet's input.
 """
 
 from dataclasses import dataclass
@@ -39,7 +34,7 @@ def guided_eps(unet, x_t, t, cond, uncond, guidance: float) -> torch.Tensor:
         return unet(x_t, t, cond)
     t = torch.as_tensor(t, device=x_t.device)
     both_t = t.repeat(2) if t.ndim else t  # a [B] t (one timestep per row) serves both halves
-    context = torch.cat([uncond.expand_as(cond), cond])
+    context = torch.cat([uncond.expand_as(cond), cond])  # diffusers' order
     eps_uncond, eps_cond = unet(torch.cat([x_t, x_t]), both_t, context).chunk(2)
     return torch.lerp(eps_uncond, eps_cond, guidance)  # Eq. 6 (CFG): eps_u + w (eps_c - eps_u), one fused op
 
@@ -48,8 +43,8 @@ def guided_eps(unet, x_t, t, cond, uncond, guidance: float) -> torch.Tensor:
 def sample(unet, schedule: NoiseSchedule, cond, uncond, latents, num_steps: int = 50, guidance: float = 7.5,
            eta: float = 0.0, generator: torch.Generator | None = None, record: bool = False,
            progress: bool = True) -> SampleResult:
-    """DDIM from x_T = latents [B, C, h, w] to x_0. The noise of eta > 0 comes from `generator`, drawn on the
-    generator's device (a CPU generator gives diffusers' numbers; one on the latents' device saves a copy)."""
+    """DDIM from x_T = latents [B, C, h, w] to x_0, optionally recording the trajectory. The eta > 0 noise
+    comes from `generator`, on its device (a CPU one gives diffusers' numbers; the latents' saves a copy)."""
     device = latents.device
     timesteps = schedule.ddim_timesteps(num_steps, device)  # made on the device: no host-to-device copy
     gen_device = generator.device if generator is not None else device
@@ -91,7 +86,7 @@ def initial_latents(sd, num_images: int, height: int, width: int, generator: tor
 
 
 @torch.no_grad()
-def generate_latents(sd, prompts: list[str], negative_prompt: str | list[str] = "", num_steps: int = 50,
+def generate_latents(sd, prompts: list[str], negative_prompt: str = "", num_steps: int = 50,
                      guidance: float = 7.5, eta: float = 0.0, seed: int = 0, height: int | None = None,
                      width: int | None = None, latents: torch.Tensor | None = None,
                      progress: bool = True) -> torch.Tensor:
@@ -100,9 +95,8 @@ def generate_latents(sd, prompts: list[str], negative_prompt: str | list[str] = 
     generator = torch.Generator("cpu").manual_seed(seed)
     if latents is None:
         latents = initial_latents(sd, len(prompts), height, width, generator)
-    negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     cond = sd.encode_prompts(list(prompts)).to(dtype)
-    uncond = sd.encode_prompts(negative).to(dtype) if guidance > 1 else None
+    uncond = sd.encode_prompts([negative_prompt]).to(dtype) if guidance > 1 else None  # [1, L, D]: all rows
 
     def unet(x_t, t, context):  # deviation 3: float32 latents, the UNet in its own dtype
         return sd.unet(x_t.to(dtype), t, context).float()

@@ -12,21 +12,16 @@ Notation (paper -> diffusers DDIMScheduler -> here):
     alpha_bar_t (DDIM writes alpha_t)  alphas_cumprod[t]     alpha_bar(t)
     alpha_bar_prev = alpha_bar_{t-1}   alpha_prod_t_prev     alpha_bar(prev_timestep(t, num_steps))
     eps_pred, x0_pred, sigma_t         model_output, pred_original_sample, std_dev_t
-    alpha_bar of "x_{-1}"              final_alpha_cumprod   alpha_bar(-1)
 
 Deviations from the papers / diffusers
-1. Betas and alphas_cumprod in float64 (diffusers: float32), cast on use to the sample's dtype, at least
-   float32: a bf16 x gives float32 results (the precision policy: x_t, means, log-probs in fp32).
+1. Betas and alphas_cumprod in float64 (diffusers: float32), cast on use to x's dtype but at least float32.
 2. Only what SD1.5 needs: epsilon prediction, "leading" spacing, no x0 clipping or thresholding;
-   from_config refuses configs asking for anything else instead of silently sampling differently.
-3. t may be an int or a tensor of any shape on any device; no host sync when t is on the sample's device
-   (the sampler's loop relies on this).
+   from_config refuses other configs rather than sample differently.
+3. t may be an int or a tensor of any shape on any device; no host sync when t is on the sample's device.
 """
 
 import hashlib
-import json
 import math
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -35,7 +30,7 @@ SD15_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                    beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1)
 # config keys that would change the math -> the only value implemented here
 _REQUIRED = dict(prediction_type="epsilon", timestep_spacing="leading", clip_sample=False,
-                    thresholding=False, rescale_betas_zero_snr=False)
+                 thresholding=False, rescale_betas_zero_snr=False, trained_betas=None)
 
 
 class NoiseSchedule:
@@ -44,7 +39,7 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)       # alpha_bar_t, [T]
         self.num_train_timesteps = len(betas)
         self.steps_offset = steps_offset
-        # alpha_bar of the step after the last one (prev_timestep < 0); SD1.5 reuses alpha_bar_0
+        # alpha_bar(-1), after the last step (diffusers' final_alpha_cumprod); SD1.5 reuses alpha_bar_0
         self.final_alpha_bar = torch.ones(1).double() if set_alpha_to_one else self.alphas_cumprod[:1]
         self._tables = {}  # device -> [final_alpha_bar, alpha_bar_0 .. alpha_bar_{T-1}], so index = t + 1
 
@@ -59,39 +54,26 @@ class NoiseSchedule:
                 raise ValueError(f"{source}: {key}={config[key]!r} is not supported (only {value!r})")
         c = {**SD15_CONFIG, **config}
         n = c["num_train_timesteps"]
-        if c.get("trained_betas") is not None:
-            betas = torch.tensor(c["trained_betas"], dtype=torch.float64)
-        elif c["beta_schedule"] == "scaled_linear":  # LDM's "linear": linear in sqrt(beta)
+        if c["beta_schedule"] == "scaled_linear":  # LDM's "linear": linear in sqrt(beta)
             betas = torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n, dtype=torch.float64) ** 2
         elif c["beta_schedule"] == "linear":
             betas = torch.linspace(c["beta_start"], c["beta_end"], n, dtype=torch.float64)
         else:
             raise ValueError(f"{source}: beta_schedule={c['beta_schedule']!r} is not supported "
-                             "(scaled_linear, linear or trained_betas)")
+                             "(scaled_linear or linear)")
         return cls(betas, set_alpha_to_one=c["set_alpha_to_one"], steps_offset=c["steps_offset"])
 
-    @classmethod
-    def from_folder(cls, path):
-        """A model folder (reads scheduler/scheduler_config.json), a scheduler folder or the json file."""
-        path = Path(path)
-        for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json", path):
-            if candidate.is_file():
-                return cls.from_config(json.loads(candidate.read_text()), source=str(candidate))
-        raise FileNotFoundError(f"no scheduler_config.json in {path} or {path / 'scheduler'}")
-
     # ---- lookups (t: int or LongTensor of any shape; results shaped like t, float64, on t's device)
-
-    def _table(self, device: torch.device) -> torch.Tensor:
-        if device not in self._tables:  # built once per device, so indexing inside loops stays on the device
-            dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
-            self._tables[device] = torch.cat([self.final_alpha_bar, self.alphas_cumprod]).to(device, dtype)
-        return self._tables[device]
 
     def alpha_bar(self, t) -> torch.Tensor:
         """alpha_bar_t; t = -1 (or below) means the final alpha_bar after the last DDIM step."""
         t = torch.as_tensor(t)
+        device = t.device
+        if device not in self._tables:  # built once per device, so lookups inside loops stay on the device
+            dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+            self._tables[device] = torch.cat([self.final_alpha_bar, self.alphas_cumprod]).to(device, dtype)
         index = (t.clamp(min=-1) + 1).reshape(-1)  # a 0-d index would be read on the host (a sync)
-        return self._table(t.device)[index].reshape(t.shape)
+        return self._tables[device][index].reshape(t.shape)
 
     def prev_timestep(self, t, num_steps: int):
         return t - self.num_train_timesteps // num_steps  # negative after the last step
@@ -122,8 +104,7 @@ class NoiseSchedule:
     def ddim_step(self, eps_pred, t, x_t, num_steps: int, eta: float = 0.0, noise=None) -> "DDIMStep":
         """One DDIM step x_t -> x_{t-1} (Eq. 12), in the stages of diffusers' DDIMScheduler.step.
 
-        eps_pred, x_t: [B, C, h, w]; t: int, 0-d or [B] (rows may sit at different timesteps); noise: z like
-        x_t, or None (then x_prev = mean; callers drawing several samples of a transition use mean, sigma_t).
+        eps_pred, x_t: [B, C, h, w]; t: int, 0-d or [B] (one timestep per row); noise: z like x_t, or None.
         """
         # 1. the previous timestep on the DDIM sub-sequence (< 0 after the last step: final alpha_bar)
         t_prev = self.prev_timestep(torch.as_tensor(t), num_steps)
@@ -165,9 +146,8 @@ def gaussian_log_prob(x, mean, std, reduction: str = "mean") -> torch.Tensor:
     return log_density.mean(1) if reduction == "mean" else log_density.sum(1)
 
 
-# ---- Keyed randomness, the project's one source of training randomness: every draw of a training sample is
-# a pure function of (seed, the sample's global position, a stream name), so N processes draw what one process
-# with an N x batch draws, and a resume on another process count continues the same streams.
+# ---- Keyed randomness, all of training's: a draw is a pure function of (seed, the sample's global position,
+# a stream name), so N processes draw as one with an N x batch, and a resume on any process count continues.
 
 
 def keyed_generator(seed: int, position: int, stream: str) -> torch.Generator:

@@ -1,29 +1,24 @@
 """TailorPO and TailorPO-G (Ren et al. 2025, arXiv 2502.01667v1), and the trajectory-level baseline.
 
-Online DPO for the policy p_theta(x_{t-1} | x_t) = N(mu_theta(x_t), sigma_t^2 I) (the eta > 0 DDIM step, CFG
-inside eps_pred). Trajectory-level methods (D3PO, Figure 1(a)) label EVERY step of two trajectories with the
-preference of their final images, though the steps start from different states. TailorPO (Figure 1(b), Figure
-3) instead, at each denoising step t:
+Online DPO for the policy p_theta(x_{t-1} | x_t) = N(mu_theta(x_t), sigma_t^2 I), the DDIM step with eta > 0.
+Trajectory-level methods (D3PO, Figure 1(a)) label EVERY step of two trajectories with the preference of
+their final images, though the steps start from different states. TailorPO (Figure 1(b), 3), at each step t:
   1. draws two samples x^0_{t-1}, x^1_{t-1} from the SAME x_t (same mean mu(x_t), independent noise);
-  2. ranks them by the step-wise reward r(decode(x0_pred(x_{t-1}))), Tweedie's x0_pred from eps_pred at
-     (x_{t-1}, t-1) (Proposition 1 bounds its gap to E[r(x_0) | x_{t-1}]); the final sample is scored itself;
+  2. ranks them by the step-wise reward r(decode(x0_pred(x_{t-1}))) (Proposition 1, step_reward);
   3. TailorPO-G: moves the preferred sample along the reward gradient (x^+_{t-1}) to widen the reward gap;
   4. applies DPO (dpo.dpo_loss, Rafailov et al. Eq. 7) to the single transition (our reconstruction):
        L = -log sigmoid(beta [log-ratio(x^w) - log-ratio(x^l)]), log-ratio = log p_theta(.|x_t) - log p_ref
   5. continues the rollout from the preferred sample.
-Winner and loser share mu_theta(x_t), mu_ref(x_t) and sigma_t (transition_log_ratio), so ONE policy and ONE
-reference call serve all pairs of all trained steps. The update moves mu_theta along x^w - x^l, aligned with
-the reward gradient to first order (the paper's argument; test_tailorpo).
+x^w, x^l share x_t: the logit is <x^w - x^l, mu_theta - mu_ref> / sigma_t^2, so the update moves mu_theta
+along x^w - x^l, aligned with the reward gradient to first order (the paper's argument; test_tailorpo).
 
 Deviations from the paper / peer code (hyperparameter choices: beside each TailorPOConfig field):
   1. Log-probs use the per-dimension mean (DDPO/D3PO/SPO); the paper's convention is not in our copy.
-  2. Candidates are scored with the policy's eps_pred (no grad) at (x_{t-1}, t-1), the call the rollout
-     needs anyway for the next step (SPO's trick); after guidance the x^+ call gives the next eps_pred.
+  2. Candidates are scored with the policy's eps_pred at (x_{t-1}, t-1), the next step's call anyway (SPO).
   3. The trajectory baseline is D3PO's pairs with this file's loss (with clip_ratio=0.1: D3PO's loss).
   4. final_reward (the rollout's own final sample) is biased upward for TailorPO: compare fresh samples.
   5. Every draw of a prompt's rollout (x_T, candidate noise, trained steps, next_state coin) is keyed by
-     (seed, the prompt's global position) (scheduler.keyed_randn): N processes equal one with an N x batch,
-     and each prompt has its own trained steps (a step draws second candidates for its trained prompts only).
+     (seed, its global position) (scheduler.keyed_randn): N processes equal one with an N x batch.
   6. Pairs below min_reward_gap are masked in the loss, not dropped: every call runs the same forwards (DDP).
 """
 
@@ -49,16 +44,14 @@ class TailorPOConfig:
     train_start_step: int = opt(0, "earlier steps are rolled out without pairs (D3PO: 0; SPO skips 4 of 20)")
     # A memory knob: all trained steps are stacked into ONE loss batch, so the graph grows with their number.
     steps_per_rollout: int = opt(0, "0: train every step from train_start_step; k: a random k per prompt")
-    # SPO's beta with the DDPO/D3PO/SPO per-dimension "mean" log-prob; with "sum" (the exact density) the same
-    # logit is D = C*h*w times larger, so beta would have to be D times smaller.
+    # SPO's beta, for "mean" log-probs; "sum" (the exact density) makes the logit D = C*h*w times larger.
     beta: float = opt(10.0, "DPO beta on the transition log-ratio (scale of log_prob_reduction)")
     log_prob_reduction: str = opt("mean", "log-prob over C*h*w: mean (DDPO/D3PO/SPO) or sum (exact density)",
                                   choices=("mean", "sum"))
     # On mean log-probs LoRA updates rarely reach a ratio of 1.1, and the sigmoid already bounds the step.
     clip_ratio: float = opt(0.0, "0: off; eps > 0 clamps exp(log-ratio) to [1-eps, 1+eps] (D3PO/SPO: 0.1)")
-    # x^+ = x^w + eta_g sigma_t g/||g||, g = grad_x r(decode(x0_pred(x))) at x^w, eps_pred held fixed (no
-    # UNet backward). The noise's component along g/||g|| is N(0, sigma_t^2), so eta_g = 1 adds about the
-    # first-order reward gap of two candidates (~1.13 sigma_t ||g||); log p(x^+|x_t) moves O(1) nats of D.
+    # The noise's component along g/||g|| is N(0, sigma_t^2), so eta_g = 1 adds about the first-order reward
+    # gap of two candidates (~1.13 sigma_t ||g||); log p(x^+|x_t) moves O(1) nats of D.
     reward_guidance: float = opt(1.0, "TailorPO-G eta_g: the guidance step is eta_g sigma_t along grad r")
     next_state: str = opt("preferred", "which sample continues: preferred (Figure 3) or random (SPO)",
                           choices=("preferred", "random"))
@@ -87,12 +80,10 @@ class TailorPOConfig:
 
 
 def transition_log_ratio(x, mean_theta, mean_ref, sigma_t, reduction: str = "mean") -> torch.Tensor:
-    """log p_theta(x | x_t) - log p_ref(x | x_t) for Gaussians sharing sigma_t, in closed form. Returns [N].
-    Shape: x, mean_theta, mean_ref [N, C, h, w] (x a sample x_{t-1}; the means mu(x_t) of the two models).
-    Shape: sigma_t broadcastable to x ([N, 1, 1, 1] or 0-d).
-    The constants cancel: log p_theta(x) - log p_ref(x) = <2x - mu_theta - mu_ref, mu_theta - mu_ref> / (2
-    sigma_t^2) (sum convention; "mean" divides by D), so for x^w, x^l from one x_t the DPO logit is
-    <x^w - x^l, mu_theta - mu_ref> / sigma_t^2. Only the means carry gradients (DDPO's prev_sample.detach()).
+    """log p_theta(x | x_t) - log p_ref(x | x_t) [N] for Gaussians sharing sigma_t, constants cancelled:
+    <2x - mu_theta - mu_ref, mu_theta - mu_ref> / (2 sigma_t^2) ("sum"; "mean" divides by D = C*h*w).
+    Shape: x (a sample x_{t-1}), mean_theta, mean_ref (mu(x_t) of the two models) [N, C, h, w]; sigma_t
+    broadcastable to x. Only the means carry gradients (DDPO's prev_sample.detach()).
     """
     delta_mean = mean_theta - mean_ref
     log_ratio = ((2 * x.detach() - mean_theta - mean_ref) * delta_mean / (2 * sigma_t**2)).flatten(1).sum(1)
@@ -105,8 +96,7 @@ def tailorpo_loss(x_w, x_l, mean_theta, mean_ref, sigma_t, beta: float = 10.0, r
     Shape: x_w, x_l [N, C, h, w], the preferred / dis-preferred x_{t-1} (x_w may be TailorPO-G's x^+).
     Shape: mean_theta (with graph), mean_ref [N, C, h, w]; sigma_t [N, 1, 1, 1]. Each may instead be a tuple
         (the winner's, the loser's) when the two samples start from different states (trajectory baseline).
-    clip_ratio > 0 clamps each ratio exp(log-ratio) to [1 - clip_ratio, 1 + clip_ratio]; a clamped ratio
-    passes no gradient. mask [N]: as dpo_loss.
+    clip_ratio: as TailorPOConfig's (a clamped ratio passes no gradient); mask [N]: as dpo_loss.
     """
     shared = [v if isinstance(v, tuple) else (v, v) for v in (mean_theta, mean_ref, sigma_t)]
     log_ratios = [transition_log_ratio(x, *args, reduction) for x, *args in zip((x_w, x_l), *shared)]
@@ -129,8 +119,8 @@ def reward_guidance(x, reward_of_x, sigma_t, step: float) -> torch.Tensor:
 
 
 def step_reward(sd, reward_fn, x, eps_pred, t: int, prompts) -> torch.Tensor:
-    """Step-wise reward r(decode(x0_pred(x))) of samples x at timestep t (Proposition 1), in float32; [B].
-    t < 0: x is the final sample and is scored itself (eps_pred unused). Differentiable in x (TailorPO-G)."""
+    """Step-wise reward r(decode(x0_pred(x))) [B] float32 of samples x at t (Proposition 1 bounds its gap to
+    E[r(x_0) | x]). t < 0: x is the final sample, scored itself. Differentiable in x (TailorPO-G)."""
     x0_pred = x if t < 0 else sd.schedule.x0_from_eps(x, eps_pred, t)  # DDIM Eq. 9 (Tweedie)
     with torch.autocast(x.device.type, enabled=False):  # rewards in fp32 whatever the caller's autocast
         return reward_fn(sd.decode_latents(x0_pred.float()), prompts).float()
@@ -145,7 +135,7 @@ def rank_pairs(reward_0, reward_1):
 
 
 def trained_rows(cfg: TailorPOConfig, seed: int, positions) -> list[list[int]]:
-    """Per rollout step, the batch rows (prompts) that train it (train_start_step, steps_per_rollout)."""
+    """Per rollout step, the batch rows that train it: each prompt draws its own steps (deviation 5)."""
     steps = torch.arange(cfg.train_start_step, cfg.num_steps)
     k = cfg.steps_per_rollout if 0 < cfg.steps_per_rollout < len(steps) else len(steps)
     chosen = [set(steps[torch.randperm(len(steps), generator=keyed_generator(seed, p, "trained_steps"))[:k]]
@@ -154,13 +144,15 @@ def trained_rows(cfg: TailorPOConfig, seed: int, positions) -> list[list[int]]:
 
 
 class Rollout:
-    """What both rollouts share: keyed float32 noise, the policy's CFG eps_pred, the step-wise reward."""
+    """What both rollouts share: timesteps, trained rows, keyed noise, the policy's eps_pred, step rewards."""
 
     def __init__(self, sd, reward_fn, batch: dict, cond, uncond, cfg: TailorPOConfig, seed: int):
         self.sd, self.reward_fn, self.cond, self.uncond, self.cfg = sd, reward_fn, cond, uncond, cfg
         self.seed, self.prompts, self.positions = seed, batch["prompts"], batch["positions"]
         size, self.rows = cfg.latent_size or sd.unet.config.sample_size, list(range(len(cond)))
         self.shape = (sd.unet.config.in_channels, size, size)
+        self.timesteps = sd.schedule.ddim_timesteps(cfg.num_steps).tolist()
+        self.trained = trained_rows(cfg, seed, self.positions)
 
     def noise(self, stream: str, rows=None) -> torch.Tensor:  # N(0, I) [len(rows), C, h, w], keyed
         positions = [self.positions[row] for row in (self.rows if rows is None else rows)]
@@ -185,13 +177,11 @@ def rollout_tailorpo(rollout: Rollout, guided: bool):
     """TailorPO rollout (Figure 3). Returns (pairs, metrics): pairs "x_t", "x_w", "x_l" [N, C, h, w], "t",
     "prompt_index", "keep" [N], one row per trained (step, prompt), ordered step by step."""
     schedule, cfg, rows_all = rollout.sd.schedule, rollout.cfg, rollout.rows
-    timesteps = schedule.ddim_timesteps(cfg.num_steps).tolist()
-    trained = trained_rows(cfg, rollout.seed, rollout.positions)
     x = rollout.noise("x_T")
-    eps = rollout.eps(x, timesteps[0], rows_all)
+    eps = rollout.eps(x, rollout.timesteps[0], rows_all)
     pairs, logs = [], []
-    for i, t in enumerate(timesteps):
-        t_prev, rows = schedule.prev_timestep(t, cfg.num_steps), trained[i]  # t_prev < 0 after the last step
+    for i, t in enumerate(rollout.timesteps):
+        t_prev, rows = schedule.prev_timestep(t, cfg.num_steps), rollout.trained[i]  # < 0 after the last step
         step = schedule.ddim_step(eps, t, x, cfg.num_steps, cfg.eta, rollout.noise(f"step{i}/0"))  # Eq. 12
         if not rows:  # nobody trains this step: a plain DDIM step
             x, eps = step.x_prev, rollout.eps(step.x_prev, t_prev, rows_all)
@@ -208,7 +198,7 @@ def rollout_tailorpo(rollout: Rollout, guided: bool):
         x_w, x_l, eps_w, eps_l = x_pair[index_w], x_pair[index_l], eps_pair[index_w], eps_pair[index_l]
         reward_w, reward_l = reward[index_w], reward[index_l]
         reward_plus = reward_w
-        # 4. TailorPO-G: push the preferred sample up the reward with eps_pred held fixed, then re-evaluate
+        # 4. TailorPO-G: push the preferred sample up the reward, eps_pred held fixed (no UNet backward)
         if guided:
             reward_of_x = partial(rollout.reward, eps=eps_w, t=t_prev, rows=rows)
             x_w = reward_guidance(x_w, reward_of_x, step.sigma_t, cfg.reward_guidance)
@@ -231,19 +221,17 @@ def rollout_tailorpo(rollout: Rollout, guided: bool):
 
 @torch.no_grad()
 def rollout_trajectory(rollout: Rollout):
-    """The trajectory-level baseline (Figure 1(a), D3PO): two trajectories from one x_T; their final rewards
-    label EVERY trained step. Returns (pairs, metrics); pairs as rollout_tailorpo's, with two states "x_t_w",
-    "x_t_l" (the trajectories differ after one step)."""
+    """The trajectory baseline (Figure 1(a), deviation 3): two trajectories from one x_T; their final rewards
+    label EVERY trained step. Returns (pairs, metrics) as rollout_tailorpo, with states "x_t_w", "x_t_l"."""
     schedule, cfg, rows_all = rollout.sd.schedule, rollout.cfg, rollout.rows
-    trained = trained_rows(cfg, rollout.seed, rollout.positions)
     x = rollout.noise("x_T").repeat(2, 1, 1, 1)  # [2B]: trajectory 0, then 1, from the same x_T
     recorded = []
-    for i, t in enumerate(schedule.ddim_timesteps(cfg.num_steps).tolist()):
+    for i, t in enumerate(rollout.timesteps):
         eps = rollout.eps(x, t, rows_all * 2)
         noise = torch.cat([rollout.noise(f"step{i}/0"), rollout.noise(f"step{i}/1")])
         x_prev = schedule.ddim_step(eps, t, x, cfg.num_steps, cfg.eta, noise).x_prev  # Eq. 12 (DDIM)
-        if trained[i]:
-            recorded.append((x, x_prev, t, trained[i]))
+        if rollout.trained[i]:
+            recorded.append((x, x_prev, t, rollout.trained[i]))
         x = x_prev
     final_reward = rollout.reward(x, None, -1, rows_all * 2)  # [2B], the final images
     index_w, index_l = rank_pairs(*final_reward.chunk(2))
@@ -265,8 +253,7 @@ def pair_loss(sd, reference_unet, pairs, cond, uncond, cfg: TailorPOConfig):
     TailorPO pairs share x_t ("x_t"); trajectory pairs ("x_t_w", "x_t_l") need both states in that call."""
     shared = "x_t" in pairs
     x_t = pairs["x_t"] if shared else torch.cat([pairs["x_t_w"], pairs["x_t_l"]])
-    t, rows = pairs["t"], pairs["prompt_index"]
-    t, rows = (t, rows) if shared else (t.repeat(2), rows.repeat(2))
+    t, rows = (pairs[key].repeat(1 if shared else 2) for key in ("t", "prompt_index"))
     eps_theta = guided_eps(sd.unet, x_t, t, cond[rows], uncond, cfg.guidance_scale)
     with torch.no_grad():
         eps_ref = guided_eps(reference_unet, x_t, t, cond[rows], uncond, cfg.guidance_scale)
@@ -278,10 +265,9 @@ def pair_loss(sd, reference_unet, pairs, cond, uncond, cfg: TailorPOConfig):
 
 def train_step(sd, reference_unet, batch: dict, reward_fn, cfg: TailorPOConfig, seed: int,
                method: str = "tailorpo"):
-    """One online step for train.py: roll out without grad, then return (loss with graph, metrics).
-    batch: {"prompts": list[str], "positions": list[int]} (global positions key the randomness, deviation 5);
-    reference_unet(x_t, t, context) -> eps_pred; reward_fn(images [B,3,H,W] in [0,1], prompts) -> [B] with
-    .differentiable. metrics, the same keys on every call: dpo_loss's and rollout_metrics'."""
+    """One online step: roll out without grad, then (loss with graph, metrics of dpo_loss, rollout_metrics).
+    batch: {"prompts": list[str], "positions": list[int]}; reference_unet(x_t, t, context) -> eps_pred;
+    reward_fn(images [B,3,H,W] in [0,1], prompts) -> [B], with .differentiable for tailorpo-g."""
     if method not in METHODS:
         raise ValueError(f"tailorpo.train_step: method must be one of {METHODS}, got {method!r}")
     if method == "tailorpo-g" and not getattr(reward_fn, "differentiable", False):

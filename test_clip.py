@@ -1,8 +1,9 @@
 """Tests for clip.py: the CLIP text and vision towers equal transformers' on random weights (CPU, fp32).
 
 Reference models are built with random weights, saved with their own `save_pretrained`, and loaded back into
-our modules through weights.py's strict loader (read_state_dict + load_strict) and our key converter. The
-full-size layouts are compared key by key on the meta device. Deviations: none.
+our modules through weights.py's strict loader (read_state_dict + load_strict; rewards.load_clip for a
+CLIPModel folder) and our key converter. The full-size layouts are compared key by key on the meta device.
+Deviations: none.
 """
 
 import json
@@ -11,14 +12,15 @@ import pytest
 import torch
 
 from clip import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, convert_hf_clip_keys
-from conftest import clip_tokenizer, max_err, perturb_norms, shapes
+from conftest import clip_tokenizer, hf_clip_kwargs, max_err, perturb_norms, shapes, tiny_vision_config
+from rewards import load_clip
 from weights import load_strict, read_state_dict
 
 
 def reference_config(text: CLIPTextConfig, vision: CLIPVisionConfig):
     from transformers import CLIPConfig
 
-    return CLIPConfig(text_config=text.to_hf(), vision_config=vision.to_hf(),
+    return CLIPConfig(text_config=hf_clip_kwargs(text), vision_config=hf_clip_kwargs(vision),
                       projection_dim=text.projection_dim)
 
 
@@ -32,7 +34,7 @@ def test_sd15_text_encoder_keys_match_transformers():
 
     with torch.device("meta"):
         text = CLIPTextModel(CLIPTextConfig.sd15())
-        reference_text = ReferenceTextModel(ReferenceTextConfig(**CLIPTextConfig.sd15().to_hf()))
+        reference_text = ReferenceTextModel(ReferenceTextConfig(**hf_clip_kwargs(CLIPTextConfig.sd15())))
     # transformers >= 5 keeps a bare CLIPTextModel's keys without `text_model.` in memory (the public files
     # have it), and its position_ids buffer is non-persistent; we have no buffer at all (arange on the fly).
     assert "embeddings.position_ids" in dict(reference_text.named_buffers())
@@ -51,9 +53,10 @@ def test_full_size_clip_model_keys_match_transformers(layout):
     hf_config = reference_config(text, vision)
     with torch.device("meta"):
         ours, reference = CLIPModel(text, vision), ReferenceCLIP(hf_config)
-        from_json = CLIPModel.from_hf_config(hf_config.to_dict())
     assert shapes(ours.state_dict()) == shapes(convert_hf_clip_keys(reference.state_dict()))
-    assert shapes(from_json.state_dict()) == shapes(ours.state_dict())
+    saved = hf_config.to_dict()  # what config.json holds: our configs read it back unchanged
+    assert CLIPTextConfig.from_hf(saved["text_config"], saved["projection_dim"]) == text
+    assert CLIPVisionConfig.from_hf(saved["vision_config"]) == vision
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,7 +86,7 @@ def test_text_encoder_matches_transformers(name, tmp_path):
     from transformers import CLIPTextConfig as ReferenceTextConfig
     from transformers import CLIPTextModel as ReferenceTextModel
 
-    hf_kwargs = TEXT_CONFIGS[name].to_hf()
+    hf_kwargs = hf_clip_kwargs(TEXT_CONFIGS[name])
     if name == "gelu-legacy-eos":
         hf_kwargs["eos_token_id"] = 2  # as SD1.5's text_encoder/config.json: transformers pools at argmax
     torch.manual_seed(0)
@@ -122,9 +125,7 @@ def test_clip_model_features_match_transformers(layout, tmp_path):
     hf_config = reference_config(text, vision)
     reference = perturb_norms(ReferenceCLIP(hf_config)).eval()
     reference.save_pretrained(tmp_path, safe_serialization=True)
-    weights_file = tmp_path / "model.safetensors"
-    ours = CLIPModel.from_hf_config(json.loads((tmp_path / "config.json").read_text()))
-    load_strict(ours, convert_hf_clip_keys(read_state_dict(weights_file)), str(weights_file)).eval()
+    ours = load_clip(tmp_path, None, None, "a transformers CLIPModel folder").eval()  # its config.json wins
     size = vision.image_size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     ids = sample_ids(batch=2)
@@ -141,6 +142,6 @@ def test_clip_model_features_match_transformers(layout, tmp_path):
 
 
 def test_vision_tower_refuses_wrong_image_size():
-    model = CLIPModel(CLIPTextConfig.tiny(), CLIPVisionConfig.tiny())
+    model = CLIPModel(CLIPTextConfig.tiny(), tiny_vision_config())
     with pytest.raises(ValueError, match=r"\[B, 3, 30, 30\]"):
         model.get_image_features(torch.zeros(1, 3, 32, 32))

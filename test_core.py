@@ -151,19 +151,17 @@ def test_log_prob_of_a_ddim_step_sample():
     assert torch.allclose(gaussian_log_prob(x_prev, mean, std, "sum"), expected, atol=1e-9)
 
 
-def test_from_folder_reads_scheduler_config(tmp_path):
-    diffusers_ddim().save_config(tmp_path / "scheduler")  # the layout of a model folder
-    schedule = NoiseSchedule.from_folder(tmp_path)
+def test_from_config_reads_a_diffusers_scheduler_config(tmp_path):
+    diffusers_ddim().save_config(tmp_path)  # the scheduler_config.json of a model folder
+    config = json.loads((tmp_path / "scheduler_config.json").read_text())
+    schedule = NoiseSchedule.from_config(config)
     assert torch.equal(schedule.alphas_cumprod, NoiseSchedule.sd15().alphas_cumprod)
-    config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
     linear = NoiseSchedule.from_config({**config, "beta_schedule": "linear", "steps_offset": 0})
     assert linear.betas[0].item() == pytest.approx(0.00085) and linear.ddim_timesteps(50)[-1] == 0
     unsupported = (("prediction_type", "v_prediction"), ("clip_sample", True), ("beta_schedule", "cosine"))
     for key, value in unsupported:
         with pytest.raises(ValueError, match=key):
             NoiseSchedule.from_config({**config, key: value}, source="scheduler_config.json")
-    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
-        NoiseSchedule.from_folder(tmp_path / "missing")
     with pytest.raises(ValueError, match="num_steps"):
         schedule.ddim_timesteps(0)
 

@@ -177,11 +177,11 @@ def test_compare_takes_loaded_reward_functions(tiny_sd_dir, tmp_path):
 
     prompts, categories = ["a cat", "a dog", "a car"], ["animal", "animal", "vehicle"]
     report = evaluate.compare(sd, prompts, {"mean_pixel": mean_pixel}, [3], str(tmp_path), base_sd=sd,
-                              categories=categories, num_steps=2, batch_size=2, progress=False)
+                              categories=categories, num_steps=2, batch_size=2)
     assert sum(calls) == 2 * 3  # base and aligned images of 3 pairs
     assert {name: c["num_pairs"] for name, c in report["categories"].items()} == {"animal": 2, "vehicle": 1}
     assert report["rewards"]["mean_pixel"]["ties"] == 3 and report["reference"] is None
-    in_memory = evaluate.generate(sd, prompts, [3], num_steps=2, batch_size=2, progress=False)  # train.py's
+    in_memory = evaluate.generate(sd, prompts, 3, num_steps=2, batch_size=2)  # train.py's
     saved = torch.stack([rewards.read_image(tmp_path / f"images/aligned/p{i:03d}_s3.png") for i in range(3)])
     assert torch.equal(saved, (in_memory * 255).round() / 255)
     with pytest.raises(ValueError, match="no LoRA layers"):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clip import CLIPTextConfig
-from conftest import diffusers_to_ldm, max_err, perturb_norms, shapes
+from conftest import diffusers_to_ldm, max_err, perturb_norms, shapes, tiny_vae_config
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig, convert_legacy_vae_keys
 from weights import (
@@ -36,7 +36,7 @@ from weights import (
 # a second UNet shape: 3 levels, 2 layers per block, attention only at the low resolutions, 4 heads
 SMALL = UNetConfig(block_out_channels=(16, 32, 48), layers_per_block=2, cross_attention=(False, True, True),
                    num_heads=4, cross_attention_dim=24, norm_num_groups=8, sample_size=16)
-TINY_CONFIGS = dict(unet_config=UNetConfig.tiny(), vae_config=VAEConfig.tiny(),
+TINY_CONFIGS = dict(unet_config=UNetConfig.tiny(), vae_config=tiny_vae_config(),
                     text_config=CLIPTextConfig.tiny())
 
 
@@ -97,7 +97,7 @@ def test_gradient_checkpointing_gives_the_same_values_and_gradients():
     sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
     results = []
     for enabled in (False, True):
-        unet.set_gradient_checkpointing(enabled)
+        unet.gradient_checkpointing = enabled
         unet.zero_grad()
         out = unet(sample, torch.tensor([10, 700]), context)
         out.square().mean().backward()
@@ -111,9 +111,9 @@ def test_gradient_checkpointing_gives_the_same_values_and_gradients():
 # ---------------------------------------------------------------------------------------------------------
 # VAE parity
 
-VAE_CONFIGS = {"tiny": VAEConfig.tiny(),
+VAE_CONFIGS = {"tiny": tiny_vae_config(),
                "3-level": VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
-                                    latent_channels=3, sample_size=32)}
+                                    latent_channels=3)}
 
 
 def saved_diffusers_vae(config: VAEConfig, folder: Path):
@@ -159,7 +159,7 @@ def test_vae_legacy_attention_names_load(conv_shaped, tmp_path):
     from diffusers import AutoencoderKL as ReferenceVAE
     from safetensors.torch import load_file, save_file
 
-    reference, weights_file = saved_diffusers_vae(VAEConfig.tiny(), tmp_path)
+    reference, weights_file = saved_diffusers_vae(tiny_vae_config(), tmp_path)
     legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     renamed = {}
     for key, tensor in load_file(weights_file).items():
@@ -181,13 +181,13 @@ def test_vae_legacy_attention_names_load(conv_shaped, tmp_path):
 
 
 def test_vae_bad_checkpoint_names_the_key(tmp_path):
-    _, weights_file = saved_diffusers_vae(VAEConfig.tiny(), tmp_path)
+    _, weights_file = saved_diffusers_vae(tiny_vae_config(), tmp_path)
     state = read_state_dict(weights_file)
     state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"][:2]
     with pytest.raises(CheckpointError, match="decoder.conv_out.weight"):
-        load_strict(AutoencoderKL(VAEConfig.tiny()), state, str(weights_file))
+        load_strict(AutoencoderKL(tiny_vae_config()), state, str(weights_file))
     with pytest.raises(ValueError, match="act_fn"):
-        VAEConfig.from_diffusers({**VAEConfig.tiny().to_diffusers(), "act_fn": "relu"})
+        VAEConfig.from_diffusers({**tiny_vae_config().to_diffusers(), "act_fn": "relu"})
 
 
 def test_vae_config_round_trip():

@@ -23,16 +23,22 @@ from torch import nn
 
 import rewards
 from clip import CLIPTextConfig, CLIPVisionConfig
-from conftest import hf_clip_tokenizer, save_hf_tokenizer, tokenizer_golden
+from conftest import (
+    hf_clip_kwargs,
+    hf_clip_tokenizer,
+    save_hf_tokenizer,
+    tiny_vision_config,
+    tokenizer_golden,
+)
 from rewards import clip_preprocess, get_reward
 from tokenizer import CLIPTokenizer
 from weights import CheckpointError
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on mars & a dog " * 12]  # the 2nd is > 77 tokens
 # Tiny towers in the two published layouts: OpenAI ViT-L/14 (quick_gelu) and OpenCLIP ViT-H/14 (exact gelu).
-L14 = (CLIPTextConfig.tiny(), CLIPVisionConfig.tiny())
+L14 = (CLIPTextConfig.tiny(), tiny_vision_config())
 H14 = (replace(CLIPTextConfig.tiny(), hidden_act="gelu"),
-       replace(CLIPVisionConfig.tiny(), hidden_act="gelu", patch_size=14, image_size=28))
+       replace(tiny_vision_config(), hidden_act="gelu", patch_size=14, image_size=28))
 
 
 
@@ -40,7 +46,8 @@ def hf_clip(text_config, vision_config, seed=0):
     """A transformers CLIPModel with random weights (LayerNorms and logit_scale randomised too)."""
     import transformers
     torch.manual_seed(seed)
-    config = transformers.CLIPConfig(text_config=text_config.to_hf(), vision_config=vision_config.to_hf(),
+    config = transformers.CLIPConfig(text_config=hf_clip_kwargs(text_config),
+                                     vision_config=hf_clip_kwargs(vision_config),
                                      projection_dim=text_config.projection_dim)
     model = transformers.CLIPModel(config).eval()
     with torch.no_grad():
@@ -190,8 +197,10 @@ def openai_token_ids(prompts):
     return ids
 
 
-def test_hpsv2_open_clip_checkpoint_equals_transformers_cosine(tmp_path):
+def test_hpsv2_open_clip_checkpoint_equals_transformers_cosine(tmp_path, monkeypatch):
     model = hf_clip(*H14, seed=2)
+    monkeypatch.setattr(CLIPTextConfig, "vit_h14_text", lambda: H14[0])  # the tiny configs, not ViT-H-14's
+    monkeypatch.setattr(CLIPVisionConfig, "vit_h14", lambda: H14[1])
     checkpoint = tmp_path / "HPS_v2.1_compressed.pt"
     torch.save({"state_dict": open_clip_state_dict(model)}, checkpoint)  # the published pickle layout
     prompts = ["a cat &amp; a dog", PROMPTS[1]]  # '&amp;' -> '&' only with OpenAI's cleaning (html.unescape)
@@ -199,7 +208,7 @@ def test_hpsv2_open_clip_checkpoint_equals_transformers_cosine(tmp_path):
     with torch.no_grad():
         ids = openai_token_ids(prompts)
         expected = (hf_image_features(model, clip_preprocess(x, 28)) * hf_text_features(model, ids)).sum(-1)
-        reward = get_reward("hpsv2", path=checkpoint, text_config=H14[0], vision_config=H14[1])
+        reward = get_reward("hpsv2", path=checkpoint)
         ours = reward(x, prompts)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     assert ours.abs().max() <= 1  # a raw cosine: no logit_scale

@@ -3,25 +3,22 @@
 CLIP (Radford et al. 2021) Sec. 2.4: "lower-cased byte pair encoding (BPE) representation of the text with a
 49,152 vocab size", bracketed with [SOS] / [EOS] (<|startoftext|> = 49406, <|endoftext|> = 49407). BPE
 (Sennrich et al. 2016) runs on UTF-8 bytes mapped to printable characters, one pre-token at a time, merging
-the lowest-ranked adjacent pair until none applies; a word-final "</w>" marks the end of a word. As in SD1.5,
-ids are truncated to 75 tokens and eos-padded to 77. Vocabularies load in OpenAI's format (the bundled
-assets/bpe_simple_vocab_16e6.txt.gz, SD1.5's) and transformers' (vocab.json + merges.txt, or tokenizer.json).
-Upstream read (not copied): openai/CLIP clip/simple_tokenizer.py, transformers tokenization_clip.py.
+the lowest-ranked adjacent pair until none applies; a word-final "</w>" marks the end of a word. Upstream
+read (not copied): openai/CLIP clip/simple_tokenizer.py, transformers tokenization_clip.py.
 
 Deviations from the official code (OpenAI clip, transformers):
-1. Text cleaning has two modes, because the two references disagree on some text:
-   "hf" (default) reproduces transformers' CLIPTokenizer, used by diffusers' SD1.5 pipelines and PickScore:
-   NFC, whitespace collapsed, char-by-char lower-casing (no word-final sigma), special tokens recognised
-   only verbatim in the raw text. "openai" reproduces OpenAI clip / open_clip (HPSv2): ftfy.fix_text,
-   html.unescape twice, whitespace collapsed, str.lower(), special tokens recognised after lower-casing.
-   They differ e.g. on "don’t" (ftfy straightens the quote), "&amp;", fullwidth forms and ligatures.
-   ftfy is optional: without it "openai" applies NFC instead of fix_text (with a warning).
+1. Two text-cleaning modes, as the references disagree on e.g. "don’t", "&amp;", fullwidth forms, ligatures.
+   "hf" (default), as transformers (SD1.5 pipelines, PickScore): NFC, whitespace collapsed, char-by-char
+   lower-casing, special tokens only verbatim in the raw text. "openai", as OpenAI clip / open_clip (HPSv2):
+   ftfy.fix_text (NFC, with a warning, without the optional ftfy), html.unescape twice, whitespace
+   collapsed, str.lower(), special tokens recognised after lower-casing.
 2. The pre-tokenizer regex uses Python's `re`; the \\p{L} / \\p{N} classes it lacks are built once from
    `unicodedata` (Unicode 14 on Python 3.11; the `regex` module may know newer code points).
 """
 
 import gzip
 import html
+import itertools
 import json
 import re
 import sys
@@ -38,8 +35,7 @@ DEFAULT_BPE = Path(__file__).with_name("assets") / "bpe_simple_vocab_16e6.txt.gz
 
 @lru_cache
 def bytes_to_unicode() -> dict[int, str]:
-    """Byte -> printable character (printable Latin-1 bytes map to themselves, the other 68 bytes to
-    chr(256 + n) in byte order), so that BPE works on strings without whitespace or control characters."""
+    """Byte -> printable character: printable Latin-1 bytes as themselves, the other 68 as chr(256 + n)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     table = {b: chr(b) for b in printable}
     for n, b in enumerate(b for b in range(256) if b not in table):
@@ -47,8 +43,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-# Unicode White_Space: what `\s` means in the `regex` module and in transformers' Rust tokenizers.
-# (Python's `re` adds \x1c-\x1f, which OpenAI's own whitespace_clean does use.)
+# Unicode White_Space: `\s` in `regex` and transformers; Python's `re` (OpenAI's clean) adds \x1c-\x1f.
 WHITESPACE = "\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 SPECIAL_TOKENS = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 
@@ -56,15 +51,12 @@ SPECIAL_TOKENS = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 @lru_cache
 def pretokenizer(mode: str = "hf") -> re.Pattern:
     """OpenAI's split regex; \\p{L} (letters) and \\p{N} (numbers) spelled out as ranges (deviation 2)."""
-    ranges = {"L": [], "N": []}
-    for code in range(sys.maxunicode + 1):
-        kind = ranges.get(unicodedata.category(chr(code))[0])
-        if kind and kind[-1][1] == code - 1:
-            kind[-1][1] = code  # extends the current range
-        elif kind is not None:
-            kind.append([code, code])
-    letter, number = ("".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges[k]) for k in "LN")
-    # transformers finds the special tokens before this split (verbatim, in the raw text); OpenAI in it.
+    ranges = {"L": "", "N": ""}  # runs of consecutive code points of one category, as a-b
+    for kind, run in itertools.groupby(range(sys.maxunicode + 1), lambda c: unicodedata.category(chr(c))[0]):
+        if kind in ranges:
+            codes = list(run)
+            ranges[kind] += f"{re.escape(chr(codes[0]))}-{re.escape(chr(codes[-1]))}"
+    letter, number = ranges["L"], ranges["N"]
     specials = r"<\|startoftext\|>|<\|endoftext\|>|" if mode == "openai" else ""
     # OpenAI's regex.IGNORECASE makes U+0345 (it case-folds to a letter) match no branch, so it is dropped.
     dropped = "\u0345" if mode == "openai" else ""
@@ -98,10 +90,8 @@ class CLIPTokenizer:
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
         self.byte_to_char = bytes_to_unicode()
-        self._cache = {}
         if text_cleaning == "openai" and clean_text("ﬁ", "openai") != "fi":  # no ftfy to split the ligature
-            warnings.warn("ftfy is not installed: 'openai' text cleaning applies NFC instead of "
-                          "ftfy.fix_text (differs on curly quotes, fullwidth forms, ligatures, mojibake)",
+            warnings.warn("ftfy is not installed: 'openai' cleaning applies NFC instead of ftfy.fix_text",
                           stacklevel=2)
         clean_text("", text_cleaning)  # validates the mode now
 
@@ -109,17 +99,15 @@ class CLIPTokenizer:
     def from_files(cls, vocab_json, merges_txt, **kwargs) -> "CLIPTokenizer":
         """HF format (SD1.5 `tokenizer/vocab.json` + `merges.txt`)."""
         vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-        for special in (BOS, EOS):
-            if special not in vocab:
-                raise ValueError(f"{vocab_json}: not a CLIP vocabulary (no {special} token)")
+        if BOS not in vocab or EOS not in vocab:
+            raise ValueError(f"{vocab_json}: not a CLIP vocabulary (no {BOS} or {EOS} token)")
         lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         return cls(vocab, merges, **kwargs)
 
     @classmethod
     def from_tokenizer_json(cls, path, **kwargs) -> "CLIPTokenizer":
-        """HF "fast" format (`tokenizer/tokenizer.json`, all that transformers >= 5 saves): the vocabulary
-        and merges in one file; merges are "a b" strings or [a, b] pairs depending on the writer."""
+        """HF "fast" format (tokenizer.json); its merges are "a b" strings or [a, b] pairs, by writer."""
         model = json.loads(Path(path).read_text(encoding="utf-8")).get("model", {})
         if model.get("type") != "BPE" or BOS not in model.get("vocab", {}):
             raise ValueError(f"{path}: not a CLIP BPE tokenizer.json")
@@ -127,10 +115,9 @@ class CLIPTokenizer:
         return cls(model["vocab"], merges, **kwargs)
 
     @classmethod
-    def default(cls, bpe_gz=DEFAULT_BPE, **kwargs) -> "CLIPTokenizer":
-        """OpenAI format, by default the bundled vocabulary (identical to SD1.5's): a gzipped merge list; the
-        vocabulary is rebuilt from it like OpenAI's code does."""
-        lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
+    def default(cls, **kwargs) -> "CLIPTokenizer":
+        """OpenAI format (the bundled file, SD1.5's vocabulary): the vocabulary is rebuilt from the merges."""
+        lines = gzip.open(DEFAULT_BPE).read().decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # skip header; 48,894 used
         chars = list(bytes_to_unicode().values())
         tokens = [*chars, *(c + "</w>" for c in chars), *("".join(pair) for pair in merges), BOS, EOS]
@@ -138,8 +125,6 @@ class CLIPTokenizer:
 
     def bpe(self, word: str) -> list[str]:
         """BPE on one pre-token (as byte-characters): merge the lowest-ranked adjacent pair while any."""
-        if word in self._cache:
-            return self._cache[word]
         symbols = [*word[:-1], word[-1] + "</w>"]  # the word-end marker makes "cat" and "cat</w>" different
         while len(symbols) > 1:
             # the leftmost lowest-ranked pair; a pair containing a merge result always ranks after the merge,
@@ -149,13 +134,12 @@ class CLIPTokenizer:
             if pairs[i] not in self.ranks:
                 break
             symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
-        self._cache[word] = symbols
         return symbols
 
     def encode(self, text: str) -> list[int]:
         """Token ids without bos/eos."""
         mode, ids = self.text_cleaning, []
-        for segment in SPECIAL_TOKENS.split(text) if mode == "hf" else [text]:  # see pretokenizer()
+        for segment in SPECIAL_TOKENS.split(text) if mode == "hf" else [text]:  # deviation 1
             special = segment in (BOS, EOS)
             pieces = [segment] if special else pretokenizer(mode).findall(clean_text(segment, mode))
             for piece in pieces:
@@ -168,7 +152,6 @@ class CLIPTokenizer:
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         """[bos] + tokens (truncated to max_length - 2) + [eos], eos-padded -> LongTensor [B, max_length]."""
-        prompts = [prompts] if isinstance(prompts, str) else prompts
         rows = []
         for prompt in prompts:
             ids = [self.bos_id, *self.encode(prompt)[: self.max_length - 2], self.eos_id]

@@ -1,6 +1,6 @@
 """A CPU toy world where preference alignment visibly works: coloured shapes described by short prompts.
 
-Both papers' stories in minutes with no GPU or download, judged by a hidden "human" that nothing trains on.
+Both papers' stories in minutes, no GPU or download; results in README.md and bench/results/bench_methods.md.
 A 16x16 picture shows a shape (circle, square, triangle) of one colour on a background of another, prompted
 "a red circle on a blue background" (60 prompts); position, size and each colour's vividness vary.
 1. The base model (load_base_model): the repository's modules at tiny size, pretrained and cached with
@@ -9,16 +9,11 @@ A 16x16 picture shows a shape (circle, square, triangle) of one colour on a back
 2. The toy human (judge, utility, fidelity; JUDGES) only labels pairs and judges results: prompt fidelity
    plus quality, with the terms of judge() in [0, 1],
        u(image, prompt) = shape + colour + background + 0.5 (vivid + clean)    in [0, 4]
+   Fidelity dominates: a wrong background (-1) is never made up for by quality (at most +1).
 3. A toy Pick-a-Pic (make_pairs) for --method=dpo|sft: two base-model samples of one prompt labelled by noisy
    Bradley-Terry preferences P(A > B) = sigmoid((u_A - u_B) / tau), near-equal pairs ties. The 12
-   HELD_OUT_PROMPTS appear in no pair.
+   HELD_OUT_PROMPTS appear in no pair: new combinations of the words and word pairs of the other 48.
 4. The toy reward model (toy_reward.py, rewards.get_reward("toy")): learned from the pairs, not u.
-
-Measured (one thread of the shared 2-core CPU, load ~1-2): pretraining 271 s, pairs 10 s, reward model 13 s
-(accuracy on held-out pairs of training | held-out prompts 0.95 | 0.89; u 0.93 | 0.91). Win rate vs base by u
-and fidelity change, fresh seeds, 192 images each, training | held-out prompts:
-    Diffusion-DPO (TRAIN_DEFAULTS["dpo"], 45 s)  0.90 +- 0.02, +0.024 +- 0.004 | 0.93 +- 0.02, +0.039 +- 0.006
-    TailorPO (TRAIN_DEFAULTS["tailorpo"], 35 s)  0.81 +- 0.03, +0.033 +- 0.006 | 0.78 +- 0.03, +0.035 +- 0.006
 
 Deviations from Stable Diffusion (numbered):
 1. No VAE: pixel-space diffusion through IdentityVAE; pretraining even vae.py's tiny VAE takes longer than the
@@ -34,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 
@@ -107,31 +101,26 @@ def draw(prompt: str, size: int, generator: torch.Generator) -> torch.Tensor:
     return image * 2 - 1
 
 
-def sample_batch(batch_size: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """A training batch: images [B, 3, size, size] in [-1, 1] and their prompts (uniform over PROMPTS)."""
-    prompts = [PROMPTS[i] for i in torch.randint(len(PROMPTS), (batch_size,), generator=generator).tolist()]
-    return torch.stack([draw(p, size, generator) for p in prompts]), prompts
-
-
 # The toy human: a hidden utility u(image, prompt), the judge of every alignment result ----------------------
 
-COLOUR_NAMES = tuple(COLOURS)
-_CHROMA = torch.tensor([COLOURS[name] for name in COLOUR_NAMES]) - 0.5  # [5, 3] colour minus mid-grey
+_CHROMA = torch.tensor(list(COLOURS.values())) - 0.5  # [5, 3] each colour minus mid-grey, in COLOURS' order
 
 
-def colour_membership(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(membership [B, 5, H*W], vividness [B, H*W]) of images [B, 3, H, W] in [0, 1].
-
-    A pixel p is the colour k its chroma d = p - 0.5 points to (softmax over the cosines, temperature 0.1),
-    times a confidence min(1, |d| / 0.1) (grey is no colour; 0.1 ~ the chroma of draw()'s dullest shade).
-    Its vividness is min(1, |d| / |c_k - 0.5|) for the nearest colour k (shade()'s saturation, if clean)."""
+def colour_membership(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+    """(P_fg, P_bg, vividness) [B, H*W] of images [B, 3, H, W] in [0, 1]: each pixel p's membership of the
+    asked shape and background colours, where p is the colour k its chroma d = p - 0.5 points to (softmax over
+    the cosines, temperature 0.1) times a confidence min(1, |d| / 0.1) (0.1 ~ draw()'s dullest chroma), and
+    its vividness min(1, |d| / |c_k - 0.5|) for the nearest colour k (shade()'s saturation, if clean)."""
     d = images.flatten(2).transpose(1, 2) - 0.5  # [B, HW, 3]
     norm = (d.pow(2).sum(-1) + 1e-8).sqrt()  # [B, HW] (smooth at grey, for the reward model's gradient)
     chroma = _CHROMA.to(d)
     cosine = d @ F.normalize(chroma, dim=-1).T / norm[..., None]  # [B, HW, 5]
     membership = torch.softmax(cosine / 0.1, dim=-1) * (norm / 0.1).clamp(max=1)[..., None]
     vividness = (norm / chroma.norm(dim=-1)[cosine.argmax(-1)]).clamp(max=1)
-    return membership.transpose(1, 2), vividness
+    colour, _, background = zip(*(parse_prompt(p) for p in prompts))
+    rows = torch.arange(len(prompts), device=images.device)
+    index = lambda names: torch.tensor([list(COLOURS).index(c) for c in names], device=images.device)
+    return membership[rows, :, index(colour)], membership[rows, :, index(background)], vividness
 
 
 @torch.no_grad()
@@ -147,13 +136,10 @@ def judge(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         vivid      = mean_pixels vividness                        (colour_membership)
         clean      = exp(-mean (x - median3x3(x))^2 / 0.003)     noise, ragged edges survive a median
     """
-    colour, shape, background = zip(*(parse_prompt(p) for p in prompts))
     batch, _, height, width = images.shape
     images = images.float().cpu()
-    membership, vividness = colour_membership(images)
+    p_fg, p_bg, vividness = colour_membership(images, prompts)  # [B, HW] each
     rows = torch.arange(batch)
-    p_fg = membership[rows, torch.tensor([COLOUR_NAMES.index(c) for c in colour])]  # [B, HW]
-    p_bg = membership[rows, torch.tensor([COLOUR_NAMES.index(c) for c in background])]
     shape_area = (1 - p_bg).view(batch, height, width)
     mass = shape_area.sum(dim=(1, 2)).clamp(min=1e-3)
     grid = (torch.arange(height) + 0.5) / height
@@ -165,7 +151,7 @@ def judge(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
     templates = torch.stack([shape_mask(s, cx, cy, radii[s], height) for s in SHAPES], 1)  # [B, 3, H, W]
     pair = torch.stack(torch.broadcast_tensors(templates, shape_area[:, None]))
     iou = pair.amin(0).sum(dim=(2, 3)) / pair.amax(0).sum(dim=(2, 3))  # [B, 3], fuzzy Jaccard
-    asked = torch.tensor([SHAPES.index(s) for s in shape])
+    asked = torch.tensor([SHAPES.index(parse_prompt(p)[1]) for p in prompts])
     other = iou.masked_fill(F.one_hot(asked, len(SHAPES)).bool(), -1.0).max(dim=1).values
     inside = (templates[rows, asked].flatten(1) > 0.5).float()  # [B, HW]: T* as a hard mask
     median = F.pad(images, (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1).flatten(-2)
@@ -186,16 +172,13 @@ def fidelity(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 
 
 def utility(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """The hidden utility u [B] in [0, 4] of images [B, 3, H, W] in [0, 1] for their toy prompts:
-        u = shape + colour + background + 0.5 (vivid + clean)          (terms of judge(), each in [0, 1])
-    Fidelity dominates: a wrong background (-1) is never made up for by quality (at most +1)."""
+    """The hidden utility u [B] in [0, 4] of images [B, 3, H, W] in [0, 1] (module docstring, item 2)."""
     terms = judge(images, prompts)
     return terms["shape"] + terms["colour"] + terms["background"] + 0.5 * (terms["vivid"] + terms["clean"])
 
 
 JUDGES = {"utility": utility, "fidelity": fidelity}  # the hidden judge in every report; never trained on
-HELD_OUT_PROMPTS = tuple(p for i, p in enumerate(PROMPTS) if i % 5 == i // 20)  # 12 combinations in no
-#   pair, seen by no reward model; every colour, shape, background and pair of them is among the other 48
+HELD_OUT_PROMPTS = tuple(p for i, p in enumerate(PROMPTS) if i % 5 == i // 20)  # module docstring, item 3
 TRAIN_PROMPTS = tuple(p for p in PROMPTS if p not in HELD_OUT_PROMPTS)
 
 
@@ -220,8 +203,7 @@ SAMPLING = {"num_steps": 10, "guidance": 1.0}  # DDIM eta 0, no CFG, for pairs, 
 #   (on-policy data). CFG 3 raises the base's fidelity (0.48 vs 0.35), but then DPO won 0.43-0.75 (14 tries)
 
 
-# train.py's settings for --model=toy, per method (applied before --config files and the command line).
-# Measured with toy.SAMPLING on 48 training prompts x 4 held-out seeds and 12 held-out prompts x 16 seeds.
+# train.py's settings for --model=toy, per method (flags override them); tuned on held-out seeds and prompts.
 _COMMON = {
     "resolution": 16, "lora_rank": 4, "lora_alpha": 4.0, "learning_rate": 3e-3,
     "reward": "toy",  # the learned toy reward model: online methods, --ai_feedback, the report
@@ -250,22 +232,17 @@ class PairsConfig:
     tie_margin: float = 0.02  # |u_A - u_B| below this: a tie (label 0.5; data.py skips ties)
     seed: int = 0
 
-    def fields(self, model_key: str) -> dict:  # what the cache key hashes; the folder's config.json
-        return {"world": TOY_WORLD_VERSION, "model": model_key, **asdict(self)}
-
 
 def preference_labels(u_0: torch.Tensor, u_1: torch.Tensor, tau: float, tie_margin: float,
                       generator: torch.Generator) -> list[float]:
-    """label_0 per pair (1: image 0 preferred, 0: image 1, 0.5: a tie) from utilities [N], [N]: a noisy
-    Bradley-Terry judge, P(0 > 1) = sigmoid((u_0 - u_1) / tau); near-equal pairs are ties."""
+    """label_0 [N] of pairs of utilities u_0, u_1 [N]: noisy Bradley-Terry (PairsConfig.tau), ties 0.5."""
     first = torch.rand(len(u_0), generator=generator) < torch.sigmoid((u_0 - u_1) / tau)
     return [0.5 if abs(a - b) < tie_margin else float(f) for a, b, f in zip(u_0.tolist(), u_1.tolist(),
                                                                              first.tolist())]
 
 
 def _write_pairs(folder: str, sd, prompts, images_per_prompt: int, config: PairsConfig, seed: int):
-    """Sample images_per_prompt images per prompt (DDIM from x_T of seed*1000 + k), label every two of them
-    and write folder/pairs.jsonl + images/ (data.write_pairs_jsonl). Returns the utilities of the pairs."""
+    """Sample images_per_prompt images per prompt (x_T of seed*1000 + k); every two make a labelled pair."""
     images = torch.stack([generate(sd, list(prompts), num_steps=config.num_steps, guidance=config.guidance,
                                    seed=seed * 1000 + k, progress=False)
                           for k in range(images_per_prompt)], 1)  # [P, K, 3, H, W]
@@ -277,37 +254,29 @@ def _write_pairs(folder: str, sd, prompts, images_per_prompt: int, config: Pairs
     u_0, u_1 = utilities[:, a].flatten(), utilities[:, b].flatten()
     labels = preference_labels(u_0, u_1, config.tau, config.tie_margin, torch.Generator().manual_seed(seed))
     write_pairs_jsonl(folder, captions, list(images_0), list(images_1), labels)
-    return u_0, u_1, labels
 
 
 def make_pairs(cache_dir: str = ".cache/toy", config: PairsConfig | None = None, sd=None,
                progress: bool = True) -> str:
-    """The toy Pick-a-Pic folder (cached, keyed by the weights of sd, default load_base_model(cache_dir), and
-    config): pairs.jsonl + images/ over TRAIN_PROMPTS for --method=dpo|sft, heldout/pairs.jsonl over
-    HELD_OUT_PROMPTS (never trained on); two samples of one prompt labelled by preference_labels on u."""
+    """The toy Pick-a-Pic folder, cached by sd's weights and config; HELD_OUT_PROMPTS' pairs in heldout/."""
     config = config or PairsConfig()
     sd = sd or load_base_model(cache_dir, progress=progress)
     model_key = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
                                         for p in sd.unet.parameters())).hexdigest()[:12]
-    folder = os.path.join(cache_dir, "pairs-" + hash_key(config.fields(model_key)))
+    fields = {"world": TOY_WORLD_VERSION, "model": model_key, **asdict(config)}  # config.json, hashed
+    folder = os.path.join(cache_dir, "pairs-" + hash_key(fields))
     if os.path.isdir(folder):
         return folder
     print(f"sampling the toy preference pairs (cached in {folder})")
-    start = time.time()
     temporary = f"{folder}.tmp{os.getpid()}"
-    u_0, u_1, labels = _write_pairs(temporary, sd, TRAIN_PROMPTS, config.images_per_prompt, config,
-                                    config.seed)
+    _write_pairs(temporary, sd, TRAIN_PROMPTS, config.images_per_prompt, config, config.seed)
     _write_pairs(os.path.join(temporary, "heldout"), sd, HELD_OUT_PROMPTS, config.held_out_images, config,
                  config.seed + 1)
-    decided = torch.tensor([label != 0.5 for label in labels])
-    agree = ((u_0 > u_1) == torch.tensor([label == 1.0 for label in labels]))[decided].float().mean()
-    print(f"{len(labels)} pairs ({(~decided).sum()} ties) in {time.time() - start:.0f} s; the label agrees "
-          f"with the utility order on {agree:.2f} of the others")
-    publish(temporary, folder, config.fields(model_key))
+    publish(temporary, folder, fields)
     return folder
 
 
-# The identity "VAE" (deviation 1) ---------------------------------------------------------------------------
+# The base model: identity VAE (deviation 1), config, pretraining, cache -------------------------------------
 
 class IdentityVAE(nn.Module):
     """Pixel-space stand-in for vae.AutoencoderKL: latents are the images themselves ([-1, 1], 3 channels)."""
@@ -327,8 +296,6 @@ class IdentityVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
-
-# The base model: config, pretraining, cache -----------------------------------------------------------------
 
 TOY_WORLD_VERSION = 2  # bump when the world (draw, PROMPTS) or what is cached from it changes
 
@@ -352,36 +319,22 @@ class ToyConfig:
         return hash_key({"world": TOY_WORLD_VERSION, **asdict(self)})
 
 
-def build_models(config: ToyConfig):
-    """Fresh (unet, text_encoder, tokenizer) at toy size, initialised from config.seed."""
-    text_config = CLIPTextConfig.tiny()
-    unet_config = replace(UNetConfig.tiny(), in_channels=3, out_channels=3, sample_size=config.image_size,
-                          block_out_channels=tuple(config.block_out_channels),
-                          cross_attention=tuple(config.cross_attention), num_heads=config.num_heads,
-                          layers_per_block=config.layers_per_block,
-                          cross_attention_dim=text_config.hidden_size)
-    torch.manual_seed(config.seed)
-    return UNet2DConditionModel(unet_config), CLIPTextModel(text_config), CLIPTokenizer.default()
-
-
 def pretrain(unet, text_encoder, tokenizer, schedule, config: ToyConfig, progress: bool = True):
     """Fit eps_pred to the toy world with L_simple (Ho et al. 2020, Eq. 14); returns the loss per step."""
     generator = torch.Generator().manual_seed(config.seed)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    warmup = 50
 
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress_fraction = (step - warmup) / max(1, config.pretrain_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * progress_fraction)).item())
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 10% (ToyConfig.lr)
+        cosine = torch.cos(torch.tensor(torch.pi * (max(0, step - 50) / max(1, config.pretrain_steps - 50))))
+        return min(1, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + cosine.item()))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ema = [p.detach().clone() for p in params]
     losses = []
     for _ in tqdm(range(config.pretrain_steps), desc="toy pretraining", disable=not progress):
-        x0, prompts = sample_batch(config.batch_size, config.image_size, generator)
+        prompts = [PROMPTS[i] for i in torch.randint(len(PROMPTS), (config.batch_size,), generator=generator)]
+        x0 = torch.stack([draw(p, config.image_size, generator) for p in prompts])  # uniform over PROMPTS
         drop = torch.rand(len(prompts), generator=generator) < config.prompt_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         # encode each distinct prompt once (there are at most 61), then gather per sample
@@ -406,14 +359,19 @@ def pretrain(unet, text_encoder, tokenizer, schedule, config: ToyConfig, progres
 
 def load_base_model(cache_dir: str = ".cache/toy", device="cpu", config: ToyConfig | None = None,
                     progress: bool = True):
-    """The pretrained toy model as a weights.StableDiffusion; pretrains it on the first call and caches it in
-    cache_dir/<config hash>/ (unet and text_encoder .safetensors, config.json, pretrain_loss.json)."""
+    """The pretrained toy model as a weights.StableDiffusion, pretrained once and cached in cache_dir/."""
     if torch.device(device).type == "cpu":
         # tiny tensors: on a shared CPU, threads waiting for each other made steps up to 25x slower (measured)
         torch.set_num_threads(1)
     config = config or ToyConfig()
-    unet, text_encoder, tokenizer = build_models(config)
-    schedule = NoiseSchedule.sd15()
+    text_config = CLIPTextConfig.tiny()
+    unet_config = replace(UNetConfig.tiny(), in_channels=3, out_channels=3, sample_size=config.image_size,
+                          block_out_channels=config.block_out_channels, num_heads=config.num_heads,
+                          cross_attention=config.cross_attention, layers_per_block=config.layers_per_block,
+                          cross_attention_dim=text_config.hidden_size)
+    torch.manual_seed(config.seed)  # the initial weights
+    unet, text_encoder = UNet2DConditionModel(unet_config), CLIPTextModel(text_config)
+    tokenizer, schedule = CLIPTokenizer.default(), NoiseSchedule.sd15()
     folder = os.path.join(cache_dir, config.cache_key())
     modules = {"unet": unet, "text_encoder": text_encoder}
     if os.path.isdir(folder):
@@ -422,10 +380,7 @@ def load_base_model(cache_dir: str = ".cache/toy", device="cpu", config: ToyConf
             load_strict(module, load_file(f"{path}.safetensors"), path)
     else:
         print(f"pretraining the toy base model ({config.pretrain_steps} steps; cached in {folder})")
-        start = time.time()
         losses = pretrain(unet, text_encoder, tokenizer, schedule, config, progress)
-        final = sum(losses[-50:]) / len(losses[-50:])
-        print(f"pretrained in {time.time() - start:.0f} s, loss of the last 50 steps {final:.4f}")
         temporary = f"{folder}.tmp{os.getpid()}"
         os.makedirs(temporary, exist_ok=True)
         for name, module in modules.items():

@@ -4,19 +4,18 @@ baseline online. It reads top to bottom like nanoGPT's: config -> models -> data
     python train.py                        # the toy world (toy.py) on a CPU; --method=tailorpo: online
     torchrun --nproc_per_node=8 train.py --method=dpo --model=PATH --data=PICKAPIC @more_flags.txt --resume
 
-The math is in dpo.py and tailorpo.py. Every random draw of a training sample is a pure function of (seed,
-the sample's stream position): N processes equal one with an N x batch, and a resume sees the same draws.
 Precision policy (--mixed_precision): trainable weights and AdamW state fp32; frozen weights (LoRA base, VAE,
 text encoder) in the compute dtype; autocast around the UNet forwards only (Autocast), which return fp32;
 latents, noise, x_t, schedule arithmetic, log-probs, losses and rewards fp32. fp16 adds loss scaling.
 
 Deviations from the official Diffusion-DPO train.py (SalesforceAIResearch/DiffusionDPO), numbered:
-1. --learning_rate is the LR used (no --scale_lr); the official SD1.5 run is 2.048e-5 at 2048 pairs per step
-   (16 GPUs x 1 pair x 128 accumulation), warmup 500 of 2000 steps, beta 5000.
+1. --learning_rate is the LR used, not scaled by the batch (official --scale_lr; its SD1.5 run: 16 GPUs x
+   1 pair x 128 accumulation = 2048 pairs per step at 2.048e-5).
 2. bf16 by default instead of fp16; the full fine-tune's reference is an fp32 copy under the policy's
    autocast (official: fp16), so step 0 gives loss = log 2 and implicit accuracy 0 exactly.
 3. Warmup counts optimizer steps and starts at lr/warmup_steps, not 0.
-4. A checkpoint is one safetensors file (checkpoint.py) without RNG states: draws are keyed by position.
+4. Every random draw of a training sample is a pure function of (seed, its stream position): N processes
+   equal one with an N x batch, and checkpoints (checkpoint.py) hold no RNG state.
 """
 
 import contextlib
@@ -100,8 +99,7 @@ class TrainConfig:  # each field is a flag --name=value; its help text is the st
 def parse_config(argv: list[str]) -> TrainConfig:
     """TrainConfig from the flags; with --model=toy, toy.TRAIN_DEFAULTS[method] replace the defaults."""
     def toy_defaults(given: dict) -> dict:
-        toy_world = given.get("model", "toy") == "toy"
-        return toy.TRAIN_DEFAULTS.get(given.get("method", "dpo"), {}) if toy_world else {}
+        return toy.TRAIN_DEFAULTS[given.get("method", "dpo")] if given.get("model", "toy") == "toy" else {}
 
     cfg = config.parse(TrainConfig, argv, __doc__.split("\n\n")[0], toy_defaults)
     validate(cfg)
@@ -133,8 +131,8 @@ def validate(cfg: TrainConfig):
 
 
 class Autocast(torch.nn.Module):
-    """The precision policy's one autocast region: the (maybe DDP-wrapped) UNet runs in `dtype` and returns
-    float32. As the reference: no grad, LoRA adapters off (a LoRA policy's base, or a frozen copy)."""
+    """The precision policy's autocast region: the UNet runs in `dtype`, returns float32; as the reference
+    (reference=True): no grad, LoRA adapters off."""
 
     def __init__(self, module, dtype: torch.dtype, reference: bool = False):
         super().__init__()
@@ -169,13 +167,12 @@ def build_models(cfg, device, dtype):
     else:
         reference = copy.deepcopy(unet).requires_grad_(False).eval()
         params = list(unet.requires_grad_(True).parameters())
-    unet.train().set_gradient_checkpointing(cfg.gradient_checkpointing)
+    unet.train().gradient_checkpointing = cfg.gradient_checkpointing
     return sd, params, Autocast(reference, dtype, reference=True)
 
 
 def load_data(cfg, rank: int, world: int, start: int):
-    """(items, val_batches, batches): pairs (dpo/sft) or prompts (online), the validation batches, and this
-    rank's endless micro-batches from micro-batch `start` on; batch["positions"] keys every random draw."""
+    """(items, val_batches, batches): pairs or prompts, validation batches, this rank's endless batches."""
     if cfg.method in ("dpo", "sft"):
         folder = cfg.data or toy.make_pairs()
         pairs = data.PreferencePairs(folder, cfg.resolution, cfg.random_crop, cfg.hflip, cfg.prompt_dropout,
@@ -222,14 +219,13 @@ def to_floats(metrics: dict, world: int) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluation(cfg, sd, base_unet, items, val_batches, reward_fn) -> dict:
-    """dpo/sft: the mean metrics of the held-out pairs (their positions fix every draw: a smooth curve);
-    online: the mean reward of fresh samples from fixed seeds."""
+    """dpo/sft: held-out pairs' mean metrics (fixed draws); online: mean reward of fixed-seed samples."""
     if val_batches:
         rows = [to_floats(method_step(cfg, sd, base_unet, batch, reward_fn)[1], 1) for batch in val_batches]
         return {f"val_{key}": sum(row[key] for row in rows) / len(rows) for key in rows[0]}
     prompts, online = items[:cfg.eval_prompts], cfg.tailorpo
-    images = evaluate.generate(sd, prompts, [cfg.seed + 12345], online.num_steps, online.guidance_scale,
-                               online.eta, progress=False)
+    images = evaluate.generate(sd, prompts, cfg.seed + 12345, online.num_steps, online.guidance_scale,
+                               online.eta)
     return {"eval_reward": reward_fn(images, prompts).mean().item()}
 
 
@@ -240,7 +236,7 @@ def final_report(cfg, aligned_sd, base_sd, items, reward_fns):
     reward_fns = {**(toy.JUDGES if cfg.model == "toy" else {}), **reward_fns}
     shutil.rmtree(out := os.path.join(cfg.out_dir, "eval"), ignore_errors=True)  # this run's images only
     report = evaluate.compare(aligned_sd, prompts.prompts, reward_fns, list(range(1000, 1004)), out, base_sd,
-                              prompts.categories, num_steps=cfg.tailorpo.num_steps,
+                              prompts.categories, prompts.name, num_steps=cfg.tailorpo.num_steps,
                               guidance=cfg.tailorpo.guidance_scale)
     print(evaluate.format_markdown(report))
 
@@ -275,7 +271,6 @@ def main(argv: list[str] | None = None):
     items, val_batches, batches = load_data(cfg, rank, world, start * cfg.grad_accum)
     log = checkpoint.open_log(cfg.out_dir, start) if rank == 0 else None
     evaluates = rank == 0 and cfg.eval_every > 0 and (bool(val_batches) or cfg.method in tailorpo.METHODS)
-    evaluate_now = lambda step: evaluates and (step % cfg.eval_every == 0 or step == cfg.max_steps)
     if evaluates and start == 0:
         log.write(json.dumps({"step": start, **evaluation(cfg, eval_sd, base_unet, items, val_batches,
                                                             reward_fn)}) + "\n")
@@ -305,7 +300,7 @@ def main(argv: list[str] | None = None):
         optimizer.zero_grad(set_to_none=True)
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps):
             checkpoint.save(cfg, sd.unet, optimizer, scaler, step + 1)
-        if evaluate_now(step + 1):
+        if evaluates and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             row.update(evaluation(cfg, eval_sd, base_unet, items, val_batches, reward_fn))
         if log:
             log.write(json.dumps({**row, "seconds": time.time() - started}) + "\n")

@@ -3,18 +3,16 @@
 Latent Diffusion Models (Rombach et al. 2022, arXiv:2112.10752), Sec. 3.3: eps_theta(z_t, t, tau(y)) is a
 UNet (Ho et al. 2020, DDPM, Appendix B) whose levels are ResNet blocks followed by "spatial transformers":
 self-attention, cross-attention to the text tokens tau(y) (softmax(Q K^T / sqrt(d)) V) and a GEGLU
-feed-forward. Module paths equal diffusers' `UNet2DConditionModel` state-dict keys (strict loading, no
-rename table); ResnetBlock, Attention and the resamplers serve vae.py too. Upstream read (not copied):
-CompVis ldm/.../openaimodel.py, diffusers unet_2d_condition.py.
+feed-forward. Module paths are diffusers' state-dict keys; vae.py reuses the blocks. Upstream read (not
+copied): CompVis ldm/.../openaimodel.py, diffusers unet_2d_condition.py.
 
 Deviations from the paper / official code:
  1. Only the SD1.x topology (epsilon prediction, 1x1 conv proj_in/proj_out, one transformer layer per
     attention, no class or addition embeddings); `UNetConfig.from_diffusers` refuses other configs.
- 2. No Dropout in the ResNet blocks (0 in SD1.5); attention and feed-forward keep diffusers' Dropout(0)
-    entries (`to_out.1`, `ff.net.1`) only so that the module lists match the diffusers layout.
+ 2. No Dropout in the ResNet blocks (0 in SD1.5); Dropout(0) at `to_out.1`, `ff.net.1` keeps diffusers' keys.
  3. SiLU(time embedding) is computed once per forward and shared by every ResNet block (diffusers: per block).
- 4. The upsampler always interpolates to the size of the skip it is concatenated with next (diffusers only
-    when H or W is not a multiple of 2**num_upsamplers; otherwise scale_factor=2, the same result).
+ 4. The upsampler always interpolates to the next skip's size (diffusers: scale_factor=2 unless H or W is
+    not a multiple of 2**num_upsamplers; the same result).
  5. diffusers' output_scale_factor / rescale_output_factor divisions (1.0 in SD1.5) are left out.
 """
 
@@ -105,7 +103,6 @@ class ResnetBlock(nn.Module):
             self.time_emb_proj = nn.Linear(time_dim, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        # a 1x1 conv on the residual path only where the width changes (as in diffusers)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x, time_act=None):  # time_act = SiLU(time embedding) [B, time_dim]
@@ -136,15 +133,13 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """GELU-gated linear unit (Shazeer 2020): a * GELU(gate) with the exact (erf) GELU."""
-
     def __init__(self, dim, hidden):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * hidden)
 
     def forward(self, x):
         a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)  # GEGLU, GLU Variants (Shazeer 2020) Sec. 2
+        return a * F.gelu(gate)  # GEGLU (exact erf GELU), GLU Variants (Shazeer 2020) Sec. 2
 
 
 class BasicTransformerBlock(nn.Module):
@@ -255,10 +250,7 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, widths[0], eps=1e-5)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
-        self.gradient_checkpointing = False
-
-    def set_gradient_checkpointing(self, enabled: bool):  # recompute ResNet / transformer blocks in backward
-        self.gradient_checkpointing = enabled
+        self.gradient_checkpointing = False  # True: recompute ResNet / transformer blocks in backward
 
     def _run(self, block, *args):  # with gradient checkpointing: recomputed in the backward pass
         if self.gradient_checkpointing and torch.is_grad_enabled():

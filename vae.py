@@ -2,10 +2,8 @@
 
 Latent diffusion (Rombach et al. 2022, LDM Sec. 3.1) runs the diffusion model on z = E(x), a KL-regularised
 latent 8x smaller than the image per side. The encoder E maps an image x in [-1, 1] to a diagonal Gaussian
-posterior q(z|x) = N(mean, exp(logvar)); the decoder D maps a latent back to pixels. SD1.5 trains the UNet
-on z * scaling_factor (0.18215), applied by the caller (weights.StableDiffusion.encode_images). Each side:
-conv_in -> levels of ResNet blocks (unet.ResnetBlock, no time input) -> mid block (ResNet, single-head
-self-attention, ResNet) -> GroupNorm -> SiLU -> conv_out. Module names are diffusers' state-dict keys.
+posterior q(z|x) = N(mean, exp(logvar)); the decoder D maps z back to pixels. SD1.5 trains the UNet on
+z * scaling_factor (0.18215). The blocks are unet.py's; module names are diffusers' keys.
 
 Deviations from the original LDM code / diffusers:
 1. Only the SD configuration: DownEncoderBlock2D / UpDecoderBlock2D, SiLU, a mid-block attention,
@@ -40,15 +38,10 @@ class VAEConfig:
     layers_per_block: int = 2  # ResNet blocks per encoder level (decoder levels have one more)
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215  # used by the caller: z_model = z * scaling_factor
-    sample_size: int = 512  # nominal image size (informational)
 
     @classmethod
     def sd15(cls):
         return cls()
-
-    @classmethod
-    def tiny(cls):
-        return cls(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
 
     @classmethod
     def from_diffusers(cls, config: dict):
@@ -148,21 +141,17 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-# Pre-refactor diffusers attention names (still used by the public SD1.5 vae/ file) -> current names.
-_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_ATTENTION_KEY = re.compile(r"(.*attentions\.\d+)\.(query|key|value|proj_attn|to_[qkv]|to_out\.0)\.(\w+)")
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 def convert_legacy_vae_keys(state_dict: dict) -> dict:
-    """Mid-block attention query/key/value/proj_attn -> to_q/to_k/to_v/to_out.0, and [C, C, 1, 1] weights (1x1
-    convs in LDM files) -> the [C, C] Linear shape; keys already in the current naming pass unchanged."""
+    """Deviation 3: mid-block attention keys in the current names and Linear shapes; others pass unchanged."""
     converted = {}
     for key, tensor in state_dict.items():
-        match = _ATTENTION_KEY.fullmatch(key)
+        match = re.fullmatch(r"(.*\.attentions\.\d+)\.(.+)\.(\w+)", key)
         if match:
             block, name, param = match.groups()
-            key = f"{block}.{_LEGACY_ATTENTION_NAMES.get(name, name)}.{param}"
-            if param == "weight" and tensor.ndim == 4:
-                tensor = tensor[:, :, 0, 0]  # 1x1 conv weight [C, C, 1, 1] -> Linear weight [C, C]
+            key = f"{block}.{LEGACY_ATTENTION_NAMES.get(name, name)}.{param}"
+            tensor = tensor[:, :, 0, 0] if tensor.ndim == 4 else tensor  # 1x1 conv [C, C, 1, 1] -> Linear
         converted[key] = tensor
     return converted

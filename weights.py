@@ -1,11 +1,8 @@
 """Loading the public Stable Diffusion 1.5 weights into our from-scratch modules, strictly.
 
-Sources: a diffusers folder (our module names are its keys: only vae.convert_legacy_vae_keys and
-clip.convert_hf_clip_keys are needed); the original CompVis/LDM single file (v1-5-pruned-emaonly.safetensors)
-renamed by the rule tables LDM_UNET_RULES / LDM_VAE_RULES; a hub id (huggingface_hub.snapshot_download).
-Modules are built on the meta device and filled by `load_strict`, which names the file and the first missing,
-unexpected or mis-shaped key. Pickles (.ckpt/.bin/.pt/.pth) are read only with torch.load(weights_only=True),
-which refuses pickled code.
+Sources: a diffusers folder (our module names are its keys), the original CompVis/LDM single file (renamed
+by LDM_UNET_RULES / LDM_VAE_RULES) or a hub id. Modules are built on the meta device and filled by
+`load_strict`, which names the file and the first bad key. Pickles: torch.load(weights_only=True) only.
 
 Deviations from diffusers' loaders:
  1. SD2.x and SDXL checkpoints are recognised and refused (this project implements SD1.x only).
@@ -36,15 +33,14 @@ SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 class CheckpointError(ValueError):
-    """A weights file or folder that cannot be loaded; the message is ONE line naming the file and the reason.
-    Every weight reader (here and in rewards.py) raises it, so a command line prints str(error)."""
+    """A weights file or folder that cannot be loaded; its one-line message names the file and the reason."""
 
 
 def _reason(error: Exception) -> str:
-    """The informative line of a torch.load / safetensors error (they span many lines of boilerplate)."""
+    """The informative line of a torch.load / safetensors error (torch.load adds lines of boilerplate)."""
+    boilerplate = ("Weights only load failed", "Check the doc", "Please file an issue")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(("Weights only load failed", "Check the doc",
-                                                            "Please file an issue"))] or lines or [""]
+    lines = [line for line in lines if not line.startswith(boilerplate)] or [""]
     return f"{type(error).__name__}: {lines[-1]}"[:300]
 
 
@@ -67,11 +63,10 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        blocked = re.search(r"GLOBAL (\S+)", str(error))
-        if blocked:  # the pickle names a callable to run when unpickled (os.system, a class constructor, ...)
-            raise CheckpointError(f"{path}: refused: this pickle would run code ({blocked[1]}) when "
-                                  "unpickled; pickled code, which is refused by "
-                                  "torch.load(weights_only=True), never runs here") from None
+        code = re.search(r"GLOBAL (\S+)", str(error))
+        if code:  # the pickle names a callable to run when unpickled (os.system, a class constructor, ...)
+            raise CheckpointError(f"{path}: refused: this pickle would run code ({code[1]}); pickled code, "
+                                  "which is refused by torch.load(weights_only=True), never runs") from None
         raise CheckpointError(f"{path} cannot be read by torch.load(weights_only=True): corrupt or not a "
                               f"PyTorch checkpoint ({_reason(error)})") from None
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
@@ -84,8 +79,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
 
 def load_strict(module: nn.Module, state_dict: dict, source: str) -> nn.Module:
-    """load_state_dict(strict=True) with an error that names `source` and the first bad key. A module on the
-    meta device takes the tensors themselves (assign=True: no copy, no second allocation)."""
+    """load_state_dict(strict=True) naming `source` and the first bad key; a meta module takes the tensors."""
     expected = module.state_dict()
     name = type(module).__name__
     for kind, keys in (("missing", [k for k in expected if k not in state_dict]),
@@ -137,8 +131,7 @@ class StableDiffusion:
         return latents * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [N, C, h, w] -> images [N, 3, H, W] in [0, 1] float32. Differentiable (TailorPO-G's
-        reward gradient flows through it)."""
+        """Scaled latents [N, C, h, w] -> images [N, 3, H, W] in [0, 1] fp32, differentiable (TailorPO-G)."""
         device, dtype = _device_dtype(self.vae)
         with torch.autocast(device.type, enabled=False):
             images = self.vae.decode((latents.float() / self.vae.config.scaling_factor).to(device, dtype))
@@ -174,13 +167,7 @@ def refuse_other_families(source, kind: str, sdxl: bool, sd2: bool):
     """Deviation 1. kind: "model" (a diffusers folder) or "checkpoint" (a single file)."""
     if sdxl or sd2:
         family = "an SDXL" if sdxl else "a Stable Diffusion 2.x"
-        detail = "" if sdxl else " (OpenCLIP ViT-H text encoder, 1024-dim cross-attention)"
-        raise CheckpointError(f"{source} is {family} {kind}{detail}; "
-                              "this project implements Stable Diffusion 1.x only")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# diffusers folder
+        raise CheckpointError(f"{source} is {family} {kind}; this project implements SD 1.x only")
 
 
 def read_json(path: Path, parse=dict):
@@ -193,22 +180,19 @@ def read_json(path: Path, parse=dict):
         raise CheckpointError(f"{path}: {error}") from error
 
 
-def weights_file(folder: Path, stem: str) -> Path:
-    """The weights file of one component folder: fp32 safetensors, else the fp16 variant, else a pickle."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    raise CheckpointError(f"{folder}: no {stem}.safetensors, {stem}.fp16.safetensors or {stem}.bin")
+def load_component(folder: Path, model_class, parse_config, convert=dict, stem="diffusion_pytorch_model"):
+    """A component folder: config.json + weights (fp32 safetensors, else the fp16 variant, else a pickle)."""
+    config = read_json(folder / "config.json", parse_config)
+    names = [f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin"]
+    file = next((folder / name for name in names if (folder / name).is_file()), None)
+    if file is None:
+        raise CheckpointError(f"{folder}: no {' or '.join(names)}")
+    return build(model_class, config, convert(read_state_dict(file)), str(file))
 
 
-def load_unet(path) -> UNet2DConditionModel:
-    """A diffusers unet/ folder (config.json + weights), or a .safetensors UNet state dict in diffusers names
-    (with the SD1.5 config unless a config.json lies beside it)."""
-    path = Path(path)
-    config_file = (path if path.is_dir() else path.parent) / "config.json"
-    config = read_json(config_file, UNetConfig.from_diffusers) if config_file.is_file() else UNetConfig.sd15()
-    file = weights_file(path, "diffusion_pytorch_model") if path.is_dir() else path
-    return build(UNet2DConditionModel, config, read_state_dict(file), str(file))
+def load_unet(folder) -> UNet2DConditionModel:
+    """A diffusers unet/ folder."""
+    return load_component(Path(folder), UNet2DConditionModel, UNetConfig.from_diffusers)
 
 
 def load_diffusers_folder(folder: Path) -> StableDiffusion:
@@ -216,12 +200,9 @@ def load_diffusers_folder(folder: Path) -> StableDiffusion:
     refuse_other_families(folder, "model", sdxl="text_encoder_2" in model_index,
                           sd2=unet_config.get("cross_attention_dim") == 1024)
     unet = load_unet(folder / "unet")
-    vae_file = weights_file(folder / "vae", "diffusion_pytorch_model")  # query/key/value/proj_attn in SD1.5's
-    vae = build(AutoencoderKL, read_json(vae_file.with_name("config.json"), VAEConfig.from_diffusers),
-                convert_legacy_vae_keys(read_state_dict(vae_file)), str(vae_file))
-    text_file = weights_file(folder / "text_encoder", "model")
-    text_encoder = build(CLIPTextModel, read_json(text_file.with_name("config.json"), CLIPTextConfig.from_hf),
-                         convert_hf_clip_keys(read_state_dict(text_file)), str(text_file))
+    vae = load_component(folder / "vae", AutoencoderKL, VAEConfig.from_diffusers, convert_legacy_vae_keys)
+    text_encoder = load_component(folder / "text_encoder", CLIPTextModel, CLIPTextConfig.from_hf,
+                                  convert_hf_clip_keys, "model")
 
     tokenizer_folder = folder / "tokenizer"
     vocab, merges = tokenizer_folder / "vocab.json", tokenizer_folder / "merges.txt"
@@ -230,8 +211,7 @@ def load_diffusers_folder(folder: Path) -> StableDiffusion:
     elif (tokenizer_folder / "tokenizer.json").is_file():  # all that transformers >= 5 save_pretrained writes
         tokenizer = CLIPTokenizer.from_tokenizer_json(tokenizer_folder / "tokenizer.json")
     else:
-        raise CheckpointError(f"{tokenizer_folder}: no vocab.json + merges.txt or tokenizer.json "
-                              "(the CLIP BPE tokenizer files)")
+        raise CheckpointError(f"{tokenizer_folder}: no vocab.json + merges.txt or tokenizer.json")
 
     schedule, scheduler_file = NoiseSchedule.sd15(), folder / "scheduler/scheduler_config.json"
     if scheduler_file.is_file():
@@ -250,19 +230,15 @@ def download(hub_id: str) -> Path:
     except Exception as error:  # not installed, offline, unknown repo, gated repo, ...
         failed = ("needs `pip install huggingface_hub`" if isinstance(error, ImportError)
                   else f"failed ({type(error).__name__}: {error})")
-        raise CheckpointError(f"'{hub_id}' is no local file or folder, and downloading it from the Hugging "
-                              f"Face hub {failed}. Pass a local path to a diffusers folder or a .safetensors "
-                              "file instead.") from error
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The original CompVis/LDM single file. Each rule is (regex on the key after its model prefix, replacement);
-# the first matching rule renames the start of the key. n = layers_per_block + 1 is the LDM stride per level:
-# input_blocks 1.. hold n entries per level (the ResNet/attention pairs, then the downsampler `.0.op`);
-# output_blocks hold n pairs per level, the last one followed by the upsampler `conv`.
+        raise CheckpointError(f"'{hub_id}' is no local path, and downloading it from the hub {failed}. "
+                              "Pass a local path to a diffusers folder or a .safetensors file.") from error
 
 
 def LDM_UNET_RULES(n):
+    """rename()'s rules for model.diffusion_model.*. n = layers_per_block + 1 is the LDM stride per level:
+    input_blocks 1.. hold n entries per level (the ResNet/attention pairs, then the downsampler `.0.op`);
+    output_blocks hold n pairs per level, the last one followed by the upsampler `conv`."""
+
     def block(side, i, kind):  # down: input_blocks.(i + 1) (input_blocks.0 is conv_in); up: output_blocks.i
         return f"{side}_blocks.{i // n}.{kind}.{i % n}."
 
@@ -284,8 +260,7 @@ def LDM_UNET_RULES(n):
     ]
 
 
-# Inside ResNets (the index gaps are SiLU / Dropout; the VAE's differ only in nin_shortcut). The UNet's
-# spatial transformers have the same names in both.
+# Inside ResNets (the index gaps are SiLU / Dropout); the UNet's spatial transformers keep their names.
 LDM_RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                     "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
                     "nin_shortcut": "conv_shortcut"}
@@ -309,7 +284,8 @@ def LDM_VAE_RULES(levels):
 
 
 def rename(state_dict, prefix, rules):
-    """The keys under `prefix`, without it, renamed by the first matching rule, then by LDM_RESNET_NAMES."""
+    """The keys under `prefix`, without it; each rule is (regex on the key's start, replacement), the first
+    that matches renames it, then LDM_RESNET_NAMES apply."""
     renamed = {}
     for key, tensor in state_dict.items():
         if not key.startswith(prefix):
@@ -329,9 +305,8 @@ def ldm_to_diffusers(state_dict, unet_config: UNetConfig, vae_config: VAEConfig)
     """Split an LDM single-file state dict into (unet, vae, text encoder) state dicts with our key names."""
     unet = rename(state_dict, "model.diffusion_model.", LDM_UNET_RULES(unet_config.layers_per_block + 1))
     vae = rename(state_dict, "first_stage_model.", LDM_VAE_RULES(len(vae_config.block_out_channels)))
-    vae = convert_legacy_vae_keys(vae)  # LDM attention q/k/v/proj_out: 1x1 convs [C,C,1,1] -> Linear [C,C]
-    # cond_stage_model.transformer is a transformers CLIPTextModel: same names; drops its position_ids buffer
-    text = convert_hf_clip_keys(rename(state_dict, "cond_stage_model.transformer.", []))
+    vae = convert_legacy_vae_keys(vae)  # LDM attention: 1x1 convs -> Linear
+    text = convert_hf_clip_keys(rename(state_dict, "cond_stage_model.transformer.", []))  # HF names
     return unet, vae, text
 
 

@@ -66,9 +66,11 @@ def model_configs(name: str):
     """(UNetConfig, VAEConfig, CLIPTextConfig) of "sd15" or "tiny" (the test presets)."""
     if name == "sd15":
         return UNetConfig.sd15(), VAEConfig.sd15(), CLIPTextConfig.sd15()
+    from conftest import tiny_vae_config  # the test presets
+
     unet_config = UNetConfig.tiny()
-    return unet_config, VAEConfig.tiny(), dataclasses.replace(CLIPTextConfig.tiny(),
-                                                               hidden_size=unet_config.cross_attention_dim)
+    return unet_config, tiny_vae_config(), dataclasses.replace(CLIPTextConfig.tiny(),
+                                                                hidden_size=unet_config.cross_attention_dim)
 
 
 def fill_weights(model, only=""):
@@ -105,10 +107,11 @@ def diffusers_models(config: str, device):
     from transformers import CLIPTextConfig as HFTextConfig
     from transformers import CLIPTextModel as HFTextModel
 
+    from conftest import hf_clip_kwargs  # test-only helper: our CLIP config in transformers' names
     unet_config, vae_config, text_config = model_configs(config)
     with torch.device(device):
         models = (DiffusersUNet(**unet_config.to_diffusers()), DiffusersVAE(**vae_config.to_diffusers()),
-                  HFTextModel(HFTextConfig(**text_config.to_hf())))
+                  HFTextModel(HFTextConfig(**hf_clip_kwargs(text_config))))
     for model in models:
         fill_weights(model)
     return models
