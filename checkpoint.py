@@ -22,8 +22,8 @@ class CheckpointMismatch(ValueError):
 
 
 def write_atomically(tensors: dict, metadata: dict, path: str):
-    """Write path.tmp, fsync it, rename it to path: a crash leaves the old file or the new one, never half."""
-    temporary = f"{path}.tmp"
+    """Write a temporary file, fsync it, rename it to path: a crash leaves the old file or the new one."""
+    temporary = f"{path}.tmp{os.getpid()}"  # per process: toy_reward.py's cache may be written by several
     try:
         save_file(tensors, temporary, metadata=metadata)
         with open(temporary, "rb") as f:

@@ -193,7 +193,7 @@ def test_crash_while_writing_a_checkpoint_leaves_no_partial_file(calibrated_sd_d
     monkeypatch.setattr(checkpoint, "save_file", dies_on_third_write)
     with pytest.raises(Crash):
         run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=4", "--save_every=2")
-    assert calls[-1].endswith("ckpt_00000004.safetensors.tmp")
+    assert calls[-1].endswith(f"ckpt_00000004.safetensors.tmp{os.getpid()}")
     assert sorted(os.listdir(tmp_path)) == ["ckpt_00000002.safetensors", "metrics.jsonl", "unet"]
     monkeypatch.setattr(checkpoint, "save_file", original)
     run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=4", "--save_every=2", "--resume")  # it loads

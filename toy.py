@@ -315,9 +315,6 @@ class ToyConfig:
     prompt_dropout: float = 0.1  # fraction of prompts replaced by "" (classifier-free guidance)
     seed: int = 0  # initialisation and data
 
-    def cache_key(self) -> str:
-        return hash_key({"world": TOY_WORLD_VERSION, **asdict(self)})
-
 
 def pretrain(unet, text_encoder, tokenizer, schedule, config: ToyConfig, progress: bool = True):
     """Fit eps_pred to the toy world with L_simple (Ho et al. 2020, Eq. 14); returns the loss per step."""
@@ -372,7 +369,8 @@ def load_base_model(cache_dir: str = ".cache/toy", device="cpu", config: ToyConf
     torch.manual_seed(config.seed)  # the initial weights
     unet, text_encoder = UNet2DConditionModel(unet_config), CLIPTextModel(text_config)
     tokenizer, schedule = CLIPTokenizer.default(), NoiseSchedule.sd15()
-    folder = os.path.join(cache_dir, config.cache_key())
+    fields = {"world": TOY_WORLD_VERSION, **asdict(config)}  # config.json, hashed: the folder's name
+    folder = os.path.join(cache_dir, hash_key(fields))
     modules = {"unet": unet, "text_encoder": text_encoder}
     if os.path.isdir(folder):
         for name, module in modules.items():
@@ -387,7 +385,7 @@ def load_base_model(cache_dir: str = ".cache/toy", device="cpu", config: ToyConf
             save_file(module.state_dict(), os.path.join(temporary, f"{name}.safetensors"))
         with open(os.path.join(temporary, "pretrain_loss.json"), "w") as f:
             json.dump(losses, f)
-        publish(temporary, folder, {"world": TOY_WORLD_VERSION, **asdict(config)})
+        publish(temporary, folder, fields)
     for module in modules.values():
         module.eval().requires_grad_(False).to(device)
     return StableDiffusion(unet=unet, vae=IdentityVAE().to(device), text_encoder=text_encoder,

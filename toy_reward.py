@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 import toy
+from checkpoint import write_atomically
 from data import PreferencePairs
 from dpo import dpo_loss
 from rewards import Reward
@@ -141,8 +142,6 @@ def load_reward_model(cache_dir: str = ".cache/toy", device="cpu", config: Rewar
         model, metrics = train_reward_model(pairs_folder, config, progress)
         accuracies = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         print(f"trained the toy reward model; pairwise accuracy: {accuracies}")
-        temporary = f"{path}.tmp{os.getpid()}"
-        save_file(model.state_dict(), temporary, metadata={k: str(v) for k, v in metrics.items()})
-        os.replace(temporary, path)
+        write_atomically(model.state_dict(), {k: str(v) for k, v in metrics.items()}, path)
     model = load_strict(ToyRewardModel(config.width), load_file(path), path)
     return model.eval().requires_grad_(False).to(device)
