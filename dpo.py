@@ -90,7 +90,7 @@ def dpo_train_step(sd, reference_unet, batch: dict, beta: float, seed: int):
     latents_w, latents_l = keyed_latents(sd, pixels, seed, positions, ("w", "l")).chunk(2)
     t, eps = keyed_t_and_eps(sd, latents_w, seed, positions)
     t, eps = t.repeat(2), eps.repeat(2, 1, 1, 1)  # deviation 3: the same t and eps for winner and loser
-    x_t = sd.schedule.add_noise(torch.cat([latents_w, latents_l]), eps, t)  # q(x_t | x_0), [2B]: w, then l
+    x_t = sd.schedule.add_noise(torch.cat([latents_w, latents_l]), eps, t)  # DDPM Eq. 4, [2B]: w, then l
     context = sd.encode_prompts(batch["prompts"]).repeat(2, 1, 1)  # deviation 5
     eps_pred = sd.unet(x_t, t, context)
     with torch.no_grad():
@@ -109,5 +109,5 @@ def sft_train_step(sd, batch: dict, seed: int):
     latents = keyed_latents(sd, batch["pixels_w"], seed, batch["positions"])
     t, eps = keyed_t_and_eps(sd, latents, seed, batch["positions"])
     eps_pred = sd.unet(sd.schedule.add_noise(latents, eps, t), t, sd.encode_prompts(batch["prompts"]))
-    loss = per_sample_mse(eps_pred, eps).mean()
+    loss = per_sample_mse(eps_pred, eps).mean()  # Eq. 14 (DDPM, L_simple)
     return loss, {"loss": loss.detach(), "model_err_w": loss.detach()}

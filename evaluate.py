@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 import lora
 import rewards
+import sampler
 import toy
 from data import to_pil
-from sampler import generate_latents, initial_latents
 from weights import CheckpointError, build, load_stable_diffusion, load_unet, read_state_dict
 
 PROMPTS_DIR = Path(__file__).with_name("assets") / "prompts"  # sources and licences: its README.md
@@ -117,13 +117,12 @@ def image_path(folder: Path, prompt_index: int, seed: int) -> Path:
 def generate(sd, prompts: list[str], seed: int, num_steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
              batch_size: int = 8) -> torch.Tensor:
     """Images [len(prompts), 3, H, W] in [0, 1], in batches of batch_size, all from seed's x_T (choice 4)."""
-    x_T = initial_latents(sd, 1, None, None, torch.Generator("cpu").manual_seed(seed))
+    x_T = sampler.initial_latents(sd, 1, None, None, torch.Generator("cpu").manual_seed(seed))
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        latents = generate_latents(sd, batch, num_steps=num_steps, guidance=guidance, eta=eta, seed=seed,
-                                   latents=x_T.expand(len(batch), -1, -1, -1), progress=False)
-        images.append(sd.decode_latents(latents))
+        images.append(sampler.generate(sd, batch, num_steps=num_steps, guidance=guidance, eta=eta, seed=seed,
+                                       latents=x_T.expand(len(batch), -1, -1, -1), progress=False))
     return torch.cat(images)
 
 

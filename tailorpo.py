@@ -186,7 +186,7 @@ def rollout_tailorpo(rollout: Rollout, guided: bool):
         if not rows:  # nobody trains this step: a plain DDIM step
             x, eps = step.x_prev, rollout.eps(step.x_prev, t_prev, rows_all)
             continue
-        # 1. the trained prompts' second sample from the same x_t: same mean, independent noise
+        # 1. the trained prompts' second sample from the same x_t: same mean, independent noise (DDIM Eq. 12)
         x_all = torch.cat([step.x_prev, step.mean[rows] + step.sigma_t * rollout.noise(f"step{i}/1", rows)])
         # 2. ONE UNet call on every prompt's sample 0 and these: it scores them and is the next eps_pred
         eps_all = rollout.eps(x_all, t_prev, rows_all + rows)

@@ -138,7 +138,7 @@ def test_drawbench_end_to_end_then_a_second_reward_only_scores(tiny_sd_dir, tiny
 
     # a second run with another reward generates nothing and scores the same PNGs the same way
     mtimes = {path: path.stat().st_mtime_ns for path in out.glob("images/*/*.png")}
-    monkeypatch.setattr(evaluate, "generate_latents", lambda *a, **k: pytest.fail("generated an image"))
+    monkeypatch.setattr(evaluate.sampler, "generate", lambda *a, **k: pytest.fail("generated an image"))
     again = run(tiny_sd_dir, tiny_files, out, "--unet", str(tiny_files / "changed.safetensors"),
                 rewards="aesthetic,saturation")
     assert again["generated"] == {"base": 0, "aligned": 0}

@@ -210,8 +210,11 @@ def method_step(cfg, sd, reference_unet, batch, reward_fn):
 
 
 def to_floats(metrics: dict, world: int) -> dict[str, float]:
-    """{name: float} averaged over the ranks, with ONE device-to-host copy for all metrics."""
-    values = torch.stack([torch.as_tensor(v).detach().float().reshape(()).cpu() for v in metrics.values()])
+    """{name: float} averaged over the ranks: stacked and all-reduced where the tensors are (NCCL reduces CUDA
+    tensors only), then ONE device-to-host copy for all metrics."""
+    device = next(v.device for v in metrics.values() if torch.is_tensor(v))
+    values = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(())
+                          for v in metrics.values()])
     if world > 1:
         dist.all_reduce(values)  # a sum: gloo has no ReduceOp.AVG
     return dict(zip(metrics, (values / world).tolist()))

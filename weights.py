@@ -127,7 +127,7 @@ class StableDiffusion:
             posterior = self.vae.encode(pixels.to(device, dtype))
             latents = posterior.mean.float()
             if noise is not None:
-                latents = latents + posterior.std.float() * noise.to(device, torch.float32)
+                latents = latents + posterior.std.float() * noise.to(device, torch.float32)  # AEVB Sec. 2.4
         return latents * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -255,6 +255,23 @@ def check_sampler_sync_free(setup: Setup):
     return strict == "no sync", detail
 
 
+def check_metrics_one_copy(setup: Setup):
+    """train.to_floats: a step's metrics (tensors on the device) reach the host in ONE copy."""
+    metrics = {f"metric_{i}": torch.rand((), device=setup.device) for i in range(8)}
+    train.to_floats(metrics, 1)  # warm-up
+    if not setup.cuda:
+        return None, "CPU smoke: set_sync_debug_mode is CUDA-only; the same call ran"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train.to_floats(metrics, 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    return syncs == 1, f"{syncs} host sync(s) for {len(metrics)} metrics (a .cpu() per metric made one each)"
+
+
 def check_dpo_dtypes(setup: Setup, mode: str):
     """train.py's bf16 DPO step: latents, noise, x_t and the UNet inputs are float32; step 0 is log 2 / 0."""
     cfg, sd, params, reference = build_ours("tiny", setup.device, setup.dtype, 8 if mode == "lora" else 0,
@@ -337,6 +354,9 @@ def part_a(setup: Setup, report: Report, reference_missing: str | None):
     result = guarded(setup, report, "a", "sampler loop: no host sync", check_sampler_sync_free)
     if result:
         report.add("a", f"| sampler loop: no host sync | {verdict(result[0])} | {result[1]} |")
+    result = guarded(setup, report, "a", "training metrics: one host copy", check_metrics_one_copy)
+    if result:
+        report.add("a", f"| training metrics: one host copy | {verdict(result[0])} | {result[1]} |")
     for mode in ("lora", "full"):
         result = guarded(setup, report, "a", f"bf16 DPO step ({mode})", check_dpo_dtypes, mode)
         if result:
