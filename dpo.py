@@ -62,6 +62,17 @@ def diffusion_log_ratio(model_err, ref_err):
     return -0.5 * (model_err - ref_err)
 
 
+def model_pixels(pixels_uint8: torch.Tensor, device) -> torch.Tensor:
+    """uint8 images [B, 3, R, R] (data.py's batches) -> float32 in [-1, 1] on `device`: x / 127.5 - 1.
+
+    The copy to the device moves a quarter of the float32 bytes. The arithmetic equals the loader's former
+    (x / 255) * 2 - 1 bit for bit: 127.5 = 255 / 2, and a factor of 2 commutes with float rounding.
+    """
+    if pixels_uint8.dtype != torch.uint8:
+        raise ValueError(f"dpo.model_pixels: expected uint8 pixels, got {pixels_uint8.dtype}")
+    return pixels_uint8.to(device).float() / 127.5 - 1
+
+
 def keyed_latents(sd, pixels, seed: int, positions: list[int], streams=("w",)) -> torch.Tensor:
     """pixels [kB,3,H,W] in [-1,1], k halves of B images (one noise stream each: "w", "l") -> latents x_0
     [kB,C,h,w] float32: posterior samples keyed by (seed, position, stream), in ONE VAE call."""
@@ -82,11 +93,12 @@ def keyed_t_and_eps(sd, latents, seed: int, positions: list[int]):
 def dpo_train_step(sd, reference_unet, batch: dict, beta: float, seed: int):
     """train.py plug-in: (loss, metrics) of a batch of pairs. ONE policy and ONE reference forward on [w; l].
 
-    batch: {"pixels_w", "pixels_l": [B,3,H,W] in [-1,1], "prompts": list[str], "positions": list[int]};
+    batch: {"pixels_w", "pixels_l": uint8 [B,3,H,W] (model_pixels), "prompts": list[str], "positions": list[int]};
     reference_unet(x_t, t, context) -> eps_ref. metrics: dpo_loss's and the mean errors {model,ref}_err_{w,l}.
     """
     positions = batch["positions"]
-    pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
+    device = next(sd.unet.parameters()).device
+    pixels = model_pixels(torch.cat([batch["pixels_w"], batch["pixels_l"]]), device)
     latents_w, latents_l = keyed_latents(sd, pixels, seed, positions, ("w", "l")).chunk(2)
     t, eps = keyed_t_and_eps(sd, latents_w, seed, positions)
     t, eps = t.repeat(2), eps.repeat(2, 1, 1, 1)  # deviation 3: the same t and eps for winner and loser
@@ -105,8 +117,9 @@ def dpo_train_step(sd, reference_unet, batch: dict, beta: float, seed: int):
 
 def sft_train_step(sd, batch: dict, seed: int):
     """train.py plug-in for the paper's SFT baseline: eps-MSE (DDPM L_simple, Ho et al. 2020 Eq. 14) on
-    the preferred images batch["pixels_w"] only (winner's streams). Returns (loss, {loss, model_err_w})."""
-    latents = keyed_latents(sd, batch["pixels_w"], seed, batch["positions"])
+    the preferred images batch["pixels_w"] (uint8) only (winner's streams). Returns (loss, {loss, model_err_w})."""
+    pixels = model_pixels(batch["pixels_w"], next(sd.unet.parameters()).device)
+    latents = keyed_latents(sd, pixels, seed, batch["positions"])
     t, eps = keyed_t_and_eps(sd, latents, seed, batch["positions"])
     eps_pred = sd.unet(sd.schedule.add_noise(latents, eps, t), t, sd.encode_prompts(batch["prompts"]))
     loss = per_sample_mse(eps_pred, eps).mean()  # Eq. 14 (DDPM, L_simple)

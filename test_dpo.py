@@ -5,6 +5,7 @@ noise/timestep, one forward each, keyed randomness, float32 under autocast, step
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,8 +121,9 @@ class Recorder(torch.nn.Module):
 
 
 def pixel_batch(batch_size=2, size=64, seed=3, first_position=0):
+    """A batch as data.py yields it: uint8 pixels, prompts, global positions."""
     g = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(2 * batch_size, 3, size, size, generator=g) * 2 - 1
+    pixels = torch.randint(0, 256, (2 * batch_size, 3, size, size), generator=g, dtype=torch.uint8)
     prompts = ["a cat", "a red dog", "a tree", "a blue car"][:batch_size]
     return {"pixels_w": pixels[:batch_size], "pixels_l": pixels[batch_size:], "prompts": prompts,
             "positions": list(range(first_position, first_position + batch_size))}
@@ -239,11 +241,50 @@ def test_step0_with_lora_is_log2_and_accuracy_0_exactly(autocast):
 def test_sft_step_uses_the_winners_only():
     sd = make_tiny_sd()
     batch = pixel_batch()
-    batch["pixels_l"] = torch.full_like(batch["pixels_l"], float("nan"))  # SFT never looks at the losers
+    del batch["pixels_l"]  # SFT never looks at the losers
     sd.unet = Recorder(sd.unet)
     loss, metrics = dpo.sft_train_step(sd, batch, seed=2)
     assert torch.isfinite(loss) and len(sd.unet.calls) == 1 and sd.unet.calls[0][0].shape[0] == 2
     assert set(metrics) == {"loss", "model_err_w"}
+
+
+def host_normalised(pixels_uint8):
+    """The loader's former float path: numpy float32 / 255, then * 2 - 1 (Normalize([0.5], [0.5]))."""
+    pixels = torch.from_numpy(pixels_uint8.numpy().astype(np.float32) / 255.0)
+    return pixels * 2 - 1
+
+
+def test_model_pixels_equals_the_former_host_normalisation_for_every_byte():
+    every_byte = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert torch.equal(dpo.model_pixels(every_byte, "cpu"), host_normalised(every_byte))
+
+
+def test_model_pixels_refuses_float_pixels():
+    with pytest.raises(ValueError, match="uint8"):
+        dpo.model_pixels(torch.zeros(1, 3, 8, 8), "cpu")
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_uint8_batch_gives_the_float_path_loss_to_the_last_bit(method, monkeypatch):
+    """The same batch through the uint8 path, and through the former path (pixels normalised on the host as
+    data.py did, then moved to the device): the losses are equal bit for bit."""
+    sd = make_tiny_sd()
+    reference = copy.deepcopy(sd.unet).requires_grad_(False)
+    with torch.no_grad():  # a policy != reference, so the loss is not log 2 whatever the pixels
+        for p in sd.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = pixel_batch(batch_size=3)
+
+    def step():
+        if method == "dpo":
+            return dpo.dpo_train_step(sd, reference, batch, 500.0, seed=4)[0]
+        return dpo.sft_train_step(sd, batch, seed=4)[0]
+
+    uint8_loss = step()
+    monkeypatch.setattr(dpo, "model_pixels", lambda pixels, device: host_normalised(pixels).to(device))
+    float_loss = step()
+    assert uint8_loss.item() == float_loss.item()
+    assert not math.isclose(uint8_loss.item(), math.log(2), rel_tol=1e-4)
 
 
 def test_encode_images_is_the_posterior_sample_in_float32():

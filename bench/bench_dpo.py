@@ -54,6 +54,7 @@ import train
 import weights
 from bench import write_report
 from clip import CLIPTextConfig, CLIPTextModel
+from dpo import model_pixels
 from scheduler import NoiseSchedule
 from tokenizer import CLIPTokenizer
 from unet import UNet2DConditionModel, UNetConfig
@@ -118,10 +119,11 @@ def diffusers_models(config: str, device):
 
 
 def make_batch(pairs: int, image_size: int, device) -> dict:
-    """A Diffusion-DPO batch as data.PairBatches yields it: pixels in [-1, 1], prompts, global positions."""
+    """A Diffusion-DPO batch as data.PairBatches yields it: uint8 pixels (CPU), prompts, global positions."""
     generator = torch.Generator().manual_seed(1)
-    pixels = torch.rand(2, pairs, 3, image_size, image_size, generator=generator) * 2 - 1
-    return {"pixels_w": pixels[0].to(device), "pixels_l": pixels[1].to(device),
+    shape = (2, pairs, 3, image_size, image_size)
+    pixels = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+    return {"pixels_w": pixels[0], "pixels_l": pixels[1],
             "prompts": [f"a photo of a cat, pair {i}" for i in range(pairs)], "positions": list(range(pairs))}
 
 
@@ -209,7 +211,7 @@ def dpo_step(implementation: str, config: str, mode: str, device, dtype, checkpo
     def step(batch):
         with torch.autocast(device_type, dtype, enabled=dtype != torch.float32):
             with torch.no_grad():
-                feed = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(dtype)
+                feed = model_pixels(torch.cat([batch["pixels_w"], batch["pixels_l"]]), device).to(dtype)
                 latents = vae.encode(feed).latent_dist.sample(generator) * vae.config.scaling_factor
                 context = text_encoder(tokenizer(batch["prompts"]).to(device))[0]
             loss = official_dpo_loss(unet, reference, schedule, *latents.chunk(2), context, BETA, generator,
