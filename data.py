@@ -3,7 +3,7 @@
 Pick-a-Pic v2 (Diffusion-DPO Sec. 5): `caption`, `jpg_0`, `jpg_1` (JPEG bytes), `label_0` (1: jpg_0 preferred,
 0: jpg_1, 0.5: a tie), in parquet shards or a pairs.jsonl folder. As the official train.py: ties are dropped
 (~12%), the winner comes first, each image is resized (shorter side to R, bilinear), center- (or random-)
-cropped, flipped and scaled to [-1, 1], independently for x_0^w and x_0^l; 20% of the captions become "".
+cropped and flipped, independently for x_0^w and x_0^l; 20% of the captions become "".
 
 Stream position p holds row order_e[p mod N] of epoch e = p // N (N usable pairs), augmented by an RNG seeded
 by (seed, p): a pure function of (seed, p), so a run resumes exactly and DDP ranks see what one process sees
@@ -111,8 +111,11 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
-def preprocess(image: Image.Image, resolution: int, rng: random.Random | None, random_crop=False, hflip=True):
-    """PIL image -> [3,R,R] in [-1,1]: resize shorter side (bilinear), crop, flip; rng None: center crop."""
+def preprocess(image: Image.Image, resolution: int, rng: random.Random | None, random_crop=False,
+               hflip=True) -> torch.Tensor:
+    """PIL image -> uint8 [3,R,R]: resize shorter side (bilinear), crop, flip; rng None: center crop.
+    The scaling to [-1, 1] happens on the model's device (dpo.model_pixels): a uint8 batch is a quarter
+    of the bytes to stack, to pass between processes and to copy to the device."""
     image = image.convert("RGB")
     short = min(image.size)  # as torchvision: the short side becomes R exactly, the long int(R * long/short)
     image = image.resize([int(resolution * side / short) for side in image.size], Image.BILINEAR)  # antialias
@@ -124,8 +127,7 @@ def preprocess(image: Image.Image, resolution: int, rng: random.Random | None, r
     image = image.crop((left, top, left + resolution, top + resolution))
     if hflip and rng is not None and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # HWC -> CHW
-    return pixels * 2 - 1  # Normalize([0.5], [0.5])
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # HWC -> CHW
 
 
 class PreferencePairs(torch.utils.data.Dataset):
@@ -273,7 +275,7 @@ class PreferencePairs(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """-> {"pixels_w", "pixels_l": [B,3,R,R], "prompts": list[str] (after dropout), "captions": list[str],
+    """-> {"pixels_w", "pixels_l": uint8 [B,3,R,R], "prompts": list[str] (after dropout), "captions": list[str],
     "rows": [B] (dataset rows), "positions": list[int] (global stream positions)}."""
     return {**{key: torch.stack([item[key] for item in items]) for key in ("pixels_w", "pixels_l")},
             "prompts": [item["prompt"] for item in items], "captions": [item["caption"] for item in items],
@@ -317,12 +319,17 @@ class PairBatches:
             yield collate(items)
 
 
+def unit_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images [B,3,H,W] -> float32 in [0, 1], where they are: what a reward model takes."""
+    return pixels.float() / 255
+
+
 @torch.no_grad()
 def relabel_with_reward(batch: dict, reward_fn) -> tuple[dict, int]:
     """AI feedback (deviation 3): the image with the higher reward_fn(images [B,3,H,W] in [0,1], captions, not
     the dropped-out prompts) becomes the winner (a tie keeps the order) -> (batch, number of swaps)."""
-    score_w = reward_fn((batch["pixels_w"] + 1) / 2, batch["captions"])
-    score_l = reward_fn((batch["pixels_l"] + 1) / 2, batch["captions"])
+    score_w = reward_fn(unit_pixels(batch["pixels_w"]), batch["captions"])
+    score_l = reward_fn(unit_pixels(batch["pixels_l"]), batch["captions"])
     swap = (score_l > score_w).view(-1, 1, 1, 1)
     pixels_w = torch.where(swap, batch["pixels_l"], batch["pixels_w"])
     pixels_l = torch.where(swap, batch["pixels_w"], batch["pixels_l"])

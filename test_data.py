@@ -8,6 +8,7 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,6 +23,11 @@ def solid(value, size=(24, 16)):
     for y in range(size[1]):
         image.putpixel((1, y), (255, 0, 0))
     return image
+
+
+def brightness_of(pixels):
+    """Mean value of each uint8 image [B,3,H,W] -> [B]."""
+    return pixels.float().mean(dim=(1, 2, 3))
 
 
 def jpeg_bytes(image):
@@ -57,8 +63,8 @@ def test_ties_corrupt_and_missing_are_counted_and_skipped(pairs_folder):
     for _, batch in zip(range(4), batches):  # 12 positions = 4 epochs, no crash
         assert batch["pixels_w"].shape == (3, 3, 8, 8)
         seen += batch["prompts"]
-        mean_w, mean_l = batch["pixels_w"].mean(dim=(1, 2, 3)), batch["pixels_l"].mean(dim=(1, 2, 3))
-        assert (mean_w > mean_l).all()  # the winner first
+        assert batch["pixels_w"].dtype == torch.uint8  # scaled on the device (dpo.model_pixels)
+        assert (brightness_of(batch["pixels_w"]) > brightness_of(batch["pixels_l"])).all()  # winner first
     assert set(seen) == {"sun", "day"} and batches.step == 4
     assert len(stats.corrupt) == 1 and next(iter(stats.corrupt)).endswith("corrupt.jpg")
     summary = str(stats)
@@ -71,10 +77,21 @@ def test_preprocess_matches_the_official_recipe():
     image = Image.new("RGB", (64, 16), (0, 0, 0))
     image.paste((255, 255, 255), (16, 0, 48, 16))
     center = data.preprocess(image, 8, rng=None)
-    assert center.shape == (3, 8, 8) and center.min() >= -1 and center.max() <= 1
-    assert torch.allclose(center, torch.ones_like(center))
+    assert center.shape == (3, 8, 8) and center.dtype == torch.uint8
+    assert torch.equal(center, torch.full_like(center, 255))
     crops = [data.preprocess(image, 8, random.Random(i), random_crop=True, hflip=False) for i in range(20)]
-    assert any(crop.min() < 0 for crop in crops)
+    assert any(crop.min() == 0 for crop in crops)
+
+
+def test_uint8_pixels_scale_on_the_device_bit_for_bit_as_the_former_loader():
+    """dpo.model_pixels(preprocess(image)) equals the former float recipe, ToTensor then Normalize(0.5)."""
+    import dpo
+
+    image = Image.fromarray(torch.randint(0, 256, (20, 28, 3), dtype=torch.uint8).numpy())
+    pixels = data.preprocess(image, 16, rng=None)
+    resized = image.resize((22, 16), Image.BILINEAR).crop((3, 0, 19, 16))  # what preprocess does
+    former = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1) * 2 - 1
+    assert torch.equal(dpo.model_pixels(pixels[None], "cpu")[0], former)
 
 
 def test_flips_are_independent_for_winner_and_loser(tmp_path):
@@ -234,9 +251,9 @@ def test_resize_rounds_like_torchvision(size):
     """Short side -> R exactly, long side int(R * long / short): no black row, random crop works."""
     white = Image.new("RGB", size, (255, 255, 255))
     center = data.preprocess(white, 512, rng=None)
-    assert center.shape == (3, 512, 512) and torch.equal(center, torch.ones_like(center))
+    assert center.shape == (3, 512, 512) and torch.equal(center, torch.full_like(center, 255))
     crop = data.preprocess(white, 512, random.Random(0), random_crop=True)
-    assert crop.shape == (3, 512, 512) and torch.equal(crop, torch.ones_like(crop))
+    assert crop.shape == (3, 512, 512) and torch.equal(crop, torch.full_like(crop, 255))
 
 
 def test_pick_a_pic_parquet_shards(tmp_path):
@@ -258,7 +275,7 @@ def test_pick_a_pic_parquet_shards(tmp_path):
     prompts = []
     for _, batch in zip(range(2), data.PairBatches(pairs, batch_size=4)):
         prompts += batch["prompts"]
-        assert (batch["pixels_w"].mean(dim=(1, 2, 3)) > batch["pixels_l"].mean(dim=(1, 2, 3))).all()
+        assert (brightness_of(batch["pixels_w"]) > brightness_of(batch["pixels_l"])).all()
     assert set(prompts) == {"a", "b", "c"} and len(pairs.stats.corrupt) == 1
 
 
@@ -275,10 +292,10 @@ def test_ai_feedback_relabelling_flips_pairs(tmp_path):
                            [solid(20), solid(20), solid(230)], labels_0=[1, 0, 1])
     pairs = data.PreferencePairs(tmp_path, resolution=8, prompt_dropout=0.5)
     batch = next(iter(data.PairBatches(pairs, batch_size=3)))
-    human = (batch["pixels_w"].mean(dim=(1, 2, 3)) > batch["pixels_l"].mean(dim=(1, 2, 3))).tolist()
+    human = (brightness_of(batch["pixels_w"]) > brightness_of(batch["pixels_l"])).tolist()
     relabelled, count = data.relabel_with_reward(batch, brightness)  # online, as the official --choice_model
     assert count == human.count(False) == 2
-    assert (relabelled["pixels_w"].mean(dim=(1, 2, 3)) > relabelled["pixels_l"].mean(dim=(1, 2, 3))).all()
+    assert (brightness_of(relabelled["pixels_w"]) > brightness_of(relabelled["pixels_l"])).all()
     assert relabelled["prompts"] == batch["prompts"]
     darkness = lambda images, prompts: -brightness(images, prompts)
     assert data.relabel_with_reward(relabelled, darkness)[1] == 3  # now every pair flips
