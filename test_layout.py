@@ -1,4 +1,5 @@
-"""The rules of the house's design, read from the code itself (the syntax tree, not words in the text).
+"""The rules of the house's design, read from the code itself (the syntax tree, not words in the
+text).
 
 1. No product file is over 450 lines: one concept a reader can hold.
 2. One DPO objective: `logsigmoid` is called in `dpo.dpo_loss` and nowhere else.
@@ -16,7 +17,18 @@ PRODUCT = sorted(
     if not path.name.startswith("test_") and path.name not in ("conftest.py", "testkit.py")
 )
 SCRIPTS = {"train", "sample", "walkthrough"}
-CORE = ("scheduler", "sampler", "unet", "vae", "clip", "tokenizer", "dpo", "tailorpo", "lora", "data")
+CORE = (
+    "scheduler",
+    "sampler",
+    "unet",
+    "vae",
+    "clip",
+    "tokenizer",
+    "dpo",
+    "tailorpo",
+    "lora",
+    "data",
+)
 
 
 def syntax_tree(path: Path) -> ast.Module:
@@ -62,7 +74,9 @@ def test_no_library_module_imports_a_command_line_script():
 def test_core_modules_know_nothing_of_the_toy_world():
     for name in CORE:
         tree = syntax_tree(ROOT / f"{name}.py")
-        assert not {"toy", "toy_reward"} & imported_modules(tree), f"{name}.py imports the toy world"
+        assert not {"toy", "toy_reward"} & imported_modules(tree), (
+            f"{name}.py imports the toy world"
+        )
         strings = [
             node.value
             for node in ast.walk(tree)

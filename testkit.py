@@ -1,10 +1,12 @@
-"""Test helpers shared by the tests and the benchmarks: tiny presets, the tests' tiny Stable Diffusion
-(ours in memory, diffusers' as a pipeline), tokenizer files in the SD1.5 layout, the LDM renaming, a UNet
-call counter. pytest's fixtures that write these as public files live in conftest.py.
+"""Test helpers shared by the tests and the benchmarks: tiny presets, the tests' tiny Stable
+Diffusion (ours in memory, diffusers' as a pipeline), tokenizer files in the SD1.5 layout, the LDM
+renaming, a UNet call counter. pytest's fixtures that write these as public files live in
+conftest.py.
 
-The LDM names come from `diffusers_to_ldm`, written from the published CompVis <-> diffusers renaming rules
-in the diffusers -> LDM direction, so that it checks the LDM -> diffusers rules in weights.py instead of
-repeating them. diffusers and transformers are test-only references: they are imported inside functions.
+The LDM names come from `diffusers_to_ldm`, written from the published CompVis <-> diffusers
+renaming rules in the diffusers -> LDM direction, so that it checks the LDM -> diffusers rules in
+weights.py instead of repeating them. diffusers and transformers are test-only references: they are
+imported inside functions.
 """
 
 import functools
@@ -22,9 +24,17 @@ from vae import AutoencoderKL, VAEConfig
 from weights import StableDiffusion
 
 # The SD1.5 scheduler/scheduler_config.json values (DDIMScheduler's own defaults differ).
-SD15_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                             beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
-                             clip_sample=False, prediction_type="epsilon", timestep_spacing="leading")
+SD15_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    steps_offset=1,
+    clip_sample=False,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
 
 
 LEGACY_VAE_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -37,7 +47,8 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 
 def hf_clip_kwargs(config) -> dict:
-    """Keyword arguments for transformers' CLIPTextConfig / CLIPVisionConfig: our tower config's values."""
+    """Keyword arguments for transformers' CLIPTextConfig / CLIPVisionConfig: our tower config's
+    values."""
     return {HF_NAMES.get(name, name): value for name, value in asdict(config).items()}
 
 
@@ -48,15 +59,17 @@ def tiny_vae_config() -> VAEConfig:
 
 def tiny_vision_config() -> CLIPVisionConfig:
     """The tests' tiny CLIP vision tower (the text tower's preset is CLIPTextConfig.tiny)."""
-    return CLIPVisionConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, patch_size=6,
-                            image_size=30)
+    return CLIPVisionConfig(
+        hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, patch_size=6, image_size=30
+    )
 
 
 def make_tiny_sd(seed=0, unet_config: UNetConfig | None = None) -> StableDiffusion:
-    """The tests' one tiny Stable Diffusion, built in memory: our tiny presets with random weights from
-    `seed` (UNet, then VAE, then text encoder), the UNet trainable, VAE and text encoder frozen, the SD1.5
-    schedule. `unet_config` replaces the tiny UNet; the text width follows its cross_attention_dim.
-    The same presets as public files on disk (diffusers' initialisation): fixtures tiny_sd_dir / tiny_sd."""
+    """The tests' one tiny Stable Diffusion, built in memory: our tiny presets with random weights
+    from `seed` (UNet, then VAE, then text encoder), the UNet trainable, VAE and text encoder
+    frozen, the SD1.5 schedule. `unet_config` replaces the tiny UNet; the text width follows its
+    cross_attention_dim. The same presets as public files on disk (diffusers' initialisation):
+    fixtures tiny_sd_dir / tiny_sd."""
     unet_config = unet_config or UNetConfig.tiny()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(unet_config)
@@ -67,7 +80,8 @@ def make_tiny_sd(seed=0, unet_config: UNetConfig | None = None) -> StableDiffusi
 
 
 def build_tiny_pipeline(seed=0):
-    """A diffusers StableDiffusionPipeline made of our tiny presets with random weights (fixed seed)."""
+    """A diffusers StableDiffusionPipeline made of our tiny presets with random weights (fixed
+    seed)."""
     from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers import UNet2DConditionModel as DiffusersUNet
@@ -79,14 +93,20 @@ def build_tiny_pipeline(seed=0):
     vae = DiffusersVAE(**tiny_vae_config().to_diffusers())
     text_encoder = HFTextModel(HFTextConfig(**hf_clip_kwargs(CLIPTextConfig.tiny())))
     return StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        unet=unet.eval(),
         tokenizer=hf_clip_tokenizer(),
-        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def hf_clip_tokenizer():
-    """transformers' CLIPTokenizer reading the files save_hf_tokenizer writes for CLIPTokenizer.default()."""
+    """transformers' CLIPTokenizer reading the files save_hf_tokenizer writes for
+    CLIPTokenizer.default()."""
     import tempfile
 
     from transformers import CLIPTokenizer as HFTokenizer
@@ -97,21 +117,31 @@ def hf_clip_tokenizer():
 
 
 def save_hf_tokenizer(tokenizer: CLIPTokenizer, folder) -> None:
-    """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (SD1.5 layout)."""
+    """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (SD1.5
+    layout)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(tokenizer.vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "vocab.json").write_text(
+        json.dumps(tokenizer.vocab, ensure_ascii=False), encoding="utf-8"
+    )
     merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.merges)
     (folder / "merges.txt").write_text(merges, encoding="utf-8")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-    config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length,
-              "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}
+    config = {
+        **special,
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": tokenizer.max_length,
+        "do_lower_case": True,
+        "add_prefix_space": False,
+        "errors": "replace",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def perturb_norms(model, seed=0):
-    """Norm layers start at weight 1 / bias 0; randomise them so parity tests also cover their affine part."""
+    """Norm layers start at weight 1 / bias 0; randomise them so parity tests also cover their
+    affine part."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -137,7 +167,8 @@ def tokenizer_golden() -> list[dict]:
 
 
 def with_text_model_prefix(key):
-    """transformers >= 5 saves a bare CLIPTextModel without the `text_model.` prefix the public files use."""
+    """transformers >= 5 saves a bare CLIPTextModel without the `text_model.` prefix the public
+    files use."""
     return key if key.startswith("text_model.") else "text_model." + key
 
 
@@ -146,9 +177,17 @@ def diffusers_to_ldm(unet, vae, text, unet_layers, vae_levels):
 
     unet_layers = layers_per_block of the UNet; vae_levels = len(vae block_out_channels).
     """
-    n = unet_layers + 1  # LDM numbers every (ResNet[, attention]) pair and every resampler in one list
-    resnet_names = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    n = (
+        unet_layers + 1
+    )  # LDM numbers every (ResNet[, attention]) pair and every resampler in one list
+    resnet_names = {
+        "norm1": "in_layers.0",
+        "conv1": "in_layers.2",
+        "time_emb_proj": "emb_layers.1",
+        "norm2": "out_layers.0",
+        "conv2": "out_layers.3",
+        "conv_shortcut": "skip_connection",
+    }
     ldm = {}
     for key, tensor in unet.items():
         parts = key.split(".")
@@ -161,7 +200,9 @@ def diffusers_to_ldm(unet, vae, text, unet_layers, vae_levels):
                 parts = ["input_blocks", str(index), "0" if kind == "resnets" else "1"] + parts[4:]
         elif parts[0] == "up_blocks":
             level, kind = int(parts[1]), parts[2]
-            if kind == "upsamplers":  # sits after the ResNet, and after the attention if the level has one
+            if (
+                kind == "upsamplers"
+            ):  # sits after the ResNet, and after the attention if the level has one
                 has_attention = any(k.startswith(f"up_blocks.{level}.attentions.") for k in unet)
                 slot = "2" if has_attention else "1"
                 parts = ["output_blocks", str(level * n + unet_layers), slot] + parts[4:]
@@ -174,16 +215,26 @@ def diffusers_to_ldm(unet, vae, text, unet_layers, vae_levels):
         elif parts[0] == "time_embedding":
             parts = ["time_embed", {"linear_1": "0", "linear_2": "2"}[parts[1]]] + parts[2:]
         else:
-            top = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[parts[0]]
+            top = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[
+                parts[0]
+            ]
             parts = top.split(".") + parts[1:]
         if "resnets" in key:
             parts[-2] = resnet_names.get(parts[-2], parts[-2])
         ldm["model.diffusion_model." + ".".join(parts)] = tensor
 
-    attention_names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    attention_names = {
+        "group_norm": "norm",
+        "to_q": "q",
+        "to_k": "k",
+        "to_v": "v",
+        "to_out.0": "proj_out",
+    }
     for key, tensor in vae.items():
         new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-        new = new.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+        new = new.replace("mid_block.resnets.0", "mid.block_1").replace(
+            "mid_block.resnets.1", "mid.block_2"
+        )
         if ".mid_block.attentions.0." in new:
             prefix, name = new.split(".mid_block.attentions.0.")
             name, param = name.rsplit(".", 1)
@@ -193,9 +244,14 @@ def diffusers_to_ldm(unet, vae, text, unet_layers, vae_levels):
         parts = new.split(".")
         if parts[1] in ("down_blocks", "up_blocks"):
             down = parts[1] == "down_blocks"
-            level = int(parts[2]) if down else vae_levels - 1 - int(parts[2])  # LDM decoder levels count up
-            kind = {"resnets": ["block", parts[4]], "downsamplers": ["downsample"],
-                    "upsamplers": ["upsample"]}
+            level = (
+                int(parts[2]) if down else vae_levels - 1 - int(parts[2])
+            )  # LDM decoder levels count up
+            kind = {
+                "resnets": ["block", parts[4]],
+                "downsamplers": ["downsample"],
+                "upsamplers": ["upsample"],
+            }
             parts = [parts[0], "down" if down else "up", str(level)] + kind[parts[3]] + parts[5:]
         ldm["first_stage_model." + ".".join(parts)] = tensor
 
@@ -203,16 +259,18 @@ def diffusers_to_ldm(unet, vae, text, unet_layers, vae_levels):
         ldm["cond_stage_model.transformer." + with_text_model_prefix(key)] = tensor
     ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     # extras that real single files carry and loaders ignore
-    ldm["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    ldm["betas"] = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     ldm["model_ema.decay"] = torch.tensor(0.9999)
     return ldm
 
 
 class UNetCallCounter:
-    """Counts forward calls and rows (batch size) of UNet modules; `with UNetCallCounter(unet) as counter:`.
+    """Counts forward calls and rows (batch size) of UNet modules; `with UNetCallCounter(unet) as
+    counter:`.
 
     A forward pre-hook on the module, so a reference that is the same UNet with LoRA adapters off is
-    counted too; gradient checkpointing recomputes inner blocks, not the UNet's forward, and is not counted.
+    counted too; gradient checkpointing recomputes inner blocks, not the UNet's forward, and is not
+    counted.
     """
 
     def __init__(self, *modules):
@@ -223,7 +281,9 @@ class UNetCallCounter:
         self.rows += (args[0] if args else kwargs["sample"]).shape[0]
 
     def __enter__(self):
-        self.handles = [m.register_forward_pre_hook(self._count, with_kwargs=True) for m in self.modules]
+        self.handles = [
+            m.register_forward_pre_hook(self._count, with_kwargs=True) for m in self.modules
+        ]
         return self
 
     def __exit__(self, *exc):

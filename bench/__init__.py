@@ -1,4 +1,6 @@
-"""Benchmarks against the reference implementations, measured in the same run: `python -m bench.bench_X`."""
+"""Benchmarks against the reference implementations, measured in the same run.
+
+Run one with `python -m bench.bench_X`."""
 
 from pathlib import Path
 
