@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from data import to_pil
-from evaluate import load_models
+
 from lora import merge_lora
 from sampler import generate, image_size
-from weights import CheckpointError
+from weights import CheckpointError, load_models
 
 
 def save_images(images: torch.Tensor, out: str) -> list[Path]:

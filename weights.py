@@ -11,6 +11,7 @@ Deviations from diffusers' loaders:
  3. A single file's tokenizer is CLIPTokenizer.default(), the bundled OpenAI BPE vocabulary (SD1.5's).
 """
 
+import dataclasses
 import itertools
 import json
 import re
@@ -193,6 +194,33 @@ def load_component(folder: Path, model_class, parse_config, convert=dict, stem="
 def load_unet(folder) -> UNet2DConditionModel:
     """A diffusers unet/ folder."""
     return load_component(Path(folder), UNet2DConditionModel, UNetConfig.from_diffusers)
+
+
+def load_models(model, unet=None, lora_path=None, device="cpu", dtype=torch.float32):
+    """(base_sd, aligned_sd): the model, and the model with --unet and/or --lora applied.
+
+    `model` is what load_stable_diffusion reads, or a StableDiffusion already built (the toy world's,
+    which evaluate.py gets through toy.py). base_sd is None without `unet`: with a LoRA alone the base is
+    the aligned model with its adapters off (lora.lora_disabled). The LoRA adapters stay float32 (lora.py
+    deviation 3); a LoRA that does not fit the model raises CheckpointError.
+    """
+    import lora  # Imported here because lora.py reads its files with this module's read_state_dict.
+
+    if isinstance(model, StableDiffusion):
+        base = model
+    else:
+        base = load_stable_diffusion(model, device=device, dtype=dtype)
+    aligned = dataclasses.replace(base)
+    if unet and Path(unet).is_dir():  # A diffusers unet folder: train.py's out_dir/unet.
+        aligned.unet = load_unet(unet)
+    elif unet:  # A state dict with diffusers names, for the base model's architecture.
+        aligned.unet = build(type(base.unet), base.unet.config, read_state_dict(unet), unet)
+    aligned.unet.to(device, dtype)
+    if lora_path:
+        lora.load_lora(aligned.unet, lora_path)
+    if unet:
+        return base, aligned
+    return None, aligned
 
 
 def load_diffusers_folder(folder: Path) -> StableDiffusion:
