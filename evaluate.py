@@ -8,7 +8,7 @@ x_T, scored by every reward: means +- stderr, the paired difference and the win 
 Choices where the papers are silent:
 1. Ties count 1/2 in the win rate (e.g. a saturated reward), as the Diffusion-DPO paper's human study.
 2. The standard errors treat the prompt x seed pairs as independent draws (no clustering by prompt).
-3. Sampling: DDIM, 50 steps, guidance 7.5, eta 0 (the DPO paper's quick_samples); the toy: toy.SAMPLING.
+3. Sampling: DDIM, 50 steps, guidance 7.5, eta 0 (the DPO paper's quick_samples); the toy: its world's.
 4. x_T of image (i, s) is torch.randn with torch.Generator("cpu").manual_seed(s) for every prompt: what
    diffusers' pipeline gives for (prompt i, seed s), whatever the batching or reuse (at eta > 0: the batch's).
 5. Rewards score the saved PNGs (uint8): a reused image scores as when it was made, as other tools see it.
@@ -47,13 +47,13 @@ PromptSet = namedtuple("PromptSet", "name prompts categories")  # categories: on
 
 
 def read_prompts(spec: str, max_prompts: int = 0) -> PromptSet:
-    """The first max_prompts (0: all) of drawbench, parti, toy, a .txt (a prompt per line) or a .csv/.tsv."""
+    """The first max_prompts (0: all) of drawbench, parti, a .txt (a prompt per line) or a .csv/.tsv."""
     path = PROMPT_SETS.get(spec, Path(spec))
-    if spec == "toy":
-        rows = [["prompt", "category"]] + [[prompt, "held-out combination" if prompt in toy.HELD_OUT_PROMPTS
-                                            else "training prompt"] for prompt in toy.PROMPTS]
-    elif not path.is_file():
-        raise ValueError(f"--prompts {spec!r}: no such file; give {', '.join(PROMPT_SETS)}, 'toy', or a "
+    if spec == toy.MODEL:  # transitional, until train.py builds the toy's PromptSet from toy.world() itself
+        world = toy.world()
+        return PromptSet(toy.MODEL, world.report_prompts, world.report_categories)
+    if not path.is_file():
+        raise ValueError(f"--prompts {spec!r}: no such file; give {', '.join(PROMPT_SETS)} or a "
                          ".txt/.csv/.tsv file")
     elif path.suffix == ".txt":
         rows = [["prompt"]] + [[line] for line in path.read_text(encoding="utf-8").splitlines()]
@@ -67,7 +67,7 @@ def read_prompts(spec: str, max_prompts: int = 0) -> PromptSet:
     if not rows:
         raise ValueError(f"--prompts {path}: no prompts found")
     categories = [row[names.index("category")].strip() if "category" in names else "" for row in rows]
-    name = spec if spec in (*PROMPT_SETS, "toy") else path.stem
+    name = spec if spec in PROMPT_SETS else path.stem
     return PromptSet(name, [row[column].strip() for row in rows], categories)
 
 
@@ -242,12 +242,13 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_models(model: str, unet: str | None, lora_path: str | None, device: str, dtype: torch.dtype):
-    """(base_sd, aligned_sd = model + --unet and/or --lora); base_sd None without --unet (base: LoRA off)."""
-    if model == "toy":
-        base = toy.load_base_model(device=device)
-    else:
+def load_models(model, unet: str | None, lora_path: str | None, device: str, dtype: torch.dtype):
+    """(base_sd, aligned_sd = model + --unet and/or --lora); base_sd None without --unet (base: LoRA off).
+    model: a path or hub id, or an already loaded weights.StableDiffusion (the toy's, toy.world())."""
+    if isinstance(model, str):
         base = load_stable_diffusion(model, device=device, dtype=dtype)
+    else:
+        base = model
     aligned = dataclasses.replace(base)
     if unet and os.path.isdir(unet):  # a diffusers unet folder (train.py's out_dir/unet of a full fine-tune)
         aligned.unet = load_unet(unet)
@@ -272,25 +273,26 @@ def load_rewards(names: list[str], device, reward_paths: dict[str, str]) -> dict
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Compare an aligned model with its base: rewards, win rates.")
-    p.add_argument("--model", default="toy", help="'toy', a diffusers folder, an SD1.5 file or a hub id")
+    p.add_argument("--model", default=toy.MODEL, help="'toy', a diffusers folder, an SD1.5 file or a hub id")
     p.add_argument("--unet", help="aligned UNet: a diffusers unet folder or a .safetensors state dict")
     p.add_argument("--lora", help="aligned LoRA .safetensors (train.py out/lora.safetensors)")
-    p.add_argument("--prompts", default="toy", help="drawbench (200), parti (1632), toy, or a .txt/.csv/.tsv")
+    p.add_argument("--prompts", default="", help="drawbench (200), parti (1632), or a .txt/.csv/.tsv "
+                   "(default: the toy world's report prompts for --model toy, else drawbench)")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--rewards", default="saturation", help=f"comma-separated: {', '.join(rewards.REWARDS)}")
     p.add_argument("--reward-path", action="append", default=[], metavar="KEY=FILE", help="a reward weight "
                    "file, e.g. mlp_path=a.pth or pickscore.path=PickScore_v1 (NAME.KEY: that reward only)")
     p.add_argument("--seeds", default="0-3", help="'0-7' (a range), '1,5,9' (a list) or '4' (a count)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: 10 for the toy, else 50)")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: toy.SAMPLING for the toy, else 7.5)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic given the seed)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the toy world's, else 50)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the toy world's, else 7.5)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: the toy world's, else 0: deterministic)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generation / scoring batch")
-    p.add_argument("--out", default="out/eval", help="folder for images/, report.md, report.json, grid.png")
+    p.add_argument("--out", default="out/evaluate", help="folder for images/, report.md, report.json, grid.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = p.parse_args(argv)
-    toy_model = args.model == "toy"
-    defaults = toy.SAMPLING if toy_model else {"num_steps": 50, "guidance": 7.5}
+    world = toy.world() if args.model == toy.MODEL else None  # the toy world, reached through its door
+    defaults = world.sampling if world else {"num_steps": 50, "guidance": 7.5, "eta": 0.0}
     num_steps = defaults["num_steps"] if args.steps is None else args.steps
     names = [name for name in args.rewards.split(",") if name]
     paths = [item.split("=", 1) for item in args.reward_path]
@@ -303,15 +305,21 @@ def main(argv=None) -> dict:
         if bad:
             p.error(message)
     try:  # every option and file is checked before a model is loaded
-        prompt_set = read_prompts(args.prompts, args.max_prompts)
+        if world and not args.prompts:
+            last = args.max_prompts or None
+            prompt_set = PromptSet(toy.MODEL, world.report_prompts[:last], world.report_categories[:last])
+        else:
+            prompt_set = read_prompts(args.prompts or "drawbench", args.max_prompts)
         seeds = parse_seeds(args.seeds)
-        reward_fns = {**(toy.JUDGES if toy_model else {}), **load_rewards(names, args.device, dict(paths))}
-        base, aligned = load_models(args.model, args.unet, args.lora, args.device, getattr(torch, args.dtype))
+        reward_fns = {**(world.judges if world else {}), **load_rewards(names, args.device, dict(paths))}
+        model = world.load_model(args.device) if world else args.model
+        base, aligned = load_models(model, args.unet, args.lora, args.device, getattr(torch, args.dtype))
         aligned_files = [args.model] + [  # with size and time: a retrained file is another model
             f"{os.path.abspath(f)} ({os.stat(f).st_size} bytes, modified {int(os.stat(f).st_mtime)})"
             for f in (args.unet, args.lora) if f]
         report = compare(
-            aligned, prompt_set.prompts, reward_fns, seeds, args.out, base_sd=base, eta=args.eta,
+            aligned, prompt_set.prompts, reward_fns, seeds, args.out, base_sd=base,
+            eta=defaults["eta"] if args.eta is None else args.eta,
             categories=prompt_set.categories, prompt_set=prompt_set.name, batch_size=args.batch_size,
             num_steps=num_steps, guidance=defaults["guidance"] if args.guidance is None else args.guidance,
             model_ids={"base": args.model, "aligned": " + ".join(aligned_files)})

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from clip import CLIPModel, CLIPTextConfig, CLIPVisionConfig, convert_hf_clip_keys
+import toy
 from tokenizer import CLIPTokenizer
 from weights import CheckpointError, load_strict, read_json, read_state_dict
 
@@ -238,9 +239,20 @@ def load_clipscore(clip_path="weights/clip-vit-large-patch14") -> CLIPReward:
     return CLIPReward("clipscore", clip, CLIPTokenizer.default())
 
 
-def load_toy_reward(cache_dir=".cache/toy") -> Reward:
-    import toy_reward  # toy_reward.py builds on this module: imported here, not at the top
-    return toy_reward.load_reward_model(cache_dir)
+class ModelReward(Reward):
+    """A reward model defined elsewhere, model(images, prompts) -> [B], behind Reward's checks (the toy's)."""
+
+    def __init__(self, name: str, model: nn.Module):
+        super().__init__()
+        self.name, self.model = name, model
+
+    def score(self, images, prompts):
+        return self.model(images, prompts)
+
+
+def load_toy_reward() -> Reward:
+    """The toy world's learned reward model (toy.py), trained and cached on first use."""
+    return ModelReward("toy", toy.world().reward())
 
 
 REWARDS = {  # name -> loader(**paths)

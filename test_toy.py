@@ -52,12 +52,12 @@ TINY = toy.ToyConfig(pretrain_steps=4, batch_size=8)  # seconds instead of minut
 @pytest.fixture(scope="module")
 def tiny_toy(tmp_path_factory, request):
     """The toy world at test size in a temporary cache: load_base_model at TINY (4 pretraining steps),
-    make_pairs with 3 samples per prompt and 2-step sampling, a 20-step reward model; patched into toy and
-    toy_reward so that train.py, evaluate.py and rewards.get_reward("toy") (which call them with defaults)
-    use these."""
+    make_pairs with 3 samples per prompt and 2-step sampling, a 20-step reward model; patched into toy, so
+    that the door (toy.world()) and through it train.py, evaluate.py and rewards.get_reward("toy") use
+    these."""
     cache = tmp_path_factory.mktemp("toy_cache")
     load_base_model, make_pairs = toy.load_base_model, toy.make_pairs
-    load_reward_model = toy_reward.load_reward_model
+    load_reward_model = toy.load_reward_model
 
     def load_tiny(cache_dir=None, device="cpu", config=None, progress=False):
         return load_base_model(str(cache), device, config or TINY, progress)
@@ -73,7 +73,7 @@ def tiny_toy(tmp_path_factory, request):
     patch = pytest.MonkeyPatch()
     patch.setattr(toy, "load_base_model", load_tiny)
     patch.setattr(toy, "make_pairs", make_tiny_pairs)
-    patch.setattr(toy_reward, "load_reward_model", load_tiny_reward)
+    patch.setattr(toy, "load_reward_model", load_tiny_reward)
     request.addfinalizer(patch.undo)
     return cache
 
@@ -226,7 +226,8 @@ def test_reward_model_learns_the_preferences(tmp_path):
     write(tmp_path, [toy.TRAIN_PROMPTS[i % 48] for i in range(384)], 0)
     write(tmp_path / "heldout", [toy.HELD_OUT_PROMPTS[i % 12] for i in range(96)], 1000)
     config = toy_reward.RewardModelConfig(steps=150, validation=64)
-    model, metrics = toy_reward.train_reward_model(str(tmp_path), config, progress=False)
+    model, metrics = toy_reward.train_reward_model(str(tmp_path), toy.reward_features, 8, config,
+                                                   progress=False)
     assert metrics["held_out_prompts_accuracy"] > 0.75 and metrics["validation_accuracy"] > 0.75
     prompts = list(toy.HELD_OUT_PROMPTS)
     images = drawings(prompts, 5).requires_grad_(True)
@@ -235,3 +236,57 @@ def test_reward_model_learns_the_preferences(tmp_path):
     assert (scores > wrong).float().mean() > 0.75
     scores.sum().backward()
     assert images.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The door: all that the rest of the house knows of the toy world
+
+
+def test_the_door_builds_nothing_until_asked(monkeypatch):
+    """toy.world() and its settings load no model and sample no pairs; the report prompts are every prompt,
+    categorised as training prompt or held-out combination; the judges and sampling are the toy's."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the door built something before it was asked")
+
+    for name in ("load_base_model", "make_pairs", "load_reward_model"):
+        monkeypatch.setattr(toy, name, refuse)
+    world = toy.world()
+    assert toy.MODEL == "toy" and world.defaults["dpo"] is toy.TRAIN_DEFAULTS["dpo"]
+    assert world.prompts == list(toy.TRAIN_PROMPTS) and world.report_prompts == list(toy.PROMPTS)
+    held_out = [p for p, c in zip(world.report_prompts, world.report_categories)
+                if c == "held-out combination"]
+    assert held_out == list(toy.HELD_OUT_PROMPTS) and len(world.report_categories) == 60
+    assert set(world.judges) == {"utility", "fidelity"}
+    assert set(world.sampling) == {"num_steps", "guidance", "eta"}
+
+
+def test_the_door_reaches_the_cached_models(tiny_toy):
+    """load_model, pairs_folder and reward go to the (here: test-size) caches; rewards.get_reward("toy") is
+    the door's reward model behind rewards.Reward's checks (the same scores)."""
+    import rewards
+
+    world = toy.world()
+    sd = world.load_model()
+    assert sd.unet.config.sample_size == 16
+    assert world.pairs_folder().startswith(str(tiny_toy))
+    images, prompts = torch.rand(2, 3, 16, 16), list(toy.PROMPTS[:2])
+    reward = rewards.get_reward("toy")
+    assert isinstance(reward, rewards.Reward)
+    assert torch.equal(reward(images, prompts), world.reward()(images, prompts))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        reward(images * 2, prompts)
+
+
+def test_the_toy_modules_import_without_a_circle():
+    """toy_reward.py imports neither toy.py nor rewards.py nor checkpoint.py, and toy.py not rewards.py:
+    rewards -> toy -> toy_reward is one way."""
+    import ast
+    from pathlib import Path
+
+    def imports(name):
+        tree = ast.parse(Path(__file__).with_name(f"{name}.py").read_text())
+        return ({a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+                | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)})
+
+    assert not {"toy", "rewards", "checkpoint"} & imports("toy_reward")
+    assert not {"rewards", "checkpoint"} & imports("toy")

@@ -14,6 +14,7 @@ A 16x16 picture shows a shape (circle, square, triangle) of one colour on a back
    Bradley-Terry preferences P(A > B) = sigmoid((u_A - u_B) / tau), near-equal pairs ties. The 12
    HELD_OUT_PROMPTS appear in no pair: new combinations of the words and word pairs of the other 48.
 4. The toy reward model (toy_reward.py, rewards.get_reward("toy")): learned from the pairs, not u.
+5. The door (MODEL, world(), World): all that train.py, evaluate.py and rewards.py know of the toy.
 
 Deviations from Stable Diffusion (numbered):
 1. No VAE: pixel-space diffusion through IdentityVAE; pretraining even vae.py's tiny VAE takes longer than the
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import toy_reward
 from clip import CLIPTextConfig, CLIPTextModel
 from data import write_pairs_jsonl
 from sampler import generate
@@ -177,6 +179,22 @@ def utility(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return terms["shape"] + terms["colour"] + terms["background"] + 0.5 * (terms["vivid"] + terms["clean"])
 
 
+def reward_features(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """What the toy reward model sees of images [B, 3, H, W] in [0, 1]: [B, 5 + 3, H, W] feature maps P_fg,
+    P_bg, vividness (colour_membership), roughness, radius from the centre, the asked shape one-hot."""
+    p_fg, p_bg, vividness = colour_membership(images, prompts)  # [B, HW] each
+    blurred = F.avg_pool2d(images, 3, 1, 1, count_include_pad=False)
+    roughness = (images - blurred).pow(2).sum(dim=1).flatten(1)
+    height, width = images.shape[2:]
+    grid = (torch.arange(height, device=images.device) + 0.5) / height - 0.5
+    radius = (grid[:, None] ** 2 + grid[None, :] ** 2).sqrt().flatten().expand(len(prompts), -1)
+    asked = [SHAPES.index(parse_prompt(p)[1]) for p in prompts]
+    shapes = F.one_hot(torch.tensor(asked, device=images.device), len(SHAPES))
+    maps = torch.cat([torch.stack([p_fg, p_bg, vividness, roughness * 10, radius * 2], dim=1),
+                      shapes[:, :, None].to(p_fg).expand(-1, -1, height * width)], dim=1)
+    return maps.view(len(prompts), -1, height, width)
+
+
 JUDGES = {"utility": utility, "fidelity": fidelity}  # the hidden judge in every report; never trained on
 HELD_OUT_PROMPTS = tuple(p for i, p in enumerate(PROMPTS) if i % 5 == i // 20)  # module docstring, item 3
 TRAIN_PROMPTS = tuple(p for p in PROMPTS if p not in HELD_OUT_PROMPTS)
@@ -199,10 +217,7 @@ def publish(temporary: str, folder: str, fields: dict):
         os.replace(temporary, folder)
 
 
-SAMPLING = {"num_steps": 10, "guidance": 1.0}  # DDIM eta 0, no CFG, for pairs, rollouts and evaluation alike
-#   (on-policy data). CFG 3 raises the base's fidelity (0.48 vs 0.35), but then DPO won 0.43-0.75 (14 tries)
-
-
+SAMPLING = {"num_steps": 10, "guidance": 1.0, "eta": 0.0}  # DDIM, no CFG: pairs, rollouts, reports alike
 # train.py's settings for --model=toy, per method (flags override them); tuned on held-out seeds and prompts.
 _COMMON = {
     "resolution": 16, "lora_rank": 4, "lora_alpha": 4.0, "learning_rate": 3e-3,
@@ -304,8 +319,7 @@ TOY_WORLD_VERSION = 2  # bump when the world (draw, PROMPTS) or what is cached f
 class ToyConfig:
     image_size: int = 16  # pixels; also the "latent" size (identity VAE)
     block_out_channels: tuple = (16, 32)  # UNet widths per level (16x16 -> 8x8)
-    cross_attention: tuple = (False, True)  # attention at 8x8 only: at 16x16 (256 tokens) it took 2/3 of the
-    #   time of a training step (measured), and the prompt reaches 16x16 through the up path
+    cross_attention: tuple = (False, True)  # 8x8 only: at 16x16 (256 tokens) it dominated a step's time
     layers_per_block: int = 1
     num_heads: int = 2
     pretrain_steps: int = 1600  # AdamW steps of L_simple (~4.5 CPU-minutes on one core, 0.17 s per step)
@@ -390,3 +404,47 @@ def load_base_model(cache_dir: str = ".cache/toy", device="cpu", config: ToyConf
         module.eval().requires_grad_(False).to(device)
     return StableDiffusion(unet=unet, vae=IdentityVAE().to(device), text_encoder=text_encoder,
                            tokenizer=tokenizer, schedule=schedule)
+
+
+def load_reward_model(cache_dir: str = ".cache/toy", device="cpu", config=None, pairs_folder=None,
+                      progress: bool = True) -> toy_reward.ToyRewardModel:
+    """The learned toy reward model (toy_reward.py), trained on make_pairs(cache_dir) on first use and
+    cached beside the pairs as reward-<hash of the pairs folder's name and the config>.safetensors."""
+    config = config or toy_reward.RewardModelConfig()
+    pairs_folder = pairs_folder or make_pairs(cache_dir, progress=progress)
+    key = hash_key({"pairs": os.path.basename(os.path.normpath(pairs_folder)), **asdict(config)})
+    return toy_reward.load_reward_model(os.path.join(pairs_folder, f"reward-{key}.safetensors"),
+                                        pairs_folder, reward_features, 5 + len(SHAPES), device, config,
+                                        utility, progress)
+
+
+# The door: all that the rest of the house knows of the toy world --------------------------------------------
+
+MODEL = "toy"  # the --model value that selects the toy world
+CATEGORIES = ("training prompt", "held-out combination")  # of the report prompts
+
+
+class World:
+    """The toy world as the house sees it (CONTRACTS.md, item 4); models and data are made on first use."""
+
+    def __init__(self):
+        self.defaults = TRAIN_DEFAULTS  # train.py's flag defaults per method
+        self.prompts = list(TRAIN_PROMPTS)  # the online methods' training prompts
+        self.report_prompts = list(PROMPTS)  # base vs aligned: training prompts and held-out combinations
+        self.report_categories = [CATEGORIES[p in HELD_OUT_PROMPTS] for p in PROMPTS]
+        self.judges = JUDGES  # the hidden judge, reported beside the rewards; never trained on
+        self.sampling = SAMPLING  # for pairs, rollouts, reports and evaluate.py alike
+
+    def load_model(self, device="cpu") -> StableDiffusion:
+        return load_base_model(device=device)
+
+    def pairs_folder(self) -> str:
+        return make_pairs()
+
+    def reward(self, device="cpu") -> toy_reward.ToyRewardModel:
+        """r(images [B, 3, H, W] in [0, 1], prompts) -> [B]; rewards.get_reward wraps it (input checks)."""
+        return load_reward_model(device=device)
+
+
+def world() -> World:  # cheap: builds nothing until asked
+    return World()

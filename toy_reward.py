@@ -7,54 +7,41 @@ Bradley-Terry loss of the RLHF reward-model step,
 
 and used by the online methods and Diffusion-DPO with AI feedback; it never sees toy.judge()'s internals.
 Held-out pairwise accuracy of the cached default: 0.95 (training prompts), 0.89 (held-out prompts; u 0.91).
+
+Imports run one way, toy -> toy_reward -> data, dpo, weights: the door (toy.World.reward) hands this file the
+world's prompt-aware feature maps (toy.reward_features), the pairs folder and the cache path, and
+rewards.get_reward("toy") reaches the model through the door.
 """
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import toy
-from checkpoint import write_atomically
-from data import PreferencePairs
+from data import PreferencePairs, unit_pixels
 from dpo import dpo_loss
-from rewards import Reward
 from weights import load_strict
 
 
-class ToyRewardModel(Reward):
+class ToyRewardModel(nn.Module):
     """A small CNN on fixed, prompt-aware feature maps (as the LAION aesthetic predictor is an MLP on CLIP
-    embeddings): two 3x3 convolutions with GELU, mean and max pooling, a linear head; images in [0, 1]."""
+    embeddings): two 3x3 convolutions with GELU, mean and max pooling, a linear head; images in [0, 1].
+    features(images, prompts) -> [B, channels, H, W] is the world's (toy.reward_features); no weights."""
 
-    name = "toy"
-
-    def __init__(self, width: int = 16):
+    def __init__(self, features, channels: int, width: int = 16):
         super().__init__()
-        channels = 5 + len(toy.SHAPES)
+        self.features = features
         self.convs = nn.ModuleList([nn.Conv2d(channels, width, 3, padding=1),
                                     nn.Conv2d(width, width, 3, padding=1)])
         self.head = nn.Linear(2 * width, 1)
 
-    def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """[B, 8, H, W]: P_fg, P_bg, vividness (toy.colour_membership), roughness, radius, shape one-hot."""
-        p_fg, p_bg, vividness = toy.colour_membership(images, prompts)  # [B, HW] each
-        blurred = F.avg_pool2d(images, 3, 1, 1, count_include_pad=False)
-        roughness = (images - blurred).pow(2).sum(dim=1).flatten(1)
-        height, width = images.shape[2:]
-        grid = (torch.arange(height, device=images.device) + 0.5) / height - 0.5
-        radius = (grid[:, None] ** 2 + grid[None, :] ** 2).sqrt().flatten().expand(len(prompts), -1)
-        asked = [toy.SHAPES.index(toy.parse_prompt(p)[1]) for p in prompts]
-        shapes = F.one_hot(torch.tensor(asked, device=images.device), len(toy.SHAPES))
-        maps = torch.cat([torch.stack([p_fg, p_bg, vividness, roughness * 10, radius * 2], dim=1),
-                          shapes[:, :, None].to(p_fg).expand(-1, -1, height * width)], dim=1)
-        return maps.view(len(prompts), -1, height, width)
-
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """r(images [B, 3, H, W] in [0, 1], prompts) -> [B]."""
         h = self.features(images, prompts)
         for conv in self.convs:
             h = F.gelu(conv(h))
@@ -76,7 +63,7 @@ def _pair_tensors(folder: str):
     """(winners, losers [N, 3, H, W] in [0, 1], captions) of a pairs.jsonl folder via data.py (no ties)."""
     pairs = PreferencePairs(folder, resolution=16, hflip=False, prompt_dropout=0.0)
     (batch,) = pairs.batches(len(pairs))
-    return (batch["pixels_w"] + 1) / 2, (batch["pixels_l"] + 1) / 2, batch["captions"]
+    return unit_pixels(batch["pixels_w"]), unit_pixels(batch["pixels_l"]), batch["captions"]
 
 
 def pairwise_accuracy(reward_fn, winners, losers, captions) -> float:
@@ -92,17 +79,22 @@ def _augment(images, flip, blur):
     return torch.where(flip, images.flip(-1), images)
 
 
-def train_reward_model(pairs_folder: str, config: RewardModelConfig | None = None, progress: bool = True):
-    """Fit ToyRewardModel to the pairs with the Bradley-Terry loss; returns (model, pairwise accuracies). Both
-    images of a pair get a horizontal flip (p 1/2) and (p 1/2) a blend with a 3x3 box blur of random strength,
-    so that the blurry x0_pred of early steps (which TailorPO scores) rank like finished images."""
+def train_reward_model(pairs_folder: str, features, channels: int, config: RewardModelConfig | None = None,
+                       judge=None, progress: bool = True):
+    """Fit ToyRewardModel(features, channels) to the pairs with the Bradley-Terry loss; returns (model,
+    pairwise accuracies; with `judge`, also the judge's on the held-out prompts). Both images of a pair get a
+    horizontal flip (p 1/2) and (p 1/2) a blend with a 3x3 box blur of random strength, so that the blurry
+    x0_pred of early steps (which TailorPO scores) rank like finished images."""
     config = config or RewardModelConfig()
     winners, losers, captions = _pair_tensors(pairs_folder)
-    pick = lambda rows: (winners[rows], losers[rows], [captions[i] for i in rows])  # the pairs at rows
+
+    def pick(rows):  # the pairs at rows
+        return winners[rows], losers[rows], [captions[i] for i in rows]
+
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
     validation, train = order[:config.validation], order[config.validation:]
     torch.manual_seed(config.seed)
-    model = ToyRewardModel(config.width)
+    model = ToyRewardModel(features, channels, config.width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     for step in tqdm(range(config.steps), desc="toy reward model", disable=not progress):
@@ -125,23 +117,30 @@ def train_reward_model(pairs_folder: str, config: RewardModelConfig | None = Non
         "train_accuracy": pairwise_accuracy(model, *pick(train)),
         "validation_accuracy": pairwise_accuracy(model, *pick(validation)),
         "held_out_prompts_accuracy": pairwise_accuracy(model, *held_out),
-        "utility_held_out_prompts_accuracy": pairwise_accuracy(toy.utility, *held_out),
     }
+    if judge is not None:
+        metrics["utility_held_out_prompts_accuracy"] = pairwise_accuracy(judge, *held_out)
     return model, metrics
 
 
-def load_reward_model(cache_dir: str = ".cache/toy", device="cpu", config: RewardModelConfig | None = None,
-                      pairs_folder: str | None = None, progress: bool = True) -> ToyRewardModel:
-    """The learned toy reward model (rewards.get_reward("toy")), frozen; trained on toy.make_pairs(cache_dir)
-    on the first call, cached beside the pairs as reward-<hash of the pairs folder, config>.safetensors."""
+def save_atomically(tensors: dict, metadata: dict, path: str):
+    """A safetensors file written whole or not at all: a per-process temporary renamed onto `path`, so that
+    several processes filling the cache at once never leave (or read) a truncated file."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, temporary, metadata)
+    os.replace(temporary, path)
+
+
+def load_reward_model(path: str, pairs_folder: str, features, channels: int, device="cpu",
+                      config: RewardModelConfig | None = None, judge=None,
+                      progress: bool = True) -> ToyRewardModel:
+    """The learned reward model, frozen: read from `path`, or trained on the pairs (train_reward_model) and
+    saved there on the first call (toy.load_reward_model names the path after the pairs and the config)."""
     config = config or RewardModelConfig()
-    pairs_folder = pairs_folder or toy.make_pairs(cache_dir, progress=progress)
-    key = toy.hash_key({"pairs": os.path.basename(os.path.normpath(pairs_folder)), **asdict(config)})
-    path = os.path.join(pairs_folder, f"reward-{key}.safetensors")
     if not os.path.isfile(path):
-        model, metrics = train_reward_model(pairs_folder, config, progress)
+        model, metrics = train_reward_model(pairs_folder, features, channels, config, judge, progress)
         accuracies = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         print(f"trained the toy reward model; pairwise accuracy: {accuracies}")
-        write_atomically(model.state_dict(), {k: str(v) for k, v in metrics.items()}, path)
-    model = load_strict(ToyRewardModel(config.width), load_file(path), path)
+        save_atomically(model.state_dict(), {k: str(v) for k, v in metrics.items()}, path)
+    model = load_strict(ToyRewardModel(features, channels, config.width), load_file(path), path)
     return model.eval().requires_grad_(False).to(device)
