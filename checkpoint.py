@@ -1,34 +1,48 @@
-"""Checkpoints for train.py: one safetensors file (no pickles), written atomically, with what a bit-exact
-resume needs: the trainable weights, the AdamW state, the fp16 loss scale and the step. No RNG state: every
-random draw is a pure function of (seed, stream position), and the data position is step * grad_accum.
-Exports: LoRA -> lora.safetensors (PEFT names, diffusers' load_lora_weights reads it); full fine-tune -> a
-diffusers UNet folder (config.json + safetensors).
+"""Checkpoints for train.py: one safetensors file (no pickles), written atomically, with what a
+bit-exact resume needs: the trainable weights, the AdamW state, the fp16 loss scale and the step,
+and in the metadata the run's whole configuration, "samples_consumed" (the global stream position:
+every sample of every process and micro-batch so far) and "data_identity" (what defines the data
+order, data.py). No RNG state: every random draw is a pure function of (seed, stream position), so
+a resume continues from samples_consumed on any number of processes, batch size or accumulation. A
+resume refuses, in one line naming the option, a checkpoint written with another value of an option
+that changes the shapes or the data stream (SAME_ON_RESUME).
+
+Exports: LoRA -> lora.safetensors (PEFT names, diffusers' load_lora_weights reads it); a full
+fine-tune -> a diffusers UNet folder (config.json + safetensors).
 """
 
 import dataclasses
 import glob
 import json
 import os
+import sys
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import lora
 
+# The options a resume must share with the run that wrote the checkpoint: they change the trainable
+# tensors' shapes or the data stream.
+SAME_ON_RESUME = ("method", "model", "lora_rank", "data", "data_columns", "seed")
+
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint does not fit the model being resumed; the message names the first bad key."""
+    """The checkpoint does not fit the run being resumed; the message names the option or key."""
 
 
 def write_atomically(tensors: dict, metadata: dict, path: str):
-    """Write a temporary file, fsync it, rename it to path: a crash leaves the old file or the new one."""
-    temporary = f"{path}.tmp{os.getpid()}"  # per process: toy_reward.py's cache may be written by several
+    """Write a temporary file, fsync it, rename it to path: a crash leaves the old file or the new.
+    A full disk or a denied write is an OSError naming the path, whatever layer noticed it."""
+    temporary = f"{path}.tmp{os.getpid()}"  # per process: several may write toy_reward.py's cache
     try:
         save_file(tensors, temporary, metadata=metadata)
         with open(temporary, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)  # atomic on POSIX and Windows
+    except SafetensorError as error:  # how safetensors reports a full disk or a denied write
+        raise OSError(f"{path}: {error}") from error
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
@@ -38,45 +52,83 @@ def trainable(unet) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
-def save(cfg, unet, optimizer, scaler, step: int):
-    """Write out_dir/ckpt_<step>.safetensors (keeping the last keep_checkpoints), then the export."""
+def save(cfg, unet, optimizer, scaler, step: int, samples_consumed: int, data_identity: dict):
+    """Write out_dir/ckpt_<step>.safetensors (keeping the newest keep_checkpoints), then export."""
     tensors = {f"model.{name}": p.detach() for name, p in trainable(unet).items()}
     optimizer_state = optimizer.state_dict()
-    for index, state in optimizer_state["state"].items():  # AdamW: step, exp_avg, exp_avg_sq per param
+    for index, state in optimizer_state["state"].items():  # AdamW: step, exp_avg, exp_avg_sq
         tensors.update({f"optim.{index}.{key}": value for key, value in state.items()})
-    metadata = {"step": str(step), "param_groups": json.dumps(optimizer_state["param_groups"]),
-                "scaler": json.dumps(scaler.state_dict()), "config": json.dumps(dataclasses.asdict(cfg))}
+    metadata = {
+        "step": str(step),
+        "samples_consumed": str(samples_consumed),
+        "data_identity": json.dumps(data_identity),
+        "config": json.dumps(dataclasses.asdict(cfg)),
+        "param_groups": json.dumps(optimizer_state["param_groups"]),
+        "scaler": json.dumps(scaler.state_dict()),
+    }
     write_atomically(tensors, metadata, os.path.join(cfg.out_dir, f"ckpt_{step:08d}.safetensors"))
-    for old in sorted(glob.glob(os.path.join(cfg.out_dir, "ckpt_*.safetensors")))[:-cfg.keep_checkpoints]:
+    checkpoints = sorted(glob.glob(os.path.join(cfg.out_dir, "ckpt_*.safetensors")))
+    for old in checkpoints[:-cfg.keep_checkpoints]:
         os.remove(old)
     if cfg.lora_rank > 0:
-        return write_atomically(lora.lora_state_dict(unet), {"format": "pt"},
-                                os.path.join(cfg.out_dir, "lora.safetensors"))
-    os.makedirs(os.path.join(cfg.out_dir, "unet"), exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "unet", "config.json"), "w") as f:
-        json.dump({"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()}, f, indent=1)
+        write_atomically(lora.lora_state_dict(unet), {"format": "pt"},
+                         os.path.join(cfg.out_dir, "lora.safetensors"))
+        return
+    folder = os.path.join(cfg.out_dir, "unet")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        unet_config = {"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()}
+        json.dump(unet_config, f, indent=1)
     write_atomically({k: v.contiguous() for k, v in unet.state_dict().items()}, {"format": "pt"},
-                     os.path.join(cfg.out_dir, "unet", "diffusion_pytorch_model.safetensors"))
+                     os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
 
 def latest(out_dir: str) -> str | None:
-    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.safetensors")))  # zero-padded step numbers
+    """The newest checkpoint in out_dir (step numbers are zero-padded, so names sort by step)."""
+    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.safetensors")))
     return paths[-1] if paths else None
 
 
-def resume(out_dir: str, unet, optimizer, scaler) -> int:
-    """Restore the latest checkpoint in out_dir in place; returns its step (0: none, a fresh start)."""
-    path = latest(out_dir)
-    if path is None:
-        return 0
-    tensors, params = load_file(path), trainable(unet)
+def read_metadata(path: str) -> dict[str, str]:
     with safe_open(path, "pt") as f:
-        metadata = f.metadata()
+        return f.metadata()
+
+
+def find_resume(cfg) -> dict | None:
+    """The metadata (and "path") of the checkpoint --resume continues from, after checking that this
+    run's options fit it; None, said on stderr, when there is none: a fresh start. It reads no
+    tensor, so it runs before any model is built."""
+    if not os.path.isdir(cfg.out_dir):
+        print(f"--resume: no folder {cfg.out_dir}; starting from scratch", file=sys.stderr)
+        return None
+    path = latest(cfg.out_dir)
+    if path is None:
+        print(f"--resume: no checkpoint in {cfg.out_dir}; starting from scratch", file=sys.stderr)
+        return None
+    metadata = read_metadata(path)
+    saved = json.loads(metadata["config"])
+    for key in SAME_ON_RESUME:
+        value = getattr(cfg, key)
+        if saved.get(key, value) != value:
+            raise CheckpointMismatch(f"--resume: {path} was written with --{key}={saved[key]}, "
+                                     f"not --{key}={value}; pass --{key}={saved[key]} or another "
+                                     "--out_dir")
+    if "samples_consumed" not in metadata:
+        raise CheckpointMismatch(f"--resume: {path} predates samples_consumed; use a new --out_dir")
+    return {**metadata, "path": path}
+
+
+def restore(path: str, unet, optimizer, scaler):
+    """Load the checkpoint's trainable weights, AdamW state and loss scale in place."""
+    tensors = load_file(path)
+    params = trainable(unet)
+    metadata = read_metadata(path)
     saved = {key[len("model."):] for key in tensors if key.startswith("model.")}
     bad = sorted(params.keys() - saved) + sorted(saved - params.keys())
     if bad:
-        raise CheckpointMismatch(f"{path}: trainable tensor {bad[0]!r} is in only one of checkpoint and "
-                                 "model; resume with the --method, --model, --lora_rank that wrote it")
+        raise CheckpointMismatch(f"{path}: trainable tensor {bad[0]!r} is in only one of checkpoint"
+                                 " and model; resume with the --method, --model, --lora_rank that "
+                                 "wrote it")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"model.{name}"])
@@ -85,17 +137,18 @@ def resume(out_dir: str, unet, optimizer, scaler) -> int:
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    param_groups = json.loads(metadata["param_groups"])
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     scaler.load_state_dict(json.loads(metadata["scaler"]))
-    return int(metadata["step"])
 
 
 def open_log(out_dir: str, start: int):
-    """out_dir/metrics.jsonl, one JSON object per step; a run resumed at `start` drops the rows after it."""
-    path, kept = os.path.join(out_dir, "metrics.jsonl"), []
+    """out_dir/metrics.jsonl, one JSON object per step; a resume at `start` drops later rows."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    kept = []
     if start and os.path.exists(path):
         with open(path) as f:
             kept = [line for line in f if json.loads(line)["step"] <= start]
-    log = open(path, "w")
+    log = open(path, "w")  # noqa: SIM115 (train.py closes it after the loop)
     log.writelines(kept)
     return log

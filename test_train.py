@@ -178,6 +178,61 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(calibrated_sd_
     assert_same_weights({f"model.{k}": v for k, v in checkpoint.trainable(exported).items()}, resumed, 1e-6)
 
 
+def trained_positions(monkeypatch) -> list[list[int]]:
+    """The stream positions of every training micro-batch dpo_train_step sees from now on."""
+    original, seen = dpo.dpo_train_step, []
+
+    def recording(sd, reference_unet, batch, *args):
+        seen.append(list(batch["positions"]))
+        return original(sd, reference_unet, batch, *args)
+    monkeypatch.setattr(dpo, "dpo_train_step", recording)
+    return seen
+
+
+def test_resume_with_a_smaller_batch_continues_after_the_samples_consumed(calibrated_sd_dir, pairs_dir,
+                                                                         tmp_path, monkeypatch):
+    run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=2", "--batch_size=4")  # positions 0-7
+    seen = trained_positions(monkeypatch)
+    run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=4", "--batch_size=2", "--resume")
+    assert seen == [[8, 9], [10, 11]]
+
+
+def test_checkpoint_records_the_samples_consumed_and_the_configuration(calibrated_sd_dir, pairs_dir,
+                                                                       tmp_path):
+    run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=3", "--batch_size=2", "--grad_accum=2")
+    metadata = checkpoint.read_metadata(checkpoint.latest(tmp_path))
+    assert int(metadata["samples_consumed"]) == 3 * 2 * 2  # steps x batch x accumulation (one process)
+    assert json.loads(metadata["config"])["batch_size"] == 2
+    assert json.loads(metadata["data_identity"])
+
+
+@pytest.mark.parametrize("option, saved", [("--method=sft", "dpo"), ("--lora_rank=4", "2"),
+                                           ("--seed=1", "0")])
+def test_resume_refuses_a_checkpoint_of_another_run_in_one_line(calibrated_sd_dir, pairs_dir, tmp_path,
+                                                                monkeypatch, option, saved):
+    run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=1", "--lora_rank=2")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the refusal")
+    monkeypatch.setattr(weights, "load_stable_diffusion", no_model)
+    with pytest.raises(checkpoint.CheckpointMismatch) as refusal:
+        run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=2", "--lora_rank=2", option, "--resume")
+    name = option.split("=")[0]
+    assert f"{name}={saved}" in str(refusal.value) and len(str(refusal.value).splitlines()) == 1
+
+
+def test_resume_says_where_it_continues_from_or_that_it_starts_fresh(calibrated_sd_dir, pairs_dir, tmp_path,
+                                                                      capsys):
+    run(calibrated_sd_dir, pairs_dir, tmp_path / "missing", "--max_steps=1", "--resume")
+    assert f"no folder {tmp_path / 'missing'}" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    run(calibrated_sd_dir, pairs_dir, tmp_path / "empty", "--max_steps=1", "--resume")
+    assert f"no checkpoint in {tmp_path / 'empty'}" in capsys.readouterr().err
+    run(calibrated_sd_dir, pairs_dir, tmp_path / "empty", "--max_steps=2", "--resume")
+    expected = f"resuming from {tmp_path / 'empty' / 'ckpt_00000001.safetensors'} (step 1)"
+    assert expected in capsys.readouterr().err
+
+
 def test_crash_while_writing_a_checkpoint_leaves_no_partial_file(calibrated_sd_dir, pairs_dir, tmp_path,
                                                                  monkeypatch):
     original, calls = checkpoint.save_file, []
