@@ -7,6 +7,9 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,28 +128,108 @@ def stream_source(request, pairs_folder, synthetic_shards):
     return pairs_folder if request.param == "jsonl" else synthetic_shards
 
 
-def test_order_is_resumable_and_ddp_shards_one_big_batch(stream_source):
-    """The data half of train.py's resume and DDP tests, for both sources: a resumed stream (fresh process
-    state, worker processes) continues exactly; 2 ranks x batch 2 = 1 process x batch 4, with positions."""
+def first_batches(pairs, count, *args, **kwargs):
+    """The first `count` batches of data.PairBatches(pairs, *args, **kwargs)."""
+    return [batch for _, batch in zip(range(count), data.PairBatches(pairs, *args, **kwargs))]
+
+
+def assert_same_batches(batches, expected):
+    for batch, wanted in zip(batches, expected, strict=True):
+        assert batch["positions"] == wanted["positions"] and batch["prompts"] == wanted["prompts"]
+        assert torch.equal(batch["rows"], wanted["rows"])
+        assert torch.equal(batch["pixels_w"], wanted["pixels_w"])
+        assert torch.equal(batch["pixels_l"], wanted["pixels_l"])
+
+
+def test_a_resumed_stream_continues_exactly(stream_source):
+    """The data half of train.py's resume test, for both sources: from start_sample on, a fresh process
+    state with worker processes serves the batches of the uninterrupted run."""
     pairs = data.PreferencePairs(stream_source, resolution=8, seed=3, window=2)
-    run = [batch for _, batch in zip(range(5), data.PairBatches(pairs, batch_size=2))]
+    run = first_batches(pairs, 5, batch_size=2)
     assert [p for batch in run for p in batch["positions"]] == list(range(10))
-    resumed = data.PairBatches(data.PreferencePairs(stream_source, resolution=8, seed=3, window=2), 2,
-                               start_step=3, num_workers=2)  # a fresh process state and worker processes
-    for expected, batch in zip(run[3:], resumed):
-        assert batch["prompts"] == expected["prompts"] and torch.equal(batch["rows"], expected["rows"])
-        assert batch["positions"] == expected["positions"]
-        assert torch.equal(batch["pixels_w"], expected["pixels_w"])
-        assert torch.equal(batch["pixels_l"], expected["pixels_l"])
-    assert resumed.step == 5
+    fresh = data.PreferencePairs(stream_source, resolution=8, seed=3, window=2)
+    resumed = data.PairBatches(fresh, 2, start_sample=6, num_workers=2)
+    assert_same_batches([batch for _, batch in zip(range(2), resumed)], run[3:])
+    assert resumed.step == 2
     rows = torch.cat([batch["rows"] for batch in run])
     assert sorted(rows[:4].tolist()) != rows[:4].tolist() or sorted(rows[4:8].tolist()) != rows[4:8].tolist()
 
-    big = next(iter(data.PairBatches(pairs, batch_size=4, start_step=1)))
-    halves = [next(iter(data.PairBatches(pairs, 2, start_step=1, rank=r, world_size=2))) for r in (0, 1)]
-    assert torch.equal(torch.cat([h["pixels_w"] for h in halves]), big["pixels_w"])
+
+def test_jsonl_ranks_share_one_big_batch(pairs_folder):
+    """pairs.jsonl keeps global positions: 2 ranks x batch 2 = 1 process x batch 4 (train.py's DDP test)."""
+    pairs = data.PreferencePairs(pairs_folder, resolution=8, seed=3)
+    big = first_batches(pairs, 2, batch_size=4)[1]
+    halves = [first_batches(pairs, 2, 2, rank=rank, world_size=2)[1] for rank in (0, 1)]
+    assert torch.equal(torch.cat([half["pixels_w"] for half in halves]), big["pixels_w"])
     assert halves[0]["prompts"] + halves[1]["prompts"] == big["prompts"]
     assert halves[0]["positions"] + halves[1]["positions"] == big["positions"] == [4, 5, 6, 7]
+
+
+def test_batch_positions_after_start_sample_continue_with_another_batch_size():
+    """8 samples consumed at batch 4; batch 2 continues at [8, 9], [10, 11]; on 2 ranks, interleaved."""
+    assert [data.batch_positions(step, 4) for step in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [data.batch_positions(step, 2, start_sample=8) for step in (0, 1)] == [[8, 9], [10, 11]]
+    assert data.batch_positions(1, 2, rank=1, world_size=2, start_sample=8) == [14, 15]
+
+
+def test_a_resume_with_another_batch_size_serves_the_next_samples(stream_source):
+    """After 8 samples at batch 4, batch 2 serves the items that batch 4 would have served next."""
+    pairs = data.PreferencePairs(stream_source, resolution=8, seed=3, window=2)
+    expected = first_batches(pairs, 3, batch_size=4)[2]
+    resumed = first_batches(pairs, 2, 2, start_sample=8)
+    assert [p for batch in resumed for p in batch["positions"]] == expected["positions"]
+    assert torch.equal(torch.cat([batch["pixels_l"] for batch in resumed]), expected["pixels_l"])
+
+
+def test_ranks_read_disjoint_row_groups_covering_an_epoch(synthetic_shards, monkeypatch):
+    """Issue 19.4: over an epoch, each parquet row group is read by exactly one of 2 ranks, once."""
+    reads = {0: [], 1: []}
+    original = data.PreferencePairs._read_group
+
+    def logged(self, group):
+        reads[rank].append(group)
+        return original(self, group)
+
+    monkeypatch.setattr(data.PreferencePairs, "_read_group", logged)
+    for rank in (0, 1):
+        pairs = data.PreferencePairs(synthetic_shards, resolution=8, window=2)  # 8 groups of 9 pairs
+        first_batches(pairs, 9, 4, rank=rank, world_size=2)  # 2 x 9 x 4 = 72 positions: one epoch
+    assert len(reads[0]) == len(set(reads[0])) and len(reads[1]) == len(set(reads[1]))
+    assert not set(reads[0]) & set(reads[1]) and sorted(reads[0] + reads[1]) == list(range(8))
+
+
+def test_parquet_ranks_resume_exactly_on_the_same_world_size(synthetic_shards):
+    """A rank's stream continues exactly from start_sample (global: both ranks' samples), any batch size."""
+    pairs = data.PreferencePairs(synthetic_shards, resolution=8, seed=2)
+    run = first_batches(pairs, 3, 4, rank=1, world_size=2)
+    resumed = first_batches(pairs, 2, 2, start_sample=2 * 8, rank=1, world_size=2)
+    assert [p for batch in resumed for p in batch["positions"]] == run[2]["positions"]
+    assert torch.equal(torch.cat([batch["pixels_w"] for batch in resumed]), run[2]["pixels_w"])
+    other = first_batches(pairs, 1, 4, rank=0, world_size=2)[0]
+    assert not set(other["positions"]) & {p for batch in run for p in batch["positions"]}  # unique keys
+
+
+def test_resume_problem_accepts_the_same_stream(stream_source):
+    pairs = data.PreferencePairs(stream_source, resolution=8, seed=3)
+    saved = json.loads(json.dumps(pairs.identity(world_size=2)))  # as stored in a checkpoint
+    assert data.resume_problem(saved, data.PreferencePairs(stream_source, 16, seed=3), 2) is None
+
+
+def test_resume_problem_names_changed_data(stream_source):
+    pairs = data.PreferencePairs(stream_source, resolution=8, seed=3)
+    saved = pairs.identity()
+    problem = data.resume_problem(saved, data.PreferencePairs(stream_source, 8, seed=4), 1)
+    assert "seed" in problem and "\n" not in problem
+    train, _ = pairs.split_validation(1)
+    assert "pairs" in data.resume_problem(saved, train, 1)
+
+
+def test_resume_problem_refuses_parquet_on_another_world_size(synthetic_shards, pairs_folder):
+    pairs = data.PreferencePairs(synthetic_shards, resolution=8)
+    problem = data.resume_problem(pairs.identity(world_size=4), pairs, 2)
+    assert "4" in problem and "2" in problem and "\n" not in problem
+    jsonl = data.PreferencePairs(pairs_folder, resolution=8)
+    assert data.resume_problem(jsonl.identity(world_size=4), jsonl, 2) is None  # global positions
 
 
 def test_parquet_order_reads_each_row_group_once_per_epoch(synthetic_shards, monkeypatch):
@@ -221,7 +304,7 @@ def test_inspect_counts_ties_corrupt_and_null_cells(tmp_path, capsys):
     assert "5 usable pairs in 2 row groups; scanned 5" in out and "6 rows read: 1 ties dropped" in out
     assert "0 missing, 1 corrupt and 1 null images" in out and "pairs/s" in out
     assert "read amplification" in out
-    with pytest.raises(SystemExit):
+    with pytest.raises(data.DataError, match="no such file"):
         data.main(["inspect", str(tmp_path / "nope")])
 
 
@@ -301,10 +384,137 @@ def test_ai_feedback_relabelling_flips_pairs(tmp_path):
     assert data.relabel_with_reward(relabelled, darkness)[1] == 3  # now every pair flips
 
 
-def test_write_pairs_jsonl_accepts_tensors_and_errors(tmp_path):
+def test_write_pairs_jsonl_accepts_tensors(tmp_path):
     image = torch.rand(3, 8, 8)
     path = data.write_pairs_jsonl(tmp_path, ["t"], [image], [1 - image])
     record = json.loads(path.read_text())
     assert record["label_0"] == 1 and (tmp_path / record["jpg_0"]).is_file()
-    with pytest.raises(FileNotFoundError, match="pairs.jsonl"):
-        data.PreferencePairs(tmp_path / "images")
+
+
+def image_cell(jpeg=None, path=None):
+    """A `datasets` Image cell: the struct {bytes, path}."""
+    return {"bytes": jpeg, "path": path}
+
+
+@pytest.fixture()
+def datasets_layout(tmp_path):
+    """A binarized preference set as the hub's `datasets` writes it: prompt, chosen, rejected (winner first,
+    no label), images as {bytes, path}; row 1's chosen image is a file beside the parquet, row 2's is null."""
+    import pyarrow as pa  # a dev requirement; the library imports it lazily
+    import pyarrow.parquet as pq
+
+    bright = jpeg_bytes(solid(230))
+    dark = jpeg_bytes(solid(20))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "bright.jpg").write_bytes(bright)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "prompt": ["a", "b", "null", "c"],
+        "chosen": pa.array([image_cell(bright), image_cell(None, "images/bright.jpg"), None,
+                            image_cell(bright, "ignored.jpg")], image),
+        "rejected": pa.array([image_cell(dark)] * 4, image),
+    })
+    pq.write_table(table, tmp_path / "train-0.parquet", row_group_size=2)
+    return tmp_path
+
+
+DATASETS_COLUMNS = "caption=prompt,jpg_0=chosen,jpg_1=rejected"
+
+
+def test_inspect_maps_the_columns_of_a_datasets_layout(datasets_layout, capsys):
+    data.main(["inspect", str(datasets_layout), "--data_columns", DATASETS_COLUMNS, "--pairs", "0",
+               "--resolution", "8"])
+    out = capsys.readouterr().out
+    assert "4 usable pairs in 2 row groups; scanned 4" in out
+    assert "0 missing, 0 corrupt and 1 null images" in out
+
+
+def test_without_label_0_the_mapped_jpg_0_is_preferred(datasets_layout):
+    """chosen (bright) comes first, read from bytes or from a path relative to the parquet file."""
+    columns = data.parse_columns(DATASETS_COLUMNS)
+    pairs = data.PreferencePairs(datasets_layout, resolution=8, prompt_dropout=0.0, columns=columns)
+    (served,) = pairs.batches(4)
+    assert served["captions"] == ["a", "b", "c"]  # the null image's pair is skipped
+    assert (brightness_of(served["pixels_w"]) > brightness_of(served["pixels_l"])).all()
+
+
+def test_parse_columns():
+    assert data.parse_columns("") == {}
+    assert data.parse_columns("caption=prompt, jpg_0=chosen") == {"caption": "prompt", "jpg_0": "chosen"}
+
+
+@pytest.mark.parametrize("text", ["caption", "caption=", "winner=chosen"])
+def test_parse_columns_refuses_bad_syntax_in_one_line(text):
+    with pytest.raises(data.DataError, match="--data_columns") as error:
+        data.parse_columns(text)
+    assert "\n" not in str(error.value)
+
+
+def bad_data(kind, tmp_path, monkeypatch):
+    """(path, columns) of a bad input of the given kind, and the words its error must contain."""
+    if kind == "no such path":
+        return tmp_path / "nope", {}, "no such file"
+    if kind == "empty folder":
+        return tmp_path, {}, "no pairs.jsonl"
+    if kind == "text file":
+        (tmp_path / "notes.txt").write_text("hello\n")
+        return tmp_path / "notes.txt", {}, "not a pairs.jsonl"
+    if kind == "fake parquet":
+        (tmp_path / "train.parquet").write_text("hello\n" * 20)
+        return tmp_path / "train.parquet", {}, "not a readable parquet file"
+    if kind == "no usable pairs":
+        data.write_pairs_jsonl(tmp_path, ["tie"], [solid(10)], [solid(20)], labels_0=[0.5])
+        return tmp_path, {}, "no usable pairs"
+    write_synthetic_pick_a_pic(tmp_path, 4, sizes=(16, 16), distinct_images=1)
+    if kind == "missing column":
+        return tmp_path, {"caption": "prompt"}, "no column 'prompt'; its columns: caption, jpg_0"
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import pyarrow.parquet fails
+    return tmp_path, {}, "pip install pyarrow"
+
+
+BAD_DATA = ["no such path", "empty folder", "text file", "fake parquet", "no usable pairs",
+            "missing column", "no pyarrow"]
+
+
+@pytest.mark.parametrize("kind", BAD_DATA)
+def test_check_data_refuses_bad_data_in_one_line(kind, tmp_path, monkeypatch):
+    path, columns, words = bad_data(kind, tmp_path, monkeypatch)
+    with pytest.raises(data.DataError) as error:
+        data.check_data(str(path), columns)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", BAD_DATA)
+def test_inspect_refuses_bad_data_in_one_line(kind, tmp_path, monkeypatch):
+    path, columns, words = bad_data(kind, tmp_path, monkeypatch)
+    mapping = ",".join(f"{key}={column}" for key, column in columns.items())
+    with pytest.raises(data.DataError) as error:
+        data.main(["inspect", str(path), "--data_columns", mapping])
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_inspect_command_answers_a_fake_parquet_in_one_line(tmp_path):
+    """Formerly a 20-line ArrowInvalid traceback."""
+    (tmp_path / "train.parquet").write_text("hello\n" * 20)
+    result = subprocess.run([sys.executable, "data.py", "inspect", str(tmp_path), "--num-workers=0"],
+                            capture_output=True, text=True, cwd=Path(data.__file__).parent)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("data.py inspect: ") and "not a readable parquet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_answers_an_unknown_flag_with_a_suggestion(pairs_folder):
+    with pytest.raises(ValueError, match="did you mean --num_workers"):
+        data.main(["inspect", str(pairs_folder), "--num_worker=2"])
+
+
+def test_inspect_shows_the_split_over_ranks(synthetic_shards, capsys):
+    data.main(["inspect", str(synthetic_shards), "--pairs", "8", "--resolution", "8", "--world", "3"])
+    out = capsys.readouterr().out
+    assert "rank 0 of 3: 3 row groups, 27 pairs per epoch" in out
+    assert "rank 1 of 3: 3 row groups, 27 pairs" in out and "rank 2 of 3: 2 row groups, 18" in out
+
+
+def test_check_data_counts_pairs_without_decoding(synthetic_shards, monkeypatch):
+    monkeypatch.setattr(data.PreferencePairs, "_read_group", None)  # reading an image would fail
+    assert data.check_data(str(synthetic_shards), {}) == 72
