@@ -518,3 +518,10 @@ def test_inspect_shows_the_split_over_ranks(synthetic_shards, capsys):
 def test_check_data_counts_pairs_without_decoding(synthetic_shards, monkeypatch):
     monkeypatch.setattr(data.PreferencePairs, "_read_group", None)  # reading an image would fail
     assert data.check_data(str(synthetic_shards), {}) == 72
+
+
+def test_the_validation_split_decodes_nothing(stream_source, monkeypatch):
+    """Issue 19.5: ranks that do not validate split the data without decoding or holding images."""
+    monkeypatch.setattr(data.PreferencePairs, "_load", None)  # reading an image would fail
+    train, val = data.PreferencePairs(stream_source, resolution=8).split_validation(1)
+    assert len(val) == 1 and len(train) >= 2
