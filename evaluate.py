@@ -1,6 +1,7 @@
 """Evaluate an aligned model against its base: per prompt i and seed s, base and aligned images from the SAME
-x_T, scored by every reward: means +- stderr, the paired difference and the win rate P(r(aligned) > r(base))
-+- its binomial stderr, overall and per category; a picture grid.
+x_T, scored by every reward. The report leads with the effect size, the mean change r(aligned) - r(base) +-
+its stderr in the reward's own units; then the win rate P(r(aligned) > r(base)) +- its binomial stderr with
+near-ties counted as ties (choice 6); then the means; overall and per category; a picture grid.
 
     python evaluate.py --model path/to/stable-diffusion-v1-5 --lora out/lora.safetensors \\
         --prompts drawbench --rewards aesthetic,hpsv2,pickscore,clipscore --seeds 0-3 --out out/eval
@@ -12,6 +13,10 @@ Choices where the papers are silent:
 4. x_T of image (i, s) is torch.randn with torch.Generator("cpu").manual_seed(s) for every prompt: what
    diffusers' pipeline gives for (prompt i, seed s), whatever the batching or reuse (at eta > 0: the batch's).
 5. Rewards score the saved PNGs (uint8): a reused image scores as when it was made, as other tools see it.
+6. A near-tie is a tie: |r(aligned) - r(base)| <= TIE_FRACTION x the base's seed-to-seed std of r (the
+   spread of one prompt's images over seeds, pooled over prompts). A shift ten times smaller than what a new
+   seed changes is no preference a viewer would state, yet a tiny consistent shift would win nearly every
+   exact comparison (one DPO step: +0.001 +- 0.002 utility "won" 0.64).
 """
 
 import argparse
@@ -92,20 +97,35 @@ def mean_stderr(values: torch.Tensor) -> dict:
     return {"mean": values.mean().item(), "stderr": stderr}
 
 
-def win_rate(aligned: torch.Tensor, base: torch.Tensor) -> dict:
-    """P(aligned > base) over paired scores [N], ties worth 1/2 (choice 1), with its binomial stderr."""
-    wins = (aligned > base).double() + 0.5 * (aligned == base).double()
+TIE_FRACTION = 0.1  # near-ties: a tenth of the base's seed-to-seed std (choice 6)
+
+
+def win_rate(aligned: torch.Tensor, base: torch.Tensor, tie_threshold: float = 0.0) -> dict:
+    """P(aligned > base) over paired scores [N] with |aligned - base| <= tie_threshold a tie worth 1/2
+    (choices 1, 6), with its binomial stderr."""
+    tie = (aligned - base).abs() <= tie_threshold
+    wins = (aligned > base).double().masked_fill(tie, 0.5)
     p = wins.mean().item()
-    return {"win_rate": p, "stderr": math.sqrt(p * (1 - p) / len(wins)), "ties": int((aligned == base).sum())}
+    return {"win_rate": p, "stderr": math.sqrt(p * (1 - p) / len(wins)), "ties": int(tie.sum()),
+            "tie_threshold": tie_threshold}
 
 
-def summarize(scores: dict, rows=slice(None)) -> dict:
-    """Per reward: base, aligned and difference mean +- stderr, win rate. scores: {kind: {name: [N]}}"""
+def seed_std(scores: torch.Tensor, num_seeds: int) -> float:
+    """The seed-to-seed std of scores [P * S] (prompt-major, S seeds each), pooled over the P prompts; with
+    one seed, the std over all images (which also counts prompt-to-prompt differences)."""
+    if num_seeds < 2:
+        return scores.double().std().item() if len(scores) > 1 else 0.0
+    return scores.double().view(-1, num_seeds).var(dim=1).mean().sqrt().item()
+
+
+def summarize(scores: dict, tie_thresholds: dict, rows=slice(None)) -> dict:
+    """Per reward: the change aligned - base (mean +- stderr), the win rate with near-ties (tie_thresholds:
+    {name: threshold}), base and aligned mean +- stderr. scores: {kind: {name: [N]}}"""
     report = {}
     for name in scores["base"]:
         base, aligned = scores["base"][name][rows], scores["aligned"][name][rows]
-        report[name] = {"base": mean_stderr(base), "aligned": mean_stderr(aligned),
-                        "delta": mean_stderr(aligned - base), **win_rate(aligned, base)}
+        report[name] = {"delta": mean_stderr(aligned - base), **win_rate(aligned, base, tie_thresholds[name]),
+                        "base": mean_stderr(base), "aligned": mean_stderr(aligned)}
     return report
 
 
@@ -194,13 +214,16 @@ def compare(aligned_sd, prompts: list[str], reward_fns: dict, seeds: list[int], 
                 bar.update(len(batch))
         scores[kind] = score_images(folder, prompts, pairs, reward_fns, batch_size)
 
+    thresholds = {name: TIE_FRACTION * seed_std(values, len(seeds)) for name, values in scores["base"].items()}
     by_category = {}
     for category in sorted(set(categories or []) - {""}):
         rows = [k for k, (i, _) in enumerate(pairs) if categories[i] == category]
-        by_category[category] = {"num_pairs": len(rows), "rewards": summarize(scores, torch.tensor(rows))}
+        by_category[category] = {"num_pairs": len(rows),
+                                 "rewards": summarize(scores, thresholds, torch.tensor(rows))}
     save_grid(folders, prompts[:12], seeds[:4], out / "grid.png")
     report = {"prompt_set": prompt_set, "num_prompts": len(prompts), "seeds": list(seeds),
-              "num_pairs": len(pairs), "sampler": sampler, "rewards": summarize(scores),
+              "num_pairs": len(pairs), "sampler": sampler, "rewards": summarize(scores, thresholds),
+              "legends": {name: legend(name, fn) for name, fn in reward_fns.items()},
               "categories": by_category, "reference": PUBLISHED.get(prompt_set), "generated": generated,
               "images": str(out / "images"), "grid": str(out / "grid.png")}
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -216,16 +239,27 @@ def pm(stats: dict, sign: str = "") -> str:
     return f"{stats['mean']:{sign}.4f} ± {stats['stderr']:.4f}"
 
 
+def legend(name: str, reward_fn) -> str:
+    """A metric's one-line legend: rewards.LEGENDS, else the first line of its function's docstring."""
+    doc = (reward_fn.__doc__ or "").strip().split("\n")[0]
+    return rewards.LEGENDS.get(name, doc)
+
+
 def format_markdown(report: dict) -> str:
-    """The report as Markdown tables: overall, the published reference beside ours, per category."""
+    """The report as Markdown: effect sizes first (the mean change in each metric's units, then the win rate
+    with near-ties as ties), the means, a legend line per metric; the published reference; per category."""
     sampler, title = report["sampler"], report["prompt_set"] or "custom prompts"
     lines = [f"## {title}: {report['num_prompts']} prompts x {len(report['seeds'])} seeds = "
              f"{report['num_pairs']} pairs (DDIM {sampler['num_steps']} steps, guidance "
              f"{sampler['guidance']}, eta {sampler['eta']})", ""]
-    lines += table(["metric", "base", "aligned", "aligned - base", "win rate aligned > base", "ties"],
-                   [[name, pm(r["base"]), pm(r["aligned"]), pm(r["delta"], "+"),
-                     f"{r['win_rate']:.3f} ± {r['stderr']:.3f}", r["ties"]]
+    lines += table(["metric", "change aligned - base", "win rate aligned > base", "near-ties (threshold)",
+                    "base", "aligned"],
+                   [[name, pm(r["delta"], "+"), f"{r['win_rate']:.3f} ± {r['stderr']:.3f}",
+                     f"{r['ties']} ({r['tie_threshold']:.3g})", pm(r["base"]), pm(r["aligned"])]
                     for name, r in report["rewards"].items()])
+    lines += ["", f"Near-ties count 1/2: |change| <= {TIE_FRACTION} x the base's seed-to-seed std of the "
+              "metric (evaluate.py, choice 6)."]
+    lines += [f"- {name}: {text}" for name, text in report.get("legends", {}).items()]
     if report.get("reference"):
         metrics = list(next(iter(report["reference"].values())))
         rows = [[f"{model} (published)", *values.values()] for model, values in report["reference"].items()]
@@ -235,9 +269,10 @@ def format_markdown(report: dict) -> str:
         lines += table(["model", *metrics], rows)
     if report["categories"]:
         lines += ["", "Per category:", ""]
-        lines += table(["category", "pairs", "metric", "base", "aligned", "aligned - base", "win rate"],
-                       [[category, c["num_pairs"], name, f"{r['base']['mean']:.4f}",
-                         f"{r['aligned']['mean']:.4f}", pm(r["delta"], "+"), f"{r['win_rate']:.3f}"]
+        lines += table(["category", "pairs", "metric", "change aligned - base", "win rate", "base",
+                        "aligned"],
+                       [[category, c["num_pairs"], name, pm(r["delta"], "+"), f"{r['win_rate']:.3f}",
+                         f"{r['base']['mean']:.4f}", f"{r['aligned']['mean']:.4f}"]
                         for category, c in report["categories"].items() for name, r in c["rewards"].items()])
     return "\n".join(lines) + "\n"
 

@@ -68,6 +68,8 @@ def test_statistics_and_seed_parsing():
             evaluate.parse_seeds(bad)
     result = evaluate.win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 1.0, 1.0]))
     assert result["win_rate"] == pytest.approx((1 + 0.5 + 1 + 0) / 4) and result["ties"] == 1
+    near = evaluate.win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 1.0, 1.0]), 1.0)
+    assert near["win_rate"] == pytest.approx((0.5 + 0.5 + 1 + 0.5) / 4) and near["ties"] == 3
     stats = evaluate.mean_stderr(torch.tensor([1.0, 3.0]))
     assert stats["mean"] == 2.0 and stats["stderr"] == pytest.approx(1.0)
 
@@ -112,13 +114,14 @@ def test_drawbench_end_to_end_then_a_second_reward_only_scores(tiny_sd_dir, tiny
     assert report["generated"] == {"base": 6, "aligned": 6} and report["num_pairs"] == 6
     assert set(report["rewards"]) == {"aesthetic", "clipscore"}
     for r in report["rewards"].values():
-        assert set(r) == {"base", "aligned", "delta", "win_rate", "stderr", "ties"}
+        assert set(r) == {"base", "aligned", "delta", "win_rate", "stderr", "ties", "tie_threshold"}
         assert r["delta"]["mean"] == pytest.approx(r["aligned"]["mean"] - r["base"]["mean"], abs=1e-9)
     assert report["rewards"]["aesthetic"]["ties"] == 0  # (random tiny CLIPs can give clipscore 0 for both)
     assert report["categories"].keys() == {"Colors"}  # the first 3 DrawBench prompts
     assert report["categories"]["Colors"]["rewards"] == report["rewards"]
     markdown = (out / "report.md").read_text()
-    assert "| metric | base | aligned | aligned - base | win rate aligned > base | ties |" in markdown
+    assert ("| metric | change aligned - base | win rate aligned > base | near-ties (threshold) | base "
+            "| aligned |") in markdown
     assert "not measured here" in markdown
     assert "| SD1.5-DPO (published) | 5.6205 | 0.2672 | 0.6075 |" in markdown
     assert "| LCM-DPO (published) | 6.043 | 0.2814 | 0.572 |" in markdown
@@ -186,6 +189,42 @@ def test_compare_takes_loaded_reward_functions(tiny_sd_dir, tmp_path):
     assert torch.equal(saved, (in_memory * 255).round() / 255)
     with pytest.raises(ValueError, match="no LoRA layers"):
         evaluate.compare(sd, prompts, {"mean_pixel": mean_pixel}, [3], str(tmp_path), num_steps=2)
+
+
+def test_a_tiny_consistent_shift_is_a_near_tie_not_a_win():
+    """Issue 21.2: a shift of the aligned scores far below the base's seed-to-seed std (here 1/1000 of it)
+    counts as a tie, so the win rate is 1/2 and not ~1; a shift of half a std wins every comparison. The
+    change itself is reported in the metric's units, whatever the win rate says."""
+    base = torch.randn(20, 4, generator=torch.Generator().manual_seed(0)).flatten()  # 20 prompts x 4 seeds
+    threshold = evaluate.TIE_FRACTION * evaluate.seed_std(base, num_seeds=4)
+    assert 0.05 < threshold < 0.2  # a tenth of a seed-to-seed std of ~1
+    tiny = evaluate.summarize({"base": {"u": base}, "aligned": {"u": base + 1e-3}}, {"u": threshold})["u"]
+    assert tiny["win_rate"] == 0.5 and tiny["ties"] == 80
+    rounding = torch.finfo(torch.float32).eps * base.abs().max().item()  # of base + 1e-3 in float32
+    assert tiny["delta"]["mean"] == pytest.approx(1e-3, abs=rounding)
+    half = evaluate.summarize({"base": {"u": base}, "aligned": {"u": base + 0.5}}, {"u": threshold})["u"]
+    assert half["win_rate"] == 1.0 and half["ties"] == 0
+
+
+def test_the_report_leads_with_the_mean_change_and_a_legend_per_metric(tiny_sd_dir, tmp_path):
+    """format_markdown's first table: metric, then the change aligned - base (mean +- stderr), then the win
+    rate with near-ties; the threshold's rule is stated, and each metric has its one-line legend."""
+    sd = load_stable_diffusion(tiny_sd_dir)
+
+    def mean_pixel(images, prompts):
+        """The mean pixel value in [0, 1]."""
+        return images.mean(dim=(1, 2, 3))
+
+    report = evaluate.compare(sd, ["a cat", "a dog"], {"mean_pixel": mean_pixel}, [3, 4], str(tmp_path),
+                              base_sd=sd, num_steps=2, batch_size=2)
+    lines = evaluate.format_markdown(report).splitlines()
+    header = next(line for line in lines if line.startswith("| metric"))
+    assert [cell.strip() for cell in header.strip("|").split("|")][:3] == [
+        "metric", "change aligned - base", "win rate aligned > base"]
+    row = next(line for line in lines if line.startswith("| mean_pixel"))
+    assert row.split("|")[2].strip() == "+0.0000 ± 0.0000"
+    assert any("seed-to-seed std" in line for line in lines)
+    assert "- mean_pixel: The mean pixel value in [0, 1]." in lines
 
 
 @pytest.mark.parametrize("option", ["--lora", "--unet", "--reward-path"])

@@ -168,13 +168,13 @@ def judge(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
 
 
 def fidelity(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Prompt fidelity [B] in [0, 1]: the mean of judge()'s shape, colour and background terms."""
+    """Prompt fidelity in [0, 1]: the mean of the asked shape, shape colour and background colour terms."""
     terms = judge(images, prompts)
     return (terms["shape"] + terms["colour"] + terms["background"]) / 3
 
 
 def utility(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """The hidden utility u [B] in [0, 4] of images [B, 3, H, W] in [0, 1] (module docstring, item 2)."""
+    """The toy human's hidden utility in [0, 4]: 3 x fidelity + 0.5 (vivid + clean), quality in [0, 1]."""
     terms = judge(images, prompts)
     return terms["shape"] + terms["colour"] + terms["background"] + 0.5 * (terms["vivid"] + terms["clean"])
 
