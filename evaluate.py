@@ -100,13 +100,18 @@ def mean_stderr(values: torch.Tensor) -> dict:
 TIE_FRACTION = 0.1  # near-ties: a tenth of the base's seed-to-seed std (choice 6)
 
 
+def wins(aligned: torch.Tensor, base: torch.Tensor, tie_threshold: float = 0.0) -> torch.Tensor:
+    """Per pair [N]: 1 where aligned > base, 0 where below, 1/2 where |aligned - base| <= tie_threshold (a
+    near-tie is a tie: choices 1, 6)."""
+    return (aligned > base).double().masked_fill((aligned - base).abs() <= tie_threshold, 0.5)
+
+
 def win_rate(aligned: torch.Tensor, base: torch.Tensor, tie_threshold: float = 0.0) -> dict:
-    """P(aligned > base) over paired scores [N] with |aligned - base| <= tie_threshold a tie worth 1/2
-    (choices 1, 6), with its binomial stderr."""
-    tie = (aligned - base).abs() <= tie_threshold
-    wins = (aligned > base).double().masked_fill(tie, 0.5)
-    p = wins.mean().item()
-    return {"win_rate": p, "stderr": math.sqrt(p * (1 - p) / len(wins)), "ties": int(tie.sum()),
+    """P(aligned > base) over paired scores [N], near-ties 1/2 (wins), with its binomial stderr."""
+    won = wins(aligned, base, tie_threshold)
+    p = won.mean().item()
+    ties = int(((aligned - base).abs() <= tie_threshold).sum())
+    return {"win_rate": p, "stderr": math.sqrt(p * (1 - p) / len(won)), "ties": ties,
             "tie_threshold": tie_threshold}
 
 

@@ -13,9 +13,10 @@ row per image per step):
   tailorpo    TailorPO: step-wise pairs from the same x_t, ranked by the reward model on x0_pred
   tailorpo-g  TailorPO-G: TailorPO plus reward-gradient guidance of the preferred sample
 Each run is judged on fresh samples (toy.SAMPLING) from the same x_T as the base: the hidden utility, prompt
-fidelity, the reward model's score, and the utility win rate over the base (ties 1/2), on the 48 training
-prompts x seed 1000 and the 12 held-out prompts x seeds 1000-1003 (96 images). Tables: mean +- stderr over
-run seeds. Each claim is a line with its separation z = (a - b) / sqrt(se_a^2 + se_b^2) of the mean utility.
+fidelity, the reward model's score, and the utility win rate over the base (near-ties 1/2, as evaluate.py:
+|change| <= TIE_FRACTION x the base's seed-to-seed std of u), on the 48 training prompts x seed 1000 and the
+12 held-out prompts x seeds 1000-1003 (96 images). The table leads with the effect sizes, the mean changes of
+u and fidelity from the base; mean +- stderr over run seeds. Each claim is a line with its separation z = (a - b) / sqrt(se_a^2 + se_b^2) of the mean utility.
 Then the Figure 2 curve of the TailorPO paper (how often the order of two samples by the reward of x0_pred at
 step t disagrees with the order of their final images) and a beta sweep of Diffusion-DPO (utility and reward
 against the distance from the base, the mean squared pixel difference of same-x_T samples).
@@ -37,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import dpo
+import evaluate
 import lora
 import plot
 import rewards
@@ -151,12 +153,19 @@ def sample_eval(sd, cfg: BenchConfig) -> tuple[torch.Tensor, list[str]]:
     return torch.cat(images), prompts
 
 
+def tie_threshold(u_base: torch.Tensor) -> float:
+    """evaluate.py's near-tie threshold of u: TIE_FRACTION x the base's seed-to-seed std, here of the held-out
+    prompts (the rows after the training prompts: 4 seeds, seed-major, as sample_eval draws them)."""
+    held_out = u_base[len(toy.TRAIN_PROMPTS):].view(EVAL_SETS[1][2], -1).T.flatten()  # prompt-major
+    return evaluate.TIE_FRACTION * evaluate.seed_std(held_out, EVAL_SETS[1][2])
+
+
 @torch.no_grad()
 def judge(images, prompts, base_images, reward_fn) -> dict:
-    """Per-image scores [N] and win/distance against the base images from the same x_T."""
+    """Per-image scores [N] and win (near-ties 1/2) / distance against the base images from the same x_T."""
     u, u_base = toy.utility(images, prompts), toy.utility(base_images, prompts)
     return {"utility": u, "fidelity": toy.fidelity(images, prompts), "reward": reward_fn(images, prompts),
-            "win": (u > u_base).double() + 0.5 * (u == u_base).double(),
+            "win": evaluate.wins(u, u_base, tie_threshold(u_base)),
             "distance": (images - base_images).pow(2).flatten(1).mean(1)}
 
 
@@ -259,6 +268,8 @@ def report(runs: dict, base: dict, figure: dict, sweep: dict, cfg: BenchConfig, 
     """bench_methods.md and .png (bars, Figure 2, beta sweep)."""
     metrics = ("utility", "fidelity", "reward", "win", "distance")
     per_run = {m: {k: [r["scores"][k].mean().item() for r in rs] for k in metrics} for m, rs in runs.items()}
+    change = {m: {k: [x - base[k].mean().item() for x in v[k]] for k in ("utility", "fidelity")}
+              for m, v in per_run.items()}
     split = len(toy.TRAIN_PROMPTS)  # the first rows of the evaluation are the training prompts
     lines = [
         "# Method comparison on the toy world (bench_methods.py)", "",
@@ -269,17 +280,31 @@ def report(runs: dict, base: dict, figure: dict, sweep: dict, cfg: BenchConfig, 
         f"as the base. Total wall time {seconds:.0f} s ({torch.get_num_threads()} thread(s), load average "
         f"{os.getloadavg()[0]:.1f} at the end).", "",
         f"Base model: utility {base['utility'].mean():.3f}, fidelity {base['fidelity'].mean():.3f}, reward "
-        f"{base['reward'].mean():.3f}.", "",
-        "| method | utility | fidelity | reward model | win rate vs base | win, train prompts "
-        "| win, held-out prompts | steps | UNet rows | s / run |", "|---" * 10 + "|"]
+        f"{base['reward'].mean():.3f}. Near-ties (win 1/2): |change of u| <= "
+        f"{tie_threshold(base['utility']):.3f}, {evaluate.TIE_FRACTION} x the base's seed-to-seed std of u.",
+        "",
+        "| method | utility change | fidelity change | win rate vs base | win, train prompts "
+        "| win, held-out prompts | utility | fidelity | reward model | steps | UNet rows | s / run |",
+        "|---" * 12 + "|"]
+
+    def cell(values, sign=""):
+        mean, stderr = stats(values)
+        return f"{mean:{sign}.3f} +- {stderr:.3f}"
+
     for method, rs in runs.items():
-        cell = lambda values: "{:.3f} +- {:.3f}".format(*stats(values))
         wins_train = [r["scores"]["win"][:split].mean().item() for r in rs]
         wins_held = [r["scores"]["win"][split:].mean().item() for r in rs]
         steps, seconds = sum(r["steps"] for r in rs) / len(rs), sum(r["seconds"] for r in rs) / len(rs)
-        lines.append(f"| {method} | " + " | ".join(cell(per_run[method][k]) for k in metrics[:4]) +
-                     f" | {cell(wins_train)} | {cell(wins_held)} | {steps:.0f} | "
-                     f"{max(r['rows'] for r in rs)} | {seconds:.0f} |")
+        effects = [cell(change[method][k], "+") for k in ("utility", "fidelity")]
+        lines.append(f"| {method} | {effects[0]} | {effects[1]} | {cell(per_run[method]['win'])} | "
+                     f"{cell(wins_train)} | {cell(wins_held)} | " +
+                     " | ".join(cell(per_run[method][k]) for k in metrics[:3]) +
+                     f" | {steps:.0f} | {max(r['rows'] for r in rs)} | {seconds:.0f} |")
+    lines += ["", "- utility change: the hidden utility u (toy.utility, in [0, 4]: 3 x fidelity + 0.5 (vivid + "
+              "clean)) minus the base's, same x_T", "- fidelity change: prompt fidelity (toy.fidelity, in "
+              "[0, 1]: asked shape, shape colour, background colour) minus the base's",
+              "- win rate: P(u(run) > u(base)) over the 96 images, near-ties 1/2; reward model: the learned "
+              "toy reward (a logit)"]
     lines += ["", "Claims (separation z of the mean utility over seeds, in standard errors):", ""]
     for a, b, relation, claim in CLAIMS:
         if a not in per_run or b not in per_run:
