@@ -16,8 +16,8 @@ Deviations
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
+from progress import bar as progress_bar
 from scheduler import NoiseSchedule, gaussian_log_prob
 
 
@@ -27,16 +27,25 @@ class SampleResult:
     trajectory: dict | None    # "timesteps" [S], "x_t"/"x_prev"/"x0_pred" [S, B, C, h, w], "log_prob" [S, B]
 
 
+def uncond_and_cond_eps(unet, x_t, t, cond, uncond):
+    """(eps_uncond, eps_cond) [B, C, h, w] of x_t from ONE UNet call on the stacked batch
+    [uncond; cond] (diffusers' order): one call of 2B rows in place of two calls of B, so every weight
+    is read once per step and the kernels launch once. t: int, 0-d or [B]; uncond [B or 1, L, D]."""
+    t = torch.as_tensor(t, device=x_t.device)
+    if t.ndim:
+        t = t.repeat(2)  # a [B] t (one timestep per row) serves both halves
+    context = torch.cat([uncond.expand_as(cond), cond])
+    eps_uncond, eps_cond = unet(torch.cat([x_t, x_t]), t, context).chunk(2)
+    return eps_uncond, eps_cond
+
+
 def guided_eps(unet, x_t, t, cond, uncond, guidance: float) -> torch.Tensor:
-    """Classifier-free guided eps_pred [B, C, h, w]. t: int, 0-d or [B]; cond [B, L, D]; uncond [B or 1, L, D]
-    or None (no guidance, deviation 1)."""
+    """Classifier-free guided eps_pred [B, C, h, w]. t: int, 0-d or [B]; cond [B, L, D];
+    uncond [B or 1, L, D] or None (no guidance, deviation 1)."""
     if uncond is None or guidance <= 1:
         return unet(x_t, t, cond)
-    t = torch.as_tensor(t, device=x_t.device)
-    both_t = t.repeat(2) if t.ndim else t  # a [B] t (one timestep per row) serves both halves
-    context = torch.cat([uncond.expand_as(cond), cond])  # diffusers' order
-    eps_uncond, eps_cond = unet(torch.cat([x_t, x_t]), both_t, context).chunk(2)
-    return torch.lerp(eps_uncond, eps_cond, guidance)  # Eq. 6 (CFG): eps_u + w (eps_c - eps_u), one fused op
+    eps_uncond, eps_cond = uncond_and_cond_eps(unet, x_t, t, cond, uncond)
+    return eps_uncond + guidance * (eps_cond - eps_uncond)  # Eq. 6 (CFG, Ho & Salimans)
 
 
 @torch.no_grad()
@@ -50,7 +59,7 @@ def sample(unet, schedule: NoiseSchedule, cond, uncond, latents, num_steps: int 
     gen_device = generator.device if generator is not None else device
     trajectory = {"x_t": [], "x_prev": [], "log_prob": [], "x0_pred": []}
     x_t = latents
-    for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
+    for i in progress_bar(range(num_steps), desc="sampling", disable=not progress):
         eps_pred = guided_eps(unet, x_t, timesteps[i], cond, uncond, guidance)
         noise = torch.randn(x_t.shape, generator=generator, device=gen_device).to(device) if eta > 0 else None
         step = schedule.ddim_step(eps_pred, timesteps[i], x_t, num_steps, eta, noise)  # Eq. 12, 16 (DDIM)

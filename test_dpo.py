@@ -33,12 +33,18 @@ def test_hand_computed_value():
     ref_w, ref_l = torch.tensor([0.11, 0.19]), torch.tensor([0.11, 0.21])
     log_ratio_w = dpo.diffusion_log_ratio(model_w, ref_w)
     log_ratio_l = dpo.diffusion_log_ratio(model_l, ref_l)
+    beta_logits = 100.0 * (log_ratio_w - log_ratio_l)
+    torch.testing.assert_close(beta_logits, torch.tensor([1.0, -1.0]), rtol=0, atol=1e-4)
     loss, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, beta=100.0)
-    expected = 0.5 * (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0)))  # -log sigmoid(x) = log(1+e^-x)
-    assert math.isclose(loss.item(), expected, rel_tol=1e-5)  # 0.81326...
-    assert math.isclose(expected, 0.8132616875182228, rel_tol=1e-12)
+    # -log sigmoid(x) = log(1 + e^-x), averaged over the two pairs
+    expected = 0.5 * (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0)))
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
     assert metrics["implicit_accuracy"].item() == 0.5
     assert abs(metrics["reward_margin"].item()) < 1e-5
+
+
+def test_dpo_loss_metric_names():
+    _, metrics = dpo.dpo_loss(torch.randn(3), torch.randn(3), beta=1.0)
     assert set(metrics) == {"loss", "implicit_accuracy", "reward_margin"}
 
 
@@ -133,37 +139,90 @@ def half(batch, rows):
     return {key: value[rows] for key, value in batch.items()}
 
 
-def test_dpo_train_step_shares_noise_and_timestep_with_one_forward_each():
-    sd = make_tiny_sd()
-    reference = Recorder(copy.deepcopy(sd.unet).requires_grad_(False))
-    sd.unet = Recorder(sd.unet)
-    noised = []
-    add_noise = sd.schedule.add_noise
-    sd.schedule.add_noise = lambda x0, noise, t: noised.append((x0, noise, t)) or add_noise(x0, noise, t)
+class RecordedStep:
+    """One dpo_train_step at init (policy == reference) with every UNet call and add_noise recorded."""
 
-    batch = pixel_batch()
-    loss, metrics = dpo.dpo_train_step(sd, reference, batch, 5000.0, seed=0)
-    assert len(sd.unet.calls) == 1 and len(reference.calls) == 1  # ONE policy and ONE reference forward
-    (x_t, t, context, grad_on), (x_t_ref, t_ref, _, ref_grad_on) = sd.unet.calls[0], reference.calls[0]
-    assert grad_on and not ref_grad_on
-    torch.testing.assert_close(x_t, x_t_ref, rtol=0, atol=0)
-    assert x_t.shape == (4, 4, 8, 8) and torch.equal(t[:2], t[2:]) and torch.equal(t, t_ref)  # shared t
-    x0, noise, _ = noised[0]
-    torch.testing.assert_close(noise[:2], noise[2:], rtol=0, atol=0)  # shared eps
-    assert not torch.equal(x0[:2], x0[2:])  # ... on different images: winners first, then losers
-    torch.testing.assert_close(context[:2], context[2:], rtol=0, atol=0)  # caption repeated for the loser
-    # policy == reference at init: loss log 2, accuracy 0 (ties count as wrong)
-    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6) and metrics["implicit_accuracy"].item() == 0.0
-    assert set(metrics) == {"loss", "implicit_accuracy", "reward_margin", "model_err_w", "model_err_l",
-                            "ref_err_w", "ref_err_l"}
-    loss.backward()
-    assert all(p.grad is not None for p in sd.unet.parameters())
-    # the same seed gives the same step (exact resume); another seed other noise
-    sd.unet.calls.clear()
-    dpo.dpo_train_step(sd, reference, batch, 5000.0, seed=0)
-    dpo.dpo_train_step(sd, reference, batch, 5000.0, seed=1)
-    torch.testing.assert_close(sd.unet.calls[0][0], x_t, rtol=0, atol=0)
-    assert not torch.equal(sd.unet.calls[1][0], x_t)
+    def __init__(self, seed=0):
+        self.sd = make_tiny_sd()
+        self.reference = Recorder(copy.deepcopy(self.sd.unet).requires_grad_(False))
+        self.sd.unet = Recorder(self.sd.unet)
+        self.noised = []
+        add_noise = self.sd.schedule.add_noise
+
+        def recording_add_noise(x0, noise, t):
+            self.noised.append((x0, noise, t))
+            return add_noise(x0, noise, t)
+
+        self.sd.schedule.add_noise = recording_add_noise
+        self.batch = pixel_batch()
+        self.loss, self.metrics = dpo.dpo_train_step(self.sd, self.reference, self.batch, 5000.0, seed)
+        self.x_t, self.t, self.context, self.grad_on = self.sd.unet.calls[0]
+
+
+def test_dpo_train_step_makes_one_policy_and_one_reference_forward():
+    step = RecordedStep()
+    assert len(step.sd.unet.calls) == 1 and len(step.reference.calls) == 1
+
+
+def test_dpo_train_step_keeps_a_graph_only_through_the_policy():
+    step = RecordedStep()
+    reference_grad_on = step.reference.calls[0][3]
+    assert step.grad_on and not reference_grad_on
+
+
+def test_dpo_train_step_feeds_policy_and_reference_the_same_x_t_and_t():
+    step = RecordedStep()
+    x_t_ref, t_ref, _, _ = step.reference.calls[0]
+    assert torch.equal(step.x_t, x_t_ref) and torch.equal(step.t, t_ref)
+
+
+def test_dpo_train_step_stacks_winners_then_losers():
+    step = RecordedStep()
+    x0, _, _ = step.noised[0]
+    assert step.x_t.shape == (4, 4, 8, 8)
+    assert not torch.equal(x0[:2], x0[2:])  # different images: the winners, then the losers
+
+
+def test_dpo_train_step_shares_t_and_eps_between_winner_and_loser():
+    step = RecordedStep()
+    _, noise, t = step.noised[0]
+    assert torch.equal(t[:2], t[2:]) and torch.equal(noise[:2], noise[2:])  # deviation 3
+
+
+def test_dpo_train_step_repeats_the_caption_for_the_loser():
+    step = RecordedStep()
+    assert torch.equal(step.context[:2], step.context[2:])  # deviation 5
+
+
+def test_dpo_train_step_at_init_is_log2_with_accuracy_0():
+    step = RecordedStep()
+    assert math.isclose(step.loss.item(), math.log(2), rel_tol=1e-6)
+    assert step.metrics["implicit_accuracy"].item() == 0.0  # ties count as wrong (deviation 4)
+
+
+def test_dpo_train_step_metric_names():
+    step = RecordedStep()
+    assert set(step.metrics) == {"loss", "implicit_accuracy", "reward_margin", "model_err_w",
+                                 "model_err_l", "ref_err_w", "ref_err_l"}
+
+
+def test_dpo_train_step_gradient_reaches_every_policy_parameter():
+    step = RecordedStep()
+    step.loss.backward()
+    assert all(p.grad is not None for p in step.sd.unet.parameters())
+
+
+def test_dpo_train_step_same_seed_draws_the_same_x_t():
+    step = RecordedStep()
+    again = dpo.dpo_train_step(step.sd, step.reference, step.batch, 5000.0, seed=0)
+    assert again[0].item() == step.loss.item()
+    assert torch.equal(step.sd.unet.calls[1][0], step.x_t)  # exact resume
+
+
+def test_dpo_train_step_another_seed_draws_another_x_t():
+    step = RecordedStep()
+    dpo.dpo_train_step(step.sd, step.reference, step.batch, 5000.0, seed=1)
+    assert not torch.equal(step.sd.unet.calls[1][0], step.x_t)
 
 
 @pytest.mark.parametrize("method", ["dpo", "sft"])

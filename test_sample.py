@@ -163,7 +163,7 @@ def test_cli_unet_and_lora_flags(tiny_sd_dir, tmp_path):
     (["--height", "60"], "multiples of 8"),
     (["--width", "100"], "multiples of 8"),
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--num-images", "0"], "--num-images must be >= 1"),
+    (["--num-images", "0"], "--num_images must be >= 1"),
 ])
 def test_cli_rejects_bad_input(tiny_sd_dir, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):

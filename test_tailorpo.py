@@ -143,6 +143,76 @@ def test_method_errors():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The step-wise reward and the ranking
+
+
+def test_step_reward_scores_the_decoded_tweedie_estimate():
+    """step_reward(x, eps_pred, t) = r(decode(x0_pred)), x0_pred = (x - sqrt(1 - alpha_bar_t) eps_pred)
+    / sqrt(alpha_bar_t) (DDIM Eq. 9), written here from the schedule's alpha_bar_t table."""
+    sd, reward = make_tiny_sd(), get_reward("brightness")
+    x, eps_pred = torch.randn(2, 3, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(5))
+    t = 451
+    alpha_bar_t = sd.schedule.alphas_cumprod[t].item()
+    x0_pred = (x - math.sqrt(1 - alpha_bar_t) * eps_pred) / math.sqrt(alpha_bar_t)
+    with torch.no_grad():
+        expected = reward(sd.decode_latents(x0_pred), PROMPTS[:3])
+        ours = step_reward(sd, reward, x, eps_pred, t, PROMPTS[:3])
+    # Both roundings of x0_pred agree to a few float32 ulps (|x0_pred| < 10: ~1e-6), which the tiny
+    # decoder and the mean brightness carry through with a gain of order 1.
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+def test_step_reward_after_the_final_step_scores_the_sample_itself():
+    sd, reward = make_tiny_sd(), get_reward("brightness")
+    x = torch.randn(3, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = reward(sd.decode_latents(x), PROMPTS[:3])
+        assert torch.equal(step_reward(sd, reward, x, None, -1, PROMPTS[:3]), expected)
+
+
+def test_step_reward_is_float32_under_a_bf16_autocast():
+    sd = make_tiny_sd()
+    sd.vae.to(torch.bfloat16)
+
+    def bf16_reward(images, prompts):
+        return images.mean(dim=(1, 2, 3)).to(torch.bfloat16)
+
+    x = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        eps_pred = torch.zeros_like(x)
+        assert step_reward(sd, bf16_reward, x, eps_pred, 451, PROMPTS[:2]).dtype == torch.float32
+
+
+def test_rank_pairs_prefers_the_higher_reward():
+    reward_0 = torch.tensor([0.3, 0.9])
+    reward_1 = torch.tensor([0.5, 0.1])
+    (reward_w,), (reward_l,) = tailorpo.rank_pairs(reward_0, reward_1, (), ())
+    assert torch.equal(reward_w, torch.tensor([0.5, 0.9]))
+    assert torch.equal(reward_l, torch.tensor([0.3, 0.1]))
+
+
+def test_rank_pairs_gives_a_tie_to_candidate_0():
+    reward = torch.tensor([0.5, 0.5])
+    candidate_0 = torch.zeros(2, 4, 2, 2)
+    candidate_1 = torch.ones(2, 4, 2, 2)
+    (_, winner), (_, loser) = tailorpo.rank_pairs(reward, reward.clone(), (candidate_0,), (candidate_1,))
+    assert torch.equal(winner, candidate_0) and torch.equal(loser, candidate_1)
+
+
+def test_rank_pairs_moves_every_tensor_of_a_candidate_with_it():
+    reward_0 = torch.tensor([1.0, 0.0, 2.0])
+    reward_1 = torch.tensor([0.0, 1.0, 3.0])
+    x_0, x_1, eps_0, eps_1 = torch.randn(4, 3, 4, 2, 2, generator=torch.Generator().manual_seed(8))
+    winner, loser = tailorpo.rank_pairs(reward_0, reward_1, (x_0, eps_0), (x_1, eps_1))
+    first_wins = [True, False, False]
+    for row, first in enumerate(first_wins):
+        assert torch.equal(winner[1][row], (x_0 if first else x_1)[row])
+        assert torch.equal(winner[2][row], (eps_0 if first else eps_1)[row])
+        assert torch.equal(loser[1][row], (x_1 if first else x_0)[row])
+        assert torch.equal(loser[2][row], (eps_1 if first else eps_0)[row])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The paper's arguments on a tiny model
 
 
