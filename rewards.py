@@ -21,6 +21,9 @@ Deviations from the official code:
    bf16 the aesthetic score has a resolution of 1/32 in [4, 8), so close candidates and pairs became ties.
 6. clipscore clamps each image's score at 0 (torchmetrics' documentation; Hessel et al., w = 100); its code
    clamps the batch mean: the same when every cosine is >= 0, as CLIP gives for images and their prompts.
+7. clipscore cuts a prompt as torchmetrics does, at the first 77 ids ([bos] + 76 tokens, no eos), where the
+   others keep 75 tokens and the eos (CLIP's training rule): with no eos, the text is pooled at position 0
+   (ours, and transformers' legacy argmax of the ids alike), so such a prompt's text embedding is the bos's.
 """
 
 import argparse
@@ -185,6 +188,13 @@ class PixelReward(Reward):
         return self.fn(images)
 
 
+def clipscore_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """CLIPScore's text ids [B, 77] as torchmetrics makes them (deviation 7): [bos] + tokens + [eos] cut to
+    the first 77 ids, eos-padded; a prompt of over 75 tokens keeps 76 and no eos (tokenizer(): 75 + eos)."""
+    rows = [[tokenizer.bos_id, *tokenizer.encode(p), tokenizer.eos_id][:tokenizer.max_length] for p in prompts]
+    return torch.tensor([row + [tokenizer.eos_id] * (tokenizer.max_length - len(row)) for row in rows])
+
+
 class CLIPReward(Reward):
     """A score of a CLIP model's normalised embeddings: the formula of its name in the module docstring."""
 
@@ -199,7 +209,10 @@ class CLIPReward(Reward):
         image_features = F.normalize(self.clip.get_image_features(pixels), dim=-1)
         if self.name == "aesthetic":
             return self.mlp(image_features).squeeze(-1)
-        ids = self.tokenizer(prompts).to(images.device)  # padded with eos (deviation 3)
+        if self.name == "clipscore":  # deviation 7
+            ids = clipscore_ids(self.tokenizer, prompts).to(images.device)
+        else:
+            ids = self.tokenizer(prompts).to(images.device)  # padded with eos (deviation 3)
         text_features = F.normalize(self.clip.get_text_features(ids), dim=-1)
         cosine = (image_features * text_features).sum(dim=-1)
         if self.name == "pickscore":

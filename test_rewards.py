@@ -361,18 +361,37 @@ def test_score_command_reads_image_files(tmp_path, monkeypatch, capsys):
 
 def test_clipscore_equals_torchmetrics_definition_on_transformers_clip(aesthetic_files):
     """torchmetrics' CLIPScore: 100 * max(cos(image, text), 0), with transformers' CLIPModel and
-    CLIPProcessor's text (transformers' tokenizer, padded to the longest prompt, with an attention mask)."""
+    CLIPProcessor's text: transformers' tokenizer, padded to the longest prompt and NOT truncated, then cut
+    to the first 77 ids (max_position_embeddings), with an attention mask."""
     model, _, clip_dir, _ = aesthetic_files
     prompts = ["a photo of a cat", "a red car", "two dogs on the grass", PROMPTS[1]]
-    batch = hf_clip_tokenizer()(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    batch = hf_clip_tokenizer()(prompts, padding=True, return_tensors="pt")
     x = images(4, 48, 40, seed=6)
     with torch.no_grad():
-        cosine = (hf_image_features(model, clip_preprocess(x, 30))
-                  * hf_text_features(model, batch.input_ids, batch.attention_mask)).sum(-1)
+        text = hf_text_features(model, batch.input_ids[:, :77], batch.attention_mask[:, :77])
+        cosine = (hf_image_features(model, clip_preprocess(x, 30)) * text).sum(-1)
         expected = 100 * cosine.clamp(min=0)
         ours = get_reward("clipscore", clip_path=clip_dir)(x, prompts)
     assert (cosine < 0).any() and (cosine > 0).any()  # both branches of the max are exercised
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_clipscore_cuts_a_long_prompt_at_77_ids_as_torchmetrics(aesthetic_files):
+    """Issue 19.10: torchmetrics cuts CLIPProcessor's ids at 77, so a prompt of over 75 tokens keeps 76 of
+    them and no eos (our tokenizer, like transformers' with truncation=True, keeps 75 and the eos); the text
+    is then pooled at the first eos, or, with none, at position 0 (transformers' legacy argmax of the ids
+    picks the bos 49406 too). Ids and text embeddings equal transformers' under that cut."""
+    model, _, clip_dir, _ = aesthetic_files
+    prompts = ["a photo of a cat", PROMPTS[1]]
+    batch = hf_clip_tokenizer()(prompts, padding=True, return_tensors="pt")
+    hf_ids, mask = batch.input_ids[:, :77], batch.attention_mask[:, :77]
+    ids = rewards.clipscore_ids(CLIPTokenizer.default(), prompts)
+    assert ids.shape == (2, 77) and torch.equal(ids[mask.bool()], hf_ids[mask.bool()])
+    assert ids[1, -1] != CLIPTokenizer.default().eos_id  # the 76th token, not an eos
+    clip = get_reward("clipscore", clip_path=clip_dir).clip
+    with torch.no_grad():
+        ours = F.normalize(clip.get_text_features(ids), dim=-1)
+        torch.testing.assert_close(ours, hf_text_features(model, hf_ids, mask), atol=1e-5, rtol=0)
 
 
 def close_score_images(reward, count=8, gap=1e-4):
