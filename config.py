@@ -114,10 +114,21 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args([self.canonical(word) for word in args], namespace)
 
     def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        self.refuse_unknown_options(args)
         namespace, unknown = self.parse_known_args(args, namespace)
         if unknown:
             raise ConfigError(self.unknown_message(unknown[0]))
         return namespace
+
+    def refuse_unknown_options(self, args: list[str]):
+        """An unknown --flag is named first, before argparse reports a missing required option."""
+        known = self.known_options()
+        for word in args:
+            if word == "--":
+                return
+            if word.startswith("--") and self.canonical(word).partition("=")[0] not in known:
+                raise ConfigError(self.unknown_message(word))
 
     def unknown_message(self, word: str) -> str:
         """'unknown option '--num_imgs' (did you mean --num_images?)', or an unexpected argument."""
