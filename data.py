@@ -1,13 +1,10 @@
 """Preference pairs for Diffusion-DPO: (caption, preferred image x_0^w, dis-preferred image x_0^l).
 
-Pick-a-Pic v2 (Diffusion-DPO Sec. 5): `caption`, `jpg_0`, `jpg_1` (JPEG bytes), `label_0` (1: jpg_0
-preferred, 0: jpg_1, 0.5: a tie), in parquet shards or a pairs.jsonl folder. Other sets map their
-columns onto these fields (--data_columns); without label_0, jpg_0 is preferred (prompt, chosen,
-rejected). An image cell is bytes or the `datasets` struct {bytes, path} (path relative to the
-parquet file). As the official train.py: ties are dropped (~12%), the winner comes first, each
-image is resized (shorter side to R, bilinear), center- (or random-) cropped and flipped,
-independently for x_0^w and x_0^l; 20% of the captions become "". Images stay uint8 until
-dpo.model_pixels scales them on the device.
+The pairs come from pairs.jsonl or parquet (Pick-a-Pic v2, Diffusion-DPO Sec. 5, or another set's
+columns mapped onto its fields: pair_files.py). As the official train.py: ties are dropped (~12%),
+the winner comes first, each image is resized (shorter side to R, bilinear), center- (or random-)
+cropped and flipped, independently for x_0^w and x_0^l; 20% of the captions become "". Images stay
+uint8 until dpo.model_pixels scales them on the device.
 
 Stream position p holds row order_e[p mod N] of epoch e = p // N (N usable pairs), augmented by an
 RNG seeded by (seed, p), so a run resumes exactly from the samples consumed (start_sample), with any
@@ -38,7 +35,6 @@ import copy
 import hashlib
 import io
 import itertools
-import json
 import math
 import operator
 import random
@@ -52,15 +48,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import config
+import pair_files
 import progress
+from pair_files import DataError, parse_columns, to_pil, write_pairs_jsonl  # noqa: F401 (re-exports)
 
-FIELDS = ("caption", "jpg_0", "jpg_1", "label_0")  # what --data_columns maps onto a set's columns
-IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 VALIDATION_POSITIONS = 1 << 40  # validation pairs' keys lie beyond any training position
-
-
-class DataError(ValueError):
-    """Data that cannot be trained on, said in one line before any model is built."""
 
 
 class UnreadableImage(Exception):
@@ -84,101 +76,6 @@ class PairStats:
         return (f"{self.rows} rows read: {self.ties} ties dropped, {self.malformed} malformed rows "
                 f"dropped, {len(self.missing)} missing, {len(self.corrupt)} corrupt and "
                 f"{len(self.null)} null images skipped{ratio if self.image_bytes else ''}")
-
-
-def parse_columns(text: str) -> dict[str, str]:
-    """--data_columns "caption=prompt,jpg_0=chosen,..." -> {field: column}; "" -> {}."""
-    entries = [[part.strip() for part in entry.split("=")] for entry in text.split(",")]
-    entries = [entry for entry in entries if entry != [""]]
-    for entry in entries:
-        if len(entry) != 2 or entry[0] not in FIELDS or not entry[1]:
-            raise DataError(f"--data_columns: {'='.join(entry)!r} is not KEY=COLUMN, KEY one of "
-                            f"{', '.join(FIELDS)}")
-    return dict(entries)
-
-
-def _parquet_module():
-    try:
-        import pyarrow.parquet as pq  # optional
-    except ImportError:
-        raise DataError("reading parquet data needs pyarrow: pip install pyarrow") from None
-    return pq
-
-
-def _data_files(path: Path) -> list[Path]:
-    """[pairs.jsonl] (given or in the folder), [a .parquet file] or a folder's .parquet files."""
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_file() and path.suffix not in (".jsonl", ".parquet"):
-        raise DataError(f"{path}: not a pairs.jsonl or .parquet file (nor a folder of them)")
-    jsonl = [path / "pairs.jsonl"] if (path / "pairs.jsonl").is_file() else []
-    files = [path] if path.is_file() else jsonl or sorted(path.glob("*.parquet"))
-    if not files:
-        raise DataError(f"{path}: a folder with no pairs.jsonl and no .parquet files")
-    return files
-
-
-def _read_jsonl(path: Path, columns: dict) -> list[tuple]:
-    """-> records (caption, ref_0, ref_1, label_0), refs image paths; a bad line has label None."""
-    records = []
-    for line in filter(str.strip, path.read_text().splitlines()):
-        try:
-            item = json.loads(line)
-            images = (path.parent / item[columns[column]] for column in IMAGE_COLUMNS)
-            label = item[columns["label_0"]] if "label_0" in columns else 1
-            records.append((item.get(columns["caption"]), *images, label))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            records.append((None, None, None, None))
-    return records
-
-
-def _read_parquet(files: list[Path], columns: dict) -> tuple[list[tuple], list[tuple]]:
-    """-> (records with refs (row group id, row in group, field), row groups (file, index in the
-    file, first row in the file, compressed bytes of its image columns: what reading it costs))."""
-    records = []
-    groups = []
-    image_columns = [columns[column] for column in IMAGE_COLUMNS]
-    for file in files:
-        try:
-            parquet = _parquet_module().ParquetFile(file)
-            names = parquet.schema_arrow.names
-            text = parquet.read(columns=[columns[key] for key in ("caption", "label_0")
-                                         if columns.get(key) in names]).to_pydict()
-        except (ValueError, OSError) as error:  # pyarrow's ArrowInvalid is a ValueError
-            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-            raise DataError(f"{file}: not a readable parquet file ({reason})") from None
-        missing = [column for column in columns.values() if column not in names]
-        if missing:
-            raise DataError(f"{file}: no column {', '.join(map(repr, missing))}; its columns: "
-                            f"{', '.join(names)} (map them with --data_columns KEY=COLUMN)")
-        labels = text.get(columns.get("label_0"))
-        first_row = 0
-        for index in range(parquet.num_row_groups):
-            meta = parquet.metadata.row_group(index)
-            chunks = [meta.column(c) for c in range(meta.num_columns)]
-            images = [c for c in chunks if c.path_in_schema.split(".")[0] in image_columns]
-            groups.append((file, index, first_row, sum(c.total_compressed_size for c in images)))
-            for row in range(first_row, first_row + meta.num_rows):
-                refs = [(len(groups) - 1, row - first_row, column) for column in IMAGE_COLUMNS]
-                label = labels[row] if labels else 1
-                records.append((text[columns["caption"]][row], *refs, label))
-            first_row += meta.num_rows
-    return records, groups
-
-
-def _cell_bytes(cell, folder: Path) -> tuple[bytes | None, str]:
-    """(encoded image or None, why None) of a parquet image cell: bytes, or the `datasets` struct
-    {bytes, path}, its path relative to the parquet file's folder when bytes is null."""
-    if isinstance(cell, dict) and cell.get("bytes") is None and cell.get("path"):
-        path = folder / cell["path"]
-        return (path.read_bytes() if path.is_file() else None), "missing"
-    return (cell.get("bytes") if isinstance(cell, dict) else cell), "null"
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """[3, H, W] in [0, 1] -> PIL, rounded as diffusers' numpy_to_pil."""
-    pixels = (image.clamp(0, 1) * 255).round().byte()
-    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
 
 
 def preprocess(image: Image.Image, resolution: int, rng: random.Random | None, random_crop=False,
@@ -209,15 +106,13 @@ class PreferencePairs(torch.utils.data.Dataset):
     def __init__(self, path, resolution=512, random_crop=False, hflip=True, prompt_dropout=0.2,
                  seed=0, columns=None, window=4):
         self.path = Path(path)
-        files = _data_files(self.path)
-        self.columns = {key: (columns or {}).get(key, key) for key in FIELDS}  # {field: column}
-        if columns and "label_0" not in columns:
-            del self.columns["label_0"]
+        files = pair_files.data_files(self.path)
+        self.columns = pair_files.mapped_columns(columns)  # {field: column}
         self.groups = []
         if files[0].suffix == ".jsonl":
-            records = _read_jsonl(files[0], self.columns)
+            records = pair_files.read_jsonl(files[0], self.columns)
         else:
-            records, self.groups = _read_parquet(files, self.columns)
+            records, self.groups = pair_files.read_parquet(files, self.columns)
         self.stats = PairStats(rows=len(records))
         self.rows = []
         for caption, *refs, label in records:
@@ -310,10 +205,10 @@ class PreferencePairs(torch.utils.data.Dataset):
     def _read_group(self, group: int) -> dict:
         """{field: list of cells} of a row group's image columns: one read of its column chunks."""
         file, index, _, _ = self.groups[group]
-        names = [self.columns[column] for column in IMAGE_COLUMNS]
-        table = _parquet_module().ParquetFile(file).read_row_group(index, columns=names)
+        names = [self.columns[column] for column in pair_files.IMAGE_COLUMNS]
+        table = pair_files.parquet_module().ParquetFile(file).read_row_group(index, columns=names)
         return {column: table.column(name).to_pylist()
-                for column, name in zip(IMAGE_COLUMNS, names)}
+                for column, name in zip(pair_files.IMAGE_COLUMNS, names)}
 
     def _encoded(self, ref) -> tuple[bytes | None, str, str]:
         """(encoded image or None, why None, the image's name) of an image ref."""
@@ -328,7 +223,7 @@ class PreferencePairs(torch.utils.data.Dataset):
             self._bytes_read += nbytes
             while len(self._group_cells) > max(self.window, 1):  # evict the oldest (deviation 4)
                 del self._group_cells[next(iter(self._group_cells))]
-        encoded, kind = _cell_bytes(self._group_cells[group][column][offset], file.parent)
+        encoded, kind = pair_files.cell_bytes(self._group_cells[group][column][offset], file.parent)
         return encoded, kind, f"{file}[row {first_row + offset}].{column}"
 
     def _load(self, ref) -> tuple[Image.Image, int]:
@@ -502,23 +397,6 @@ def check_data(path: str, columns: dict, world_size=1) -> int:
     return len(pairs)
 
 
-def write_pairs_jsonl(folder, captions, images_0, images_1, labels_0=None) -> Path:
-    """Write a pairs.jsonl dataset: images (PIL, or [3,H,W] tensors in [0, 1]) as PNGs in
-    folder/images/, one line per pair; labels_0 defaults to 1 (jpg_0 preferred). -> pairs.jsonl."""
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    labels = [1] * len(captions) if labels_0 is None else labels_0
-    with open(folder / "pairs.jsonl", "w") as file:
-        for i, row in enumerate(zip(captions, labels, images_0, images_1, strict=True)):
-            record = {"caption": row[0], "label_0": row[1]}
-            for column, image in zip(IMAGE_COLUMNS, row[2:]):
-                record[column] = f"images/{i:06d}_{column[-1]}.png"
-                pil = to_pil(image) if isinstance(image, torch.Tensor) else image
-                pil.save(folder / record[column])
-            file.write(json.dumps(record) + "\n")
-    return folder / "pairs.jsonl"
-
-
 def main(argv=None):
     parser = config.Parser(description=__doc__.split("\n")[0])
     inspect = parser.add_subparsers(dest="command", required=True).add_parser(
@@ -526,9 +404,10 @@ def main(argv=None):
     inspect.add_argument("path", help="pairs.jsonl folder, .parquet file or .parquet folder")
     inspect.add_argument("--pairs", type=int, default=1000, help="pairs to scan (0: one epoch)")
     inspect.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    inspect.add_argument("--resolution", type=int, default=512)
-    inspect.add_argument("--seed", type=int, default=0)
-    inspect.add_argument("--data_columns", default="", help="KEY=COLUMN,...: KEY in " + str(FIELDS))
+    inspect.add_argument("--resolution", type=int, default=512, help="pixels after resize and crop")
+    inspect.add_argument("--seed", type=int, default=0, help="of the order and the augmentation")
+    inspect.add_argument("--data_columns", default="", help="KEY=COLUMN,...: KEY in "
+                         + ", ".join(pair_files.FIELDS))
     inspect.add_argument("--world", type=int, default=1, help="show the split over this many ranks")
     args = parser.parse_args(argv)
     if min(args.pairs, args.num_workers) < 0 or min(args.resolution, args.world) < 1:

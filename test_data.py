@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import data
+import pair_files
 from bench.bench_data import synthetic_jpegs, write_synthetic_pick_a_pic
 
 
@@ -45,7 +46,7 @@ def jpeg_bytes(image):
 def pairs_folder(tmp_path):
     """2 good pairs (bright image preferred), then a tie, a corrupt JPEG, a missing file, a
     malformed row."""
-    path = data.write_pairs_jsonl(
+    path = pair_files.write_pairs_jsonl(
         tmp_path, ["sun", "day"], [solid(230), solid(20)], [solid(20), solid(230)], labels_0=[1, 0]
     )  # pair 2: jpg_1 (bright) preferred
     (tmp_path / "corrupt.jpg").write_bytes(jpeg_bytes(solid(200))[:300])  # truncated JPEG
@@ -134,7 +135,7 @@ def test_uint8_pixels_scale_on_the_device_bit_for_bit_as_the_former_loader():
 def test_flips_are_independent_for_winner_and_loser(tmp_path):
     image = Image.new("RGB", (16, 16), (0, 0, 0))
     image.paste((255, 255, 255), (0, 0, 4, 16))  # white left edge: a flip moves it to the right
-    data.write_pairs_jsonl(
+    pair_files.write_pairs_jsonl(
         tmp_path, ["x"], [image], [image]
     )  # winner and loser are the same picture
     pairs = data.PreferencePairs(tmp_path, resolution=8, prompt_dropout=0.0)
@@ -392,7 +393,7 @@ def test_inspect_counts_ties_corrupt_and_null_cells(tmp_path, capsys):
     )
     assert "0 missing, 1 corrupt and 1 null images" in out and "pairs/s" in out
     assert "read amplification" in out
-    with pytest.raises(data.DataError, match="no such file"):
+    with pytest.raises(pair_files.DataError, match="no such file"):
         data.main(["inspect", str(tmp_path / "nope")])
 
 
@@ -471,7 +472,7 @@ def brightness(images, prompts):
 
 def test_ai_feedback_relabelling_flips_pairs(tmp_path):
     # human labels: pair p0 prefers the bright image, p1 and p2 the dark one
-    data.write_pairs_jsonl(
+    pair_files.write_pairs_jsonl(
         tmp_path,
         ["p0", "p1", "p2"],
         [solid(230), solid(230), solid(20)],
@@ -493,7 +494,7 @@ def test_ai_feedback_relabelling_flips_pairs(tmp_path):
 
 def test_write_pairs_jsonl_accepts_tensors(tmp_path):
     image = torch.rand(3, 8, 8)
-    path = data.write_pairs_jsonl(tmp_path, ["t"], [image], [1 - image])
+    path = pair_files.write_pairs_jsonl(tmp_path, ["t"], [image], [1 - image])
     record = json.loads(path.read_text())
     assert record["label_0"] == 1 and (tmp_path / record["jpg_0"]).is_file()
 
@@ -558,7 +559,7 @@ def test_inspect_maps_the_columns_of_a_datasets_layout(datasets_layout, capsys):
 
 def test_without_label_0_the_mapped_jpg_0_is_preferred(datasets_layout):
     """chosen (bright) comes first, read from bytes or from a path relative to the parquet file."""
-    columns = data.parse_columns(DATASETS_COLUMNS)
+    columns = pair_files.parse_columns(DATASETS_COLUMNS)
     pairs = data.PreferencePairs(datasets_layout, resolution=8, prompt_dropout=0.0, columns=columns)
     (served,) = pairs.batches(4)
     assert served["captions"] == ["a", "b", "c"]  # the null image's pair is skipped
@@ -566,8 +567,8 @@ def test_without_label_0_the_mapped_jpg_0_is_preferred(datasets_layout):
 
 
 def test_parse_columns():
-    assert data.parse_columns("") == {}
-    assert data.parse_columns("caption=prompt, jpg_0=chosen") == {
+    assert pair_files.parse_columns("") == {}
+    assert pair_files.parse_columns("caption=prompt, jpg_0=chosen") == {
         "caption": "prompt",
         "jpg_0": "chosen",
     }
@@ -575,8 +576,8 @@ def test_parse_columns():
 
 @pytest.mark.parametrize("text", ["caption", "caption=", "winner=chosen"])
 def test_parse_columns_refuses_bad_syntax_in_one_line(text):
-    with pytest.raises(data.DataError, match="--data_columns") as error:
-        data.parse_columns(text)
+    with pytest.raises(pair_files.DataError, match="--data_columns") as error:
+        pair_files.parse_columns(text)
     assert "\n" not in str(error.value)
 
 
@@ -593,7 +594,7 @@ def bad_data(kind, tmp_path, monkeypatch):
         (tmp_path / "train.parquet").write_text("hello\n" * 20)
         return tmp_path / "train.parquet", {}, "not a readable parquet file"
     if kind == "no usable pairs":
-        data.write_pairs_jsonl(tmp_path, ["tie"], [solid(10)], [solid(20)], labels_0=[0.5])
+        pair_files.write_pairs_jsonl(tmp_path, ["tie"], [solid(10)], [solid(20)], labels_0=[0.5])
         return tmp_path, {}, "no usable pairs"
     write_synthetic_pick_a_pic(tmp_path, 4, sizes=(16, 16), distinct_images=1)
     if kind == "missing column":
@@ -616,7 +617,7 @@ BAD_DATA = [
 @pytest.mark.parametrize("kind", BAD_DATA)
 def test_check_data_refuses_bad_data_in_one_line(kind, tmp_path, monkeypatch):
     path, columns, words = bad_data(kind, tmp_path, monkeypatch)
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(pair_files.DataError) as error:
         data.check_data(str(path), columns)
     assert words in str(error.value) and "\n" not in str(error.value)
 
@@ -625,7 +626,7 @@ def test_check_data_refuses_bad_data_in_one_line(kind, tmp_path, monkeypatch):
 def test_inspect_refuses_bad_data_in_one_line(kind, tmp_path, monkeypatch):
     path, columns, words = bad_data(kind, tmp_path, monkeypatch)
     mapping = ",".join(f"{key}={column}" for key, column in columns.items())
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(pair_files.DataError) as error:
         data.main(["inspect", str(path), "--data_columns", mapping])
     assert words in str(error.value) and "\n" not in str(error.value)
 

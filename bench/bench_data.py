@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 import data
+import pair_files
 
 RESULTS = Path(__file__).parent / "results" / "bench_data.md"
 
@@ -91,7 +92,7 @@ def write_synthetic_pick_a_pic(folder, num_rows: int, rows_per_group=100, rows_p
         table = pa.table({
             "caption": pa.array([f"synthetic prompt {row}" for row in rows], pa.string()),
             **{column: image_column(jpegs, rows, picks[:, side], side)
-               for side, column in enumerate(data.IMAGE_COLUMNS)},
+               for side, column in enumerate(pair_files.IMAGE_COLUMNS)},
             "label_0": pa.array(label_0, pa.float64()),
             "label_1": pa.array([1 - label for label in label_0], pa.float64()),
             "model_0": pa.array(["synthetic"] * len(rows), pa.string()),
