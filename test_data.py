@@ -256,10 +256,20 @@ def test_parquet_ranks_resume_exactly_on_the_same_world_size(synthetic_shards):
     resumed = first_batches(pairs, 2, 2, start_sample=2 * 8, rank=1, world_size=2)
     assert [p for batch in resumed for p in batch["positions"]] == run[2]["positions"]
     assert torch.equal(torch.cat([batch["pixels_w"] for batch in resumed]), run[2]["pixels_w"])
-    other = first_batches(pairs, 1, 4, rank=0, world_size=2)[0]
-    assert not set(other["positions"]) & {
-        p for batch in run for p in batch["positions"]
-    }  # unique keys
+
+
+def test_parquet_ranks_key_their_items_apart(synthetic_shards):
+    """Two ranks' items never share a key (the augmentation RNG's and dpo's noise key)."""
+    pairs = data.PreferencePairs(synthetic_shards, resolution=8)
+    keys = [first_batches(pairs, 1, 4, rank=rank, world_size=2)[0]["positions"] for rank in (0, 1)]
+    assert keys == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+def test_parquet_ranks_with_unequal_shares_serve_equally_many_batches(synthetic_shards):
+    """3 ranks own 27, 27 and 18 pairs; each serves a batch every step, past its epoch (no hang)."""
+    pairs = data.PreferencePairs(synthetic_shards, resolution=8)
+    counts = [len(first_batches(pairs, 10, 4, rank=rank, world_size=3)) for rank in range(3)]
+    assert counts == [10, 10, 10]
 
 
 def test_resume_problem_accepts_the_same_stream(stream_source):
@@ -268,13 +278,18 @@ def test_resume_problem_accepts_the_same_stream(stream_source):
     assert data.resume_problem(saved, data.PreferencePairs(stream_source, 16, seed=3), 2) is None
 
 
-def test_resume_problem_names_changed_data(stream_source):
+def test_resume_problem_names_another_seed(stream_source):
     pairs = data.PreferencePairs(stream_source, resolution=8, seed=3)
-    saved = pairs.identity()
-    problem = data.resume_problem(saved, data.PreferencePairs(stream_source, 8, seed=4), 1)
+    reseeded = data.PreferencePairs(stream_source, resolution=8, seed=4)
+    problem = data.resume_problem(pairs.identity(), reseeded, 1)
     assert "seed" in problem and "\n" not in problem
+
+
+def test_resume_problem_names_other_pairs(stream_source):
+    """Another --val_pairs holds out other rows: the training stream changed."""
+    pairs = data.PreferencePairs(stream_source, resolution=8, seed=3)
     train, _ = pairs.split_validation(1)
-    assert "pairs" in data.resume_problem(saved, train, 1)
+    assert "pairs" in data.resume_problem(pairs.identity(), train, 1)
 
 
 def test_resume_problem_refuses_parquet_on_another_world_size(synthetic_shards, pairs_folder):
