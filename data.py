@@ -179,7 +179,8 @@ class PreferencePairs(torch.utils.data.Dataset):
         for group in sorted(shuffled.tolist(), key=lambda group: -len(self.members[group])):
             owner = dealt.index(min(dealt))
             dealt[owner] += len(self.members[group])
-            mine += self.members[group] if owner == rank else []
+            if owner == rank:
+                mine += self.members[group]
         view = self._subset(sorted(mine))
         view.split = (rank, world_size)
         return view
@@ -188,8 +189,9 @@ class PreferencePairs(torch.utils.data.Dataset):
         """(rows, slots) [N]: the epoch's rows in stream order, and the slot of each row's row group
         in the epoch's group order (pairs.jsonl and window=0: the index itself)."""
         if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}  # a batch
-            if not self.members or self.window == 0:  # a full shuffle          # straddles two
+            # Keep the previous epoch's order only: a batch can straddle two epochs.
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            if not self.members or self.window == 0:  # a full shuffle
                 generator = torch.Generator().manual_seed(self.seed + epoch)
                 rows = torch.randperm(len(self.rows), generator=generator).numpy()
                 self._orders[epoch] = rows, np.arange(len(self.rows))
