@@ -19,10 +19,8 @@ Choices where the papers are silent:
    exact comparison (one DPO step: +0.001 +- 0.002 utility "won" 0.64).
 """
 
-import argparse
 import contextlib
 import csv
-import dataclasses
 import inspect
 import json
 import math
@@ -32,14 +30,16 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
+import config
 import lora
+import progress
 import rewards
 import sampler
 import toy
+import weights
 from data import to_pil
-from weights import CheckpointError, build, load_stable_diffusion, load_unet, read_state_dict
+from weights import CheckpointError
 
 PROMPTS_DIR = Path(__file__).with_name("assets") / "prompts"  # sources and licences: its README.md
 PROMPT_SETS = {"drawbench": PROMPTS_DIR / "drawbench.csv", "parti": PROMPTS_DIR / "parti.tsv"}
@@ -54,9 +54,6 @@ PromptSet = namedtuple("PromptSet", "name prompts categories")  # categories: on
 def read_prompts(spec: str, max_prompts: int = 0) -> PromptSet:
     """The first max_prompts (0: all) of drawbench, parti, a .txt (a prompt per line) or a .csv/.tsv."""
     path = PROMPT_SETS.get(spec, Path(spec))
-    if spec == toy.MODEL:  # transitional, until train.py builds the toy's PromptSet from toy.world() itself
-        world = toy.world()
-        return PromptSet(toy.MODEL, world.report_prompts, world.report_categories)
     if not path.is_file():
         raise ValueError(f"--prompts {spec!r}: no such file; give {', '.join(PROMPT_SETS)} or a "
                          ".txt/.csv/.tsv file")
@@ -155,7 +152,7 @@ def generate(sd, prompts: list[str], seed: int, num_steps: int = 50, guidance: f
 def score_images(folder: Path, prompts: list[str], pairs: list, reward_fns: dict, batch_size: int):
     """{reward name: scores [len(pairs)]} of the saved PNGs of (prompt index, seed) pairs (choice 5)."""
     scores = {name: [] for name in reward_fns}
-    for k in tqdm(range(0, len(pairs), batch_size), f"scoring {folder.name}"):
+    for k in progress.bar(range(0, len(pairs), batch_size), desc=f"scoring {folder.name}", unit="batch"):
         batch = pairs[k:k + batch_size]
         images = torch.stack([rewards.read_image(image_path(folder, i, seed)) for i, seed in batch])
         for name, reward_fn in reward_fns.items():
@@ -209,7 +206,8 @@ def compare(aligned_sd, prompts: list[str], reward_fns: dict, seeds: list[int], 
                 for k in range(0, len(indices), batch_size)]  # one seed per batch: its x_T (choice 4)
         generated[kind] = sum(len(batch) for _, batch in todo)
         with (lora.lora_disabled(aligned_sd.unet) if kind == "base" else contextlib.nullcontext(),
-              tqdm(total=generated[kind], desc=f"generating {kind}", disable=not todo) as bar):
+              progress.bar(total=generated[kind], desc=f"generating {kind}", unit="image",
+                           disable=not todo) as bar):
             for seed, batch in todo:
                 images = generate(sd, [prompts[i] for i in batch], seed, num_steps, guidance, eta)
                 for i, image in zip(batch, images):  # written atomically: no truncated PNG to reuse later
@@ -282,24 +280,6 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_models(model, unet: str | None, lora_path: str | None, device: str, dtype: torch.dtype):
-    """(base_sd, aligned_sd = model + --unet and/or --lora); base_sd None without --unet (base: LoRA off).
-    model: a path or hub id, or an already loaded weights.StableDiffusion (the toy's, toy.world())."""
-    if isinstance(model, str):
-        base = load_stable_diffusion(model, device=device, dtype=dtype)
-    else:
-        base = model
-    aligned = dataclasses.replace(base)
-    if unet and os.path.isdir(unet):  # a diffusers unet folder (train.py's out_dir/unet of a full fine-tune)
-        aligned.unet = load_unet(unet)
-    elif unet:  # a state dict with diffusers names, for the base model's architecture
-        aligned.unet = build(type(base.unet), base.unet.config, read_state_dict(unet), unet)
-    aligned.unet.to(device, dtype)
-    if lora_path:  # its adapters stay float32 (lora.py deviation 3); no LoRA of this model: CheckpointError
-        lora.load_lora(aligned.unet, lora_path)
-    return (base if unet else None), aligned
-
-
 def load_rewards(names: list[str], device, reward_paths: dict[str, str]) -> dict:
     """{name: reward}; a path KEY=FILE goes to every reward whose loader takes KEY, NAME.KEY=FILE to one."""
     loaded = {}
@@ -312,60 +292,65 @@ def load_rewards(names: list[str], device, reward_paths: dict[str, str]) -> dict
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description="Compare an aligned model with its base: rewards, win rates.")
+    p = config.Parser(description="Compare an aligned model with its base: rewards, win rates.")
     p.add_argument("--model", default=toy.MODEL, help="'toy', a diffusers folder, an SD1.5 file or a hub id")
     p.add_argument("--unet", help="aligned UNet: a diffusers unet folder or a .safetensors state dict")
-    p.add_argument("--lora", help="aligned LoRA .safetensors (train.py out/lora.safetensors)")
+    p.add_argument("--lora", help="aligned LoRA .safetensors (train.py's OUT_DIR/lora.safetensors)")
     p.add_argument("--prompts", default="", help="drawbench (200), parti (1632), or a .txt/.csv/.tsv "
                    "(default: the toy world's report prompts for --model toy, else drawbench)")
-    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
+    p.add_argument("--max_prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--rewards", default="saturation", help=f"comma-separated: {', '.join(rewards.REWARDS)}")
-    p.add_argument("--reward-path", action="append", default=[], metavar="KEY=FILE", help="a reward weight "
-                   "file, e.g. mlp_path=a.pth or pickscore.path=PickScore_v1 (NAME.KEY: that reward only)")
+    p.add_argument("--reward_paths", default="", metavar="KEY=FILE[,KEY=FILE]", help="reward weight "
+                   "files, e.g. mlp_path=a.pth,pickscore.path=PickScore_v1 (NAME.KEY: that reward only)")
     p.add_argument("--seeds", default="0-3", help="'0-7' (a range), '1,5,9' (a list) or '4' (a count)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the toy world's, else 50)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the toy world's, else 7.5)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the toy world's, else 0: deterministic)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per generation / scoring batch")
-    p.add_argument("--out", default="out/evaluate", help="folder for images/, report.md, report.json, grid.png")
+    p.add_argument("--batch_size", type=int, default=8, help="images per generation / scoring batch")
+    p.add_argument("--out_dir", default="out/evaluate", help="folder for images/, report.md, report.json "
+                   "and grid.png (train.py's runs write to out/<method>, their reports to OUT_DIR/eval)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    args = p.parse_args(argv)
+    try:  # every option and file is checked before a model is loaded; each error is one line
+        return evaluate_main(p.parse_args(argv))
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:  # ConfigError too
+        raise SystemExit(f"evaluate.py: {error}") from None
+
+
+def evaluate_main(args) -> dict:
+    """main() after parsing: the checks, the models, compare(), the printed report."""
     world = toy.world() if args.model == toy.MODEL else None  # the toy world, reached through its door
     defaults = world.sampling if world else {"num_steps": 50, "guidance": 7.5, "eta": 0.0}
     num_steps = defaults["num_steps"] if args.steps is None else args.steps
     names = [name for name in args.rewards.split(",") if name]
-    paths = [item.split("=", 1) for item in args.reward_path]
+    paths = [item.split("=", 1) for item in args.reward_paths.split(",") if item]
     for message, bad in [(f"--rewards {args.rewards!r}: choose from {', '.join(rewards.REWARDS)}",
                           not names or any(name not in rewards.REWARDS for name in names)),
-                         ("--reward-path: give KEY=FILE", any(len(item) != 2 for item in paths)),
-                         ("--steps, --batch-size must be >= 1", min(num_steps, args.batch_size) < 1),
-                         ("--max-prompts must be >= 0", args.max_prompts < 0),
+                         ("--reward_paths: give KEY=FILE[,KEY=FILE]", any(len(item) != 2 for item in paths)),
+                         ("--steps, --batch_size must be >= 1", min(num_steps, args.batch_size) < 1),
+                         ("--max_prompts must be >= 0", args.max_prompts < 0),
                          ("give the aligned weights: --unet and/or --lora", not (args.unet or args.lora))]:
         if bad:
-            p.error(message)
-    try:  # every option and file is checked before a model is loaded
-        if world and not args.prompts:
-            last = args.max_prompts or None
-            prompt_set = PromptSet(toy.MODEL, world.report_prompts[:last], world.report_categories[:last])
-        else:
-            prompt_set = read_prompts(args.prompts or "drawbench", args.max_prompts)
-        seeds = parse_seeds(args.seeds)
-        reward_fns = {**(world.judges if world else {}), **load_rewards(names, args.device, dict(paths))}
-        model = world.load_model(args.device) if world else args.model
-        base, aligned = load_models(model, args.unet, args.lora, args.device, getattr(torch, args.dtype))
-        aligned_files = [args.model] + [  # with size and time: a retrained file is another model
-            f"{os.path.abspath(f)} ({os.stat(f).st_size} bytes, modified {int(os.stat(f).st_mtime)})"
-            for f in (args.unet, args.lora) if f]
-        report = compare(
-            aligned, prompt_set.prompts, reward_fns, seeds, args.out, base_sd=base,
-            eta=defaults["eta"] if args.eta is None else args.eta,
-            categories=prompt_set.categories, prompt_set=prompt_set.name, batch_size=args.batch_size,
-            num_steps=num_steps, guidance=defaults["guidance"] if args.guidance is None else args.guidance,
-            model_ids={"base": args.model, "aligned": " + ".join(aligned_files)})
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"evaluate.py: {error}") from None  # one line naming the option or file and why
-    print(format_markdown(report), f"wrote report.md, report.json, grid.png, images/ in {args.out}", sep="\n")
+            raise config.ConfigError(message)
+    if world and not args.prompts:
+        last = args.max_prompts or None
+        prompt_set = PromptSet(toy.MODEL, world.report_prompts[:last], world.report_categories[:last])
+    else:
+        prompt_set = read_prompts(args.prompts or "drawbench", args.max_prompts)
+    seeds = parse_seeds(args.seeds)
+    reward_fns = {**(world.judges if world else {}), **load_rewards(names, args.device, dict(paths))}
+    model = world.load_model(args.device) if world else args.model
+    base, aligned = weights.load_models(model, args.unet, args.lora, args.device, getattr(torch, args.dtype))
+    aligned_files = [args.model] + [  # with size and time: a retrained file is another model
+        f"{os.path.abspath(f)} ({os.stat(f).st_size} bytes, modified {int(os.stat(f).st_mtime)})"
+        for f in (args.unet, args.lora) if f]
+    report = compare(
+        aligned, prompt_set.prompts, reward_fns, seeds, args.out_dir, base_sd=base,
+        eta=defaults["eta"] if args.eta is None else args.eta,
+        categories=prompt_set.categories, prompt_set=prompt_set.name, batch_size=args.batch_size,
+        num_steps=num_steps, guidance=defaults["guidance"] if args.guidance is None else args.guidance,
+        model_ids={"base": args.model, "aligned": " + ".join(aligned_files)})
+    print(format_markdown(report), f"wrote report.md, report.json, grid.png, images/ in {args.out_dir}", sep="\n")
     return report
 
 

@@ -98,11 +98,11 @@ def tiny_files(tiny_sd_dir, tmp_path_factory):
     return folder
 
 
-def run(tiny_sd_dir, files, out, *extra, rewards="aesthetic,clipscore"):
-    return evaluate.main(["--model", str(tiny_sd_dir), "--prompts", "drawbench", "--max-prompts", "3",
-                          "--seeds", "0,7", "--steps", "2", "--batch-size", "4", "--rewards", rewards,
-                          "--reward-path", f"clip_path={files / 'clip'}",
-                          "--reward-path", f"mlp_path={files / 'mlp.pth'}", "--out", str(out), *extra])
+def run(tiny_sd_dir, files, out, *extra, rewards="aesthetic,clipscore", mlp_path=None):
+    paths = f"clip_path={files / 'clip'},mlp_path={mlp_path or files / 'mlp.pth'}"
+    return evaluate.main(["--model", str(tiny_sd_dir), "--prompts", "drawbench", "--max_prompts", "3",
+                          "--seeds", "0,7", "--steps", "2", "--batch_size", "4", "--rewards", rewards,
+                          "--reward_paths", paths, "--out_dir", str(out), *extra])
 
 
 def test_drawbench_end_to_end_then_a_second_reward_only_scores(tiny_sd_dir, tiny_files, tmp_path, monkeypatch,
@@ -227,7 +227,7 @@ def test_the_report_leads_with_the_mean_change_and_a_legend_per_metric(tiny_sd_d
     assert "- mean_pixel: The mean pixel value in [0, 1]." in lines
 
 
-@pytest.mark.parametrize("option", ["--lora", "--unet", "--reward-path"])
+@pytest.mark.parametrize("option", ["--lora", "--unet", "--reward_paths"])
 def test_bad_weight_files_and_options_give_one_line_errors(tiny_sd_dir, tiny_files, tmp_path, option):
     """Issue 10 item 12 at evaluate.py's entry points: exit with one line naming the file and the reason,
     before any image is generated."""
@@ -235,14 +235,26 @@ def test_bad_weight_files_and_options_give_one_line_errors(tiny_sd_dir, tiny_fil
 
     for kind in ("pickle_with_code", "corrupt_safetensors", "missing"):
         path, reason = write_bad_file(tmp_path, kind)
-        extra = [option, f"mlp_path={path}" if option == "--reward-path" else str(path)]
-        if option == "--reward-path":
-            extra += ["--unet", str(tiny_files / "same.safetensors")]
+        if option == "--reward_paths":  # the aesthetic MLP's file is the bad one
+            extra, mlp_path = ["--unet", str(tiny_files / "same.safetensors")], path
+        else:
+            extra, mlp_path = [option, str(path)], None
         with pytest.raises(SystemExit) as error:
-            run(tiny_sd_dir, tiny_files, tmp_path / "out", *extra)
+            run(tiny_sd_dir, tiny_files, tmp_path / "out", *extra, mlp_path=mlp_path)
         message = str(error.value.code)
         assert message.startswith("evaluate.py: ") and "\n" not in message and str(path) in message
         assert re.search(reason, message), message
         assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="'nope': no such file"):
         evaluate.main(["--prompts", "nope", "--lora", "x"])
+
+
+def test_options_take_both_spellings_and_unknown_ones_get_a_suggestion(tiny_sd_dir, tiny_files, tmp_path):
+    """config.Parser's convention, as train.py's: --max_prompts and --max-prompts are one option; a typo is
+    answered in one line with the option it resembles."""
+    report = run(tiny_sd_dir, tiny_files, tmp_path / "a", "--unet", str(tiny_files / "same.safetensors"),
+                 "--max-prompts", "1", rewards="saturation")
+    assert report["num_prompts"] == 1
+    with pytest.raises(SystemExit, match=r"^evaluate.py: unknown option '--max_prompt' \(did you mean "
+                       r"--max_prompts\?\)$"):
+        evaluate.main(["--max_prompt", "2", "--lora", "x"])

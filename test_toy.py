@@ -108,9 +108,9 @@ def test_shortened_default_pipeline_end_to_end(tiny_toy, tmp_path):
     out = tmp_path / "run"
     train.main([f"--out_dir={out}", "--max_steps=2", "--batch_size=2", "--tailorpo.num_steps=3",
                 "--eval_every=0", "--val_pairs=8", "--learning_rate=1e-2"])
-    report = evaluate.main(["--model", "toy", "--lora", str(out / "lora.safetensors"), "--max-prompts", "3",
+    report = evaluate.main(["--model", "toy", "--lora", str(out / "lora.safetensors"), "--max_prompts", "3",
                             "--seeds", "0-1", "--steps", "3", "--rewards", "saturation,brightness",
-                            "--out", str(tmp_path / "eval")])
+                            "--out_dir", str(tmp_path / "eval")])
     saved = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["num_pairs"] == 6  # the toy's hidden judge (toy.JUDGES) is reported beside the rewards asked
@@ -290,3 +290,28 @@ def test_the_toy_modules_import_without_a_circle():
 
     assert not {"toy", "rewards", "checkpoint"} & imports("toy_reward")
     assert not {"rewards", "checkpoint"} & imports("toy")
+
+
+def test_evaluate_defaults_never_collide_with_the_readme_training_runs(tiny_toy, tmp_path, monkeypatch):
+    """Issue 21.3: after `python train.py` and `python train.py --method=tailorpo` (their output folders,
+    with their reports' images of other settings, made here without training), `evaluate.py --lora FILE`
+    with every output default writes its own folder and refuses nothing."""
+    import lora
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    runs = [train.parse_config(argv).out_dir for argv in ([], ["--method=tailorpo"])]
+    assert len(set(runs)) == 2
+    for out_dir in runs:  # what final_report leaves: images of other settings under OUT_DIR/eval
+        for kind in ("base", "aligned"):
+            folder = tmp_path / out_dir / "eval" / "images" / kind
+            folder.mkdir(parents=True)
+            (folder / "settings.json").write_text(json.dumps({"num_steps": 3, "model": out_dir}))
+    sd = toy.world().load_model()
+    lora.inject_lora(sd.unet, 2)
+    lora.save_lora(sd.unet, tmp_path / runs[0] / "lora.safetensors")
+    report = evaluate.main(["--lora", str(tmp_path / runs[0] / "lora.safetensors"), "--max_prompts", "2",
+                            "--seeds", "1"])
+    written = tmp_path / "out" / "evaluate" / "report.json"
+    assert json.loads(written.read_text()) == json.loads(json.dumps(report))
+    assert not any(written.is_relative_to(tmp_path / out_dir) for out_dir in runs)
