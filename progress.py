@@ -20,17 +20,18 @@ SECONDS_PER_LINE_WITHOUT_TOTAL = 30.0
 
 
 class LineWriter:
-    """A file for tqdm that turns its carriage-return redraws into whole lines, each one once."""
+    """A file for tqdm that turns its carriage-return redraws into whole lines, one per count."""
 
     def __init__(self, stream):
         self.stream = stream
-        self.last = ""
+        self.last_count = ""
 
     def write(self, text: str):
         line = text.replace("\r", "").strip()
-        if line and line != self.last:
+        count = line.partition(" [")[0]  # The label, the percentage, the bar and n/total.
+        if line and count != self.last_count:
             self.stream.write(line + "\n")
-            self.last = line
+            self.last_count = count
 
     def flush(self):
         self.stream.flush()

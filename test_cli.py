@@ -94,12 +94,21 @@ def test_help_renders_without_format_debris(helps, name):
     run = helps[name]
     assert run.returncode == 0, run.stderr
     assert "--help" in run.stdout
-    assert "%(" not in run.stdout and "%)" not in run.stdout
+    for debris in ("%(", "'option_strings'", "'dest':"):  # What argparse's % operator leaves.
+        assert debris not in run.stdout, run.stdout
 
 
 @pytest.mark.parametrize("name", sorted(READS_FLAG_FILES & set(COMMANDS)))
 def test_help_names_the_flag_file_syntax(helps, name):
     assert "@FILE" in helps[name].stdout
+
+
+def test_train_help_says_which_defaults_are_the_toy_worlds(helps):
+    """--max_steps' default is the toy world's (--model toy is the default); --model's is not."""
+    help_text = " ".join(helps["train.py"].stdout.split())
+    assert re.search(r"--max_steps MAX_STEPS [^-]*\(default: \d+, the toy world's; otherwise 200\)",
+                     help_text), help_text
+    assert re.search(r"--model MODEL [^-]*\(default: toy\)", help_text), help_text
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
@@ -166,3 +175,25 @@ def test_the_plot_command_refuses_a_folder_or_a_missing_file_in_one_line(tmp_pat
                              capture_output=True, text=True, timeout=60)
         assert_one_line_refusal(run)
         assert run.stderr.startswith("plot.py: ")
+
+
+# progress.py -----------------------------------------------------------------------------------
+
+LOOP = """
+import progress
+bar = progress.bar(range(1000), desc="pretraining", unit="step")
+for step in bar:
+    bar.set_postfix({"loss": "0.6931", "implicit_accuracy": "0.5", "val_implicit_accuracy": "0.5",
+                     "eval_reward": "1.234", "grad_norm": "0.01234"})
+"""
+
+
+def test_a_redirected_progress_bar_writes_a_line_every_five_percent(tmp_path):
+    run = subprocess.run([sys.executable, "-c", LOOP], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    lines = run.stderr.splitlines()
+    assert run.returncode == 0, run.stderr
+    assert len(lines) == 21, run.stderr  # 0%, 5%, ..., 100%.
+    assert all(line.startswith("pretraining: ") for line in lines)
+    assert max(len(line) for line in lines) <= 80
+    assert "1000/1000" in lines[-1]
