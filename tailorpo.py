@@ -28,7 +28,8 @@ Deviations from the paper and peer code (hyperparameter choices: beside each Tai
      keyed by (seed, its global position) (scheduler.keyed_randn): N processes equal one with an
      N x batch.
   6. Pairs below min_reward_gap are masked in the loss, not dropped: every call runs the same
-     forwards, as DDP needs.
+     forwards, as DDP needs. The loss divides by the call's pair count, kept or not, so ranks and
+     micro-batches average exactly (dpo.py says why); the metrics are kept-pair means.
 """
 
 import math

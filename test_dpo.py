@@ -1,6 +1,7 @@
-"""The DPO objective and Diffusion-DPO: golden numbers (log 2 at init, a hand-computed value, gradient signs,
-equality with the paper's Eq. 14 under the official scaling), the mask, and the model-calling steps (shared
-noise/timestep, one forward each, keyed randomness, float32 under autocast, step-0 identities)."""
+"""The DPO objective and Diffusion-DPO: golden numbers (log 2 at init, a hand-computed value,
+gradient signs, equality with the paper's Eq. 14 under the official scaling), the mask, and the
+model-calling steps (shared noise/timestep, one forward each, keyed randomness, float32 under
+autocast, step-0 identities)."""
 
 import copy
 import math
@@ -8,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dpo
 import lora
@@ -27,8 +29,9 @@ def test_policy_equal_to_reference_gives_log2_and_documented_accuracy():
 
 
 def test_hand_computed_value():
-    # pair 1: the policy beats the reference on the winner -> logits*beta = -0.5*100*((0.10-0.12) - 0) = +1
-    # pair 2: the reference prefers the winner, the policy does not -> -0.5*100*(0 + 0.02) = -1
+    # pair 1: the policy beats the reference on the winner -> logits*beta = -0.5*100*((0.10-0.12) -
+    # 0) = +1 pair 2: the reference prefers the winner, the policy does not -> -0.5*100*(0 + 0.02) =
+    # -1
     model_w, model_l = torch.tensor([0.10, 0.20]), torch.tensor([0.12, 0.20])
     ref_w, ref_l = torch.tensor([0.11, 0.19]), torch.tensor([0.11, 0.21])
     log_ratio_w = dpo.diffusion_log_ratio(model_w, ref_w)
@@ -61,14 +64,20 @@ def test_gradient_lowers_winner_error_and_raises_loser_error():
 
 
 def test_equals_direct_transcription_of_paper_eq14():
-    """Eq. 14 with squared L2 norms (sums) and T*omega(lambda_t) = k constant equals the official mean-MSE
-    loss when beta_paper * k = 0.5 * beta_code / D (D = C*H*W)."""
+    """Eq. 14 with squared L2 norms (sums) and T*omega(lambda_t) = k constant equals the official
+    mean-MSE loss when beta_paper * k = 0.5 * beta_code / D (D = C*H*W)."""
     g = torch.Generator().manual_seed(0)
     shape = (5, 4, 8, 8)
     D = 4 * 8 * 8
-    eps_w, eps_l = torch.randn(shape, generator=g), torch.randn(shape, generator=g)  # separate, as in Eq. 14
-    theta_w, theta_l, ref_w, ref_l = (eps + 0.1 * torch.randn(shape, generator=g)  # near-perfect denoisers
-                                      for eps in (eps_w, eps_l, eps_w, eps_l))
+    # Separate, as in Eq. 14
+    eps_w, eps_l = (
+        torch.randn(shape, generator=g),
+        torch.randn(shape, generator=g),
+    )
+    theta_w, theta_l, ref_w, ref_l = (
+        eps + 0.1 * torch.randn(shape, generator=g)  # near-perfect denoisers
+        for eps in (eps_w, eps_l, eps_w, eps_l)
+    )
     beta_code, T = 5000.0, 1000
     beta_paper = 2000.0
     omega = 0.5 * beta_code / (D * T * beta_paper)  # a constant weighting omega(lambda_t)
@@ -89,19 +98,56 @@ def test_equals_direct_transcription_of_paper_eq14():
     assert not math.isclose(paper.item(), math.log(2), rel_tol=1e-3)
 
 
-def test_mask_counts_only_kept_pairs_and_keeps_the_graph():
-    log_ratio_w, log_ratio_l = torch.randn(6, requires_grad=True), torch.randn(6)
+def kept_and_masked_pairs():
+    """Log-ratios of 6 pairs (graph through the winners'), and a mask keeping pairs 0, 2 and 5."""
+    generator = torch.Generator().manual_seed(0)
+    log_ratio_w = torch.randn(6, generator=generator).requires_grad_(True)
+    log_ratio_l = torch.randn(6, generator=generator)
     mask = torch.tensor([1.0, 0, 1, 0, 0, 1])
-    loss, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, 2.0, mask=mask)
+    return log_ratio_w, log_ratio_l, mask
+
+
+def test_masked_loss_is_the_kept_pairs_loss_sum_over_all_pairs():
+    """Issue 19.1: a masked pair contributes 0 and the loss divides by the call's pair count N."""
+    log_ratio_w, log_ratio_l, mask = kept_and_masked_pairs()
     kept = mask.bool()
-    expected, expected_metrics = dpo.dpo_loss(log_ratio_w[kept], log_ratio_l[kept], 2.0)
-    torch.testing.assert_close(loss, expected)
-    for key in expected_metrics:
-        torch.testing.assert_close(metrics[key], expected_metrics[key])
-    loss, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, 2.0, mask=torch.zeros(6))  # nothing counts
-    loss.backward()  # still a graph through the inputs (DDP needs the same backward on every rank)
+    loss, _ = dpo.dpo_loss(log_ratio_w, log_ratio_l, 2.0, mask=mask)
+    per_pair = -F.logsigmoid(2.0 * (log_ratio_w[kept] - log_ratio_l[kept]))
+    torch.testing.assert_close(loss, per_pair.sum() / 6)
+
+
+def test_masked_metrics_are_means_over_the_kept_pairs():
+    log_ratio_w, log_ratio_l, mask = kept_and_masked_pairs()
+    kept = mask.bool()
+    _, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, 2.0, mask=mask)
+    _, kept_metrics = dpo.dpo_loss(log_ratio_w[kept], log_ratio_l[kept], 2.0)
+    for key in ("implicit_accuracy", "reward_margin"):
+        torch.testing.assert_close(metrics[key], kept_metrics[key])
+
+
+def test_masked_loss_and_gradient_of_a_batch_are_the_means_of_its_halves():
+    """Issue 19.1: halves with different kept counts (2 and 1), as two DDP ranks or two grad_accum
+    micro-batches: the mean of their losses and gradients is the full batch's."""
+    log_ratio_w, log_ratio_l, mask = kept_and_masked_pairs()
+    full, _ = dpo.dpo_loss(log_ratio_w, log_ratio_l, 2.0, mask=mask)
+    (full_grad,) = torch.autograd.grad(full, log_ratio_w)
+    halves = [
+        dpo.dpo_loss(log_ratio_w[rows], log_ratio_l[rows], 2.0, mask=mask[rows])[0]
+        for rows in (slice(0, 3), slice(3, 6))
+    ]
+    mean_of_halves = (halves[0] + halves[1]) / 2
+    (halves_grad,) = torch.autograd.grad(mean_of_halves, log_ratio_w)
+    torch.testing.assert_close(mean_of_halves, full)
+    torch.testing.assert_close(halves_grad, full_grad)
+
+
+def test_nothing_kept_gives_0_with_a_graph():
+    """DDP needs the same backward on every rank, also one whose pairs are all masked."""
+    log_ratio_w, log_ratio_l, _ = kept_and_masked_pairs()
+    loss, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, 2.0, mask=torch.zeros(6))
+    loss.backward()
     assert loss.item() == 0 and torch.equal(log_ratio_w.grad, torch.zeros(6))
-    assert set(metrics) == set(expected_metrics) and metrics["implicit_accuracy"] == 0
+    assert metrics["implicit_accuracy"] == 0
 
 
 def test_per_sample_mse():
@@ -131,8 +177,12 @@ def pixel_batch(batch_size=2, size=64, seed=3, first_position=0):
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (2 * batch_size, 3, size, size), generator=g, dtype=torch.uint8)
     prompts = ["a cat", "a red dog", "a tree", "a blue car"][:batch_size]
-    return {"pixels_w": pixels[:batch_size], "pixels_l": pixels[batch_size:], "prompts": prompts,
-            "positions": list(range(first_position, first_position + batch_size))}
+    return {
+        "pixels_w": pixels[:batch_size],
+        "pixels_l": pixels[batch_size:],
+        "prompts": prompts,
+        "positions": list(range(first_position, first_position + batch_size)),
+    }
 
 
 def half(batch, rows):
@@ -140,7 +190,8 @@ def half(batch, rows):
 
 
 class RecordedStep:
-    """One dpo_train_step at init (policy == reference) with every UNet call and add_noise recorded."""
+    """One dpo_train_step at init (policy == reference) with every UNet call and add_noise
+    recorded."""
 
     def __init__(self, seed=0):
         self.sd = make_tiny_sd()
@@ -155,7 +206,9 @@ class RecordedStep:
 
         self.sd.schedule.add_noise = recording_add_noise
         self.batch = pixel_batch()
-        self.loss, self.metrics = dpo.dpo_train_step(self.sd, self.reference, self.batch, 5000.0, seed)
+        self.loss, self.metrics = dpo.dpo_train_step(
+            self.sd, self.reference, self.batch, 5000.0, seed
+        )
         self.x_t, self.t, self.context, self.grad_on = self.sd.unet.calls[0]
 
 
@@ -202,8 +255,15 @@ def test_dpo_train_step_at_init_is_log2_with_accuracy_0():
 
 def test_dpo_train_step_metric_names():
     step = RecordedStep()
-    assert set(step.metrics) == {"loss", "implicit_accuracy", "reward_margin", "model_err_w",
-                                 "model_err_l", "ref_err_w", "ref_err_l"}
+    assert set(step.metrics) == {
+        "loss",
+        "implicit_accuracy",
+        "reward_margin",
+        "model_err_w",
+        "model_err_l",
+        "ref_err_w",
+        "ref_err_l",
+    }
 
 
 def test_dpo_train_step_gradient_reaches_every_policy_parameter():
@@ -227,8 +287,9 @@ def test_dpo_train_step_another_seed_draws_another_x_t():
 
 @pytest.mark.parametrize("method", ["dpo", "sft"])
 def test_two_half_batches_equal_one_full_batch(method):
-    """Every draw is keyed by (seed, position): two processes with half batches see exactly the noise, t and
-    VAE sample of one process with the full batch, so their mean loss (and gradient) is the full batch's."""
+    """Every draw is keyed by (seed, position): two processes with half batches see exactly the
+    noise, t and VAE sample of one process with the full batch, so their mean loss (and gradient) is
+    the full batch's."""
     sd = make_tiny_sd()
     policy = copy.deepcopy(sd.unet)
     with torch.no_grad():  # a policy != reference, so the loss is not log 2 everywhere
@@ -255,13 +316,15 @@ def test_two_half_batches_equal_one_full_batch(method):
         torch.testing.assert_close(sum(m[key] for _, m in halves) / 2, value, rtol=1e-5, atol=1e-6)
     grad = torch.cat([p.grad.flatten() for p in sd.unet.parameters()])
     full_grad = torch.cat([g.flatten() for g in full_grad])
-    assert (grad - full_grad).abs().max() <= 1e-4 * full_grad.abs().max()  # up to the order of float sums
+    assert (
+        grad - full_grad
+    ).abs().max() <= 1e-4 * full_grad.abs().max()  # up to the order of float sums
     assert not math.isclose(full_loss.item(), math.log(2), rel_tol=1e-4)
 
 
 def test_latents_noise_and_x_t_are_float32_under_bf16_autocast():
-    """Precision policy: a bf16 VAE and text encoder, the step under torch.autocast(bf16): the VAE output,
-    eps and x_t stay float32 (issue: add_noise used to cast to a bf16 latent dtype)."""
+    """Precision policy: a bf16 VAE and text encoder, the step under torch.autocast(bf16): the VAE
+    output, eps and x_t stay float32 (issue: add_noise used to cast to a bf16 latent dtype)."""
     sd = make_tiny_sd()
     sd.vae.to(torch.bfloat16)
     sd.text_encoder.to(torch.bfloat16)
@@ -276,7 +339,9 @@ def test_latents_noise_and_x_t_are_float32_under_bf16_autocast():
     with torch.autocast("cpu", torch.bfloat16):
         loss, _ = dpo.dpo_train_step(sd, reference, pixel_batch(), 5000.0, seed=0)
         assert sd.encode_prompts(["a cat"]).dtype == torch.float32
-    assert seen["x_t"].dtype == seen["x0"].dtype == seen["noise"].dtype == loss.dtype == torch.float32
+    assert (
+        seen["x_t"].dtype == seen["x0"].dtype == seen["noise"].dtype == loss.dtype == torch.float32
+    )
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -290,7 +355,8 @@ def test_step0_with_lora_is_log2_and_accuracy_0_exactly(autocast):
 
     with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         loss, metrics = dpo.dpo_train_step(sd, reference, pixel_batch(), 5000.0, seed=1)
-    assert loss.item() == torch.tensor(2.0).log().item()  # B = 0: adapters on == adapters off, bit for bit
+    # B = 0: adapters on == adapters off, bit for bit
+    assert loss.item() == torch.tensor(2.0).log().item()
     assert metrics["implicit_accuracy"].item() == 0.0 and metrics["reward_margin"].item() == 0.0
     loss.backward()
     lora_B = [m.lora_B.weight for _, m in lora._lora_modules(sd.unet)]
@@ -308,7 +374,8 @@ def test_sft_step_uses_the_winners_only():
 
 
 def host_normalised(pixels_uint8):
-    """The loader's former float path: numpy float32 / 255, then * 2 - 1 (Normalize([0.5], [0.5]))."""
+    """The loader's former float path: numpy float32 / 255, then * 2 - 1 (Normalize([0.5],
+    [0.5]))."""
     pixels = torch.from_numpy(pixels_uint8.numpy().astype(np.float32) / 255.0)
     return pixels * 2 - 1
 
@@ -325,8 +392,8 @@ def test_model_pixels_refuses_float_pixels():
 
 @pytest.mark.parametrize("method", ["dpo", "sft"])
 def test_uint8_batch_gives_the_float_path_loss_to_the_last_bit(method, monkeypatch):
-    """The same batch through the uint8 path, and through the former path (pixels normalised on the host as
-    data.py did, then moved to the device): the losses are equal bit for bit."""
+    """The same batch through the uint8 path, and through the former path (pixels normalised on the
+    host as data.py did, then moved to the device): the losses are equal bit for bit."""
     sd = make_tiny_sd()
     reference = copy.deepcopy(sd.unet).requires_grad_(False)
     with torch.no_grad():  # a policy != reference, so the loss is not log 2 whatever the pixels
@@ -340,7 +407,9 @@ def test_uint8_batch_gives_the_float_path_loss_to_the_last_bit(method, monkeypat
         return dpo.sft_train_step(sd, batch, seed=4)[0]
 
     uint8_loss = step()
-    monkeypatch.setattr(dpo, "model_pixels", lambda pixels, device: host_normalised(pixels).to(device))
+    monkeypatch.setattr(
+        dpo, "model_pixels", lambda pixels, device: host_normalised(pixels).to(device)
+    )
     float_loss = step()
     assert uint8_loss.item() == float_loss.item()
     assert not math.isclose(uint8_loss.item(), math.log(2), rel_tol=1e-4)
@@ -353,10 +422,13 @@ def test_encode_images_is_the_posterior_sample_in_float32():
     posterior = sd.vae.encode(pixels)
     expected = (posterior.mean + posterior.std * noise) * sd.vae.config.scaling_factor
     torch.testing.assert_close(sd.encode_images(pixels, noise), expected)
-    torch.testing.assert_close(sd.encode_images(pixels), posterior.mean * sd.vae.config.scaling_factor)
+    torch.testing.assert_close(
+        sd.encode_images(pixels), posterior.mean * sd.vae.config.scaling_factor
+    )
     sd.vae.to(torch.bfloat16)
     with torch.autocast("cpu", torch.bfloat16):
         latents = sd.encode_images(pixels, noise)
         images = sd.decode_latents(latents)
     assert latents.dtype == images.dtype == torch.float32 and images.shape == (2, 3, 64, 64)
-    torch.testing.assert_close(latents, expected, rtol=0.05, atol=0.05)  # bf16 weights: close, not equal
+    # bf16 weights: close, not equal
+    torch.testing.assert_close(latents, expected, rtol=0.05, atol=0.05)

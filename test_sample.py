@@ -1,6 +1,6 @@
-"""Tests of sampler.py and sample.py: the fused loop equals the plain DDIM loop, the whole pipeline equals
-diffusers' StableDiffusionPipeline on a tiny random model, and the command line writes images and rejects
-bad input. Deviations: none (tests).
+"""Tests of sampler.py and sample.py: the fused loop equals the plain DDIM loop, the whole pipeline
+equals diffusers' StableDiffusionPipeline on a tiny random model, and the command line writes images
+and rejects bad input. Deviations: none (tests).
 """
 
 import re
@@ -14,8 +14,9 @@ import sample as sample_cli
 from sampler import generate, generate_latents, guided_eps, sample
 from scheduler import NoiseSchedule, gaussian_log_prob
 
-# ----------------------------------------------------------------------------------------------------------
-# the loop, with a stand-in UNet (each output row depends only on its own row: batching must not matter)
+# --------------------------------------------------------------------------------------------------
+# the loop, with a stand-in UNet (each output row depends only on its own row: batching must not
+# matter)
 
 
 def fake_unet(x_t, t, context):
@@ -34,24 +35,41 @@ def test_fused_loop_equals_plain_ddim_loop(eta):
     schedule, (cond, uncond, latents), guidance = NoiseSchedule.sd15(), fake_inputs(), 7.5
     calls = []
     counting_unet = lambda x, t, c: calls.append(x.shape[0]) or fake_unet(x, t, c)
-    result = sample(counting_unet, schedule, cond, uncond, latents, num_steps=10, guidance=guidance, eta=eta,
-                    generator=torch.Generator().manual_seed(1), record=True, progress=False)
+    result = sample(
+        counting_unet,
+        schedule,
+        cond,
+        uncond,
+        latents,
+        num_steps=10,
+        guidance=guidance,
+        eta=eta,
+        generator=torch.Generator().manual_seed(1),
+        record=True,
+        progress=False,
+    )
     assert calls == [4] * 10  # ONE UNet call per step on [uncond; cond]
 
     generator, x_t = torch.Generator().manual_seed(1), latents
     for i, t in enumerate(schedule.ddim_timesteps(10)):
         eps_uncond, eps_cond = fake_unet(x_t, t, uncond), fake_unet(x_t, t, cond)
         eps_pred = eps_uncond + guidance * (eps_cond - eps_uncond)
-        assert torch.allclose(guided_eps(fake_unet, x_t, t, cond, uncond, guidance), eps_pred, atol=1e-6)
+        assert torch.allclose(
+            guided_eps(fake_unet, x_t, t, cond, uncond, guidance), eps_pred, atol=1e-6
+        )
         noise = torch.randn(x_t.shape, generator=generator) if eta else None
         x_prev, mean, std, _ = schedule.ddim_step(eps_pred, t, x_t, 10, eta=eta, noise=noise)
         trajectory = {key: value[i] for key, value in result.trajectory.items()}
         assert trajectory["timesteps"] == t
         assert torch.allclose(trajectory["x_t"], x_t, atol=1e-5)
         assert torch.allclose(trajectory["x_prev"], x_prev, atol=1e-5)
-        assert torch.allclose(trajectory["x0_pred"], schedule.x0_from_eps(x_t, eps_pred, t), atol=1e-4)
+        assert torch.allclose(
+            trajectory["x0_pred"], schedule.x0_from_eps(x_t, eps_pred, t), atol=1e-4
+        )
         if eta:
-            assert torch.allclose(trajectory["log_prob"], gaussian_log_prob(x_prev, mean, std), atol=1e-4)
+            assert torch.allclose(
+                trajectory["log_prob"], gaussian_log_prob(x_prev, mean, std), atol=1e-4
+            )
         x_t = x_prev
     assert torch.allclose(result.latents, x_t, atol=1e-5)
     assert result.trajectory["log_prob"].shape == (10, 2)
@@ -64,7 +82,10 @@ def test_guided_eps_with_per_row_timesteps_and_shared_uncond():
     eps_pred = guided_eps(fake_unet, x_t, t, cond, uncond[:1], 5.0)
     for i in range(2):
         one = slice(i, i + 1)
-        eps_uncond, eps_cond = fake_unet(x_t[one], t[i], uncond[:1]), fake_unet(x_t[one], t[i], cond[one])
+        eps_uncond, eps_cond = (
+            fake_unet(x_t[one], t[i], uncond[:1]),
+            fake_unet(x_t[one], t[i], cond[one]),
+        )
         assert torch.allclose(eps_pred[one], eps_uncond + 5.0 * (eps_cond - eps_uncond), atol=1e-6)
 
 
@@ -72,20 +93,32 @@ def test_no_guidance_and_no_record():
     schedule, (cond, uncond, latents) = NoiseSchedule.sd15(), fake_inputs()
     plain = sample(fake_unet, schedule, cond, None, latents, num_steps=3, progress=False)
     assert plain.trajectory is None
-    unguided = sample(fake_unet, schedule, cond, uncond, latents, num_steps=3, guidance=1.0, progress=False)
+    unguided = sample(
+        fake_unet, schedule, cond, uncond, latents, num_steps=3, guidance=1.0, progress=False
+    )
     assert torch.equal(plain.latents, unguided.latents)  # guidance <= 1: cond alone, as diffusers
 
 
 def test_loop_never_reads_device_values():
-    """On the meta device any .item() / bool(tensor) / host copy of a value raises: the loop is sync-free.
-    On CUDA, bench/bench_gpu.py runs the loop under torch.cuda.set_sync_debug_mode("error")."""
+    """On the meta device any .item() / bool(tensor) / host copy of a value raises: the loop is
+    sync-free. On CUDA, bench/bench_gpu.py runs the loop under
+    torch.cuda.set_sync_debug_mode("error")."""
     cond, uncond, latents = fake_inputs("meta")
-    result = sample(fake_unet, NoiseSchedule.sd15(), cond, uncond, latents, num_steps=4, eta=1.0, record=True,
-                    progress=False)
+    result = sample(
+        fake_unet,
+        NoiseSchedule.sd15(),
+        cond,
+        uncond,
+        latents,
+        num_steps=4,
+        eta=1.0,
+        record=True,
+        progress=False,
+    )
     assert result.latents.device.type == "meta" and result.trajectory["log_prob"].shape == (4, 2)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # end to end against diffusers on the tiny SD folder (conftest.tiny_sd_dir)
 
 
@@ -106,12 +139,28 @@ def test_images_equal_diffusers(tiny_sd, diffusers_pipe, negative_prompt):
         final["latents"] = tensors["latents"]  # after the last step: x_0
         return tensors
 
-    expected = diffusers_pipe(prompts, negative_prompt=negative_prompt and [negative_prompt] * 2, height=64,
-                              width=64, num_inference_steps=8, guidance_scale=7.5, output_type="pt",
-                              generator=torch.Generator("cpu").manual_seed(3),
-                              callback_on_step_end=keep_latents)
-    latents = generate_latents(tiny_sd, prompts, negative_prompt or "", num_steps=8, guidance=7.5,
-                                          seed=3, height=64, width=64, progress=False)
+    expected = diffusers_pipe(
+        prompts,
+        negative_prompt=negative_prompt and [negative_prompt] * 2,
+        height=64,
+        width=64,
+        num_inference_steps=8,
+        guidance_scale=7.5,
+        output_type="pt",
+        generator=torch.Generator("cpu").manual_seed(3),
+        callback_on_step_end=keep_latents,
+    )
+    latents = generate_latents(
+        tiny_sd,
+        prompts,
+        negative_prompt or "",
+        num_steps=8,
+        guidance=7.5,
+        seed=3,
+        height=64,
+        width=64,
+        progress=False,
+    )
     assert (latents - final["latents"]).abs().max() <= 1e-4
     images = tiny_sd.decode_latents(latents)
     assert images.shape == (2, 3, 64, 64)
@@ -119,23 +168,49 @@ def test_images_equal_diffusers(tiny_sd, diffusers_pipe, negative_prompt):
 
 
 def test_images_equal_diffusers_with_eta(tiny_sd, diffusers_pipe):
-    """eta = 1: the noise of every step comes from the seed's CPU generator after x_T, as in diffusers."""
-    expected = diffusers_pipe("a cat", num_inference_steps=5, eta=1.0, output_type="pt",
-                              generator=torch.Generator().manual_seed(5)).images
+    """eta = 1: the noise of every step comes from the seed's CPU generator after x_T, as in
+    diffusers."""
+    expected = diffusers_pipe(
+        "a cat",
+        num_inference_steps=5,
+        eta=1.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(5),
+    ).images
     images = generate(tiny_sd, ["a cat"], num_steps=5, eta=1.0, seed=5, progress=False)
     assert (images - expected).abs().max() <= 1 / 255
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # command line
 
 
 def test_cli_writes_grid_and_single_images(tiny_sd_dir, tmp_path):
     out = tmp_path / "samples" / "grid.png"
-    paths = sample_cli.main(["--model", str(tiny_sd_dir), "--prompt", "a red circle", "--num-images", "3",
-                             "--steps", "2", "--seed", "1", "--out", str(out), "--device", "cpu"])
+    paths = sample_cli.main(
+        [
+            "--model",
+            str(tiny_sd_dir),
+            "--prompt",
+            "a red circle",
+            "--num-images",
+            "3",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert paths == [out] + [tmp_path / "samples" / f"grid_{i:03d}.png" for i in range(3)]
-    assert Image.open(out).size == (2 * 64, 2 * 64)  # 3 images -> 2 x 2 grid of 64 px (tiny UNet 8 x f 8)
+    # 3 images -> 2 x 2 grid of 64 px (tiny UNet 8 x f 8)
+    assert Image.open(out).size == (
+        2 * 64,
+        2 * 64,
+    )
     singles = [Image.open(path) for path in paths[1:]]
     assert all(image.size == (64, 64) for image in singles)
     assert singles[0].tobytes() != singles[1].tobytes()  # different noise per image
@@ -151,24 +226,30 @@ def test_cli_unet_and_lora_flags(tiny_sd_dir, tmp_path):
     save_lora(unet, tmp_path / "lora.safetensors")
     common = ["--model", str(tiny_sd_dir), "--prompt", "a cat", "--steps", "2", "--device", "cpu"]
     base = sample_cli.main(common + ["--out", str(tmp_path / "base.png")])[0]
-    same_unet = sample_cli.main(common + ["--unet", str(tiny_sd_dir / "unet"),
-                                          "--out", str(tmp_path / "unet.png")])[0]
-    adapted = sample_cli.main(common + ["--lora", str(tmp_path / "lora.safetensors"),
-                                        "--out", str(tmp_path / "lora.png")])[0]
+    same_unet = sample_cli.main(
+        common + ["--unet", str(tiny_sd_dir / "unet"), "--out", str(tmp_path / "unet.png")]
+    )[0]
+    adapted = sample_cli.main(
+        common + ["--lora", str(tmp_path / "lora.safetensors"), "--out", str(tmp_path / "lora.png")]
+    )[0]
     assert Image.open(base).tobytes() == Image.open(same_unet).tobytes()
     assert Image.open(base).tobytes() != Image.open(adapted).tobytes()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--height", "60"], "multiples of 8"),
-    (["--width", "100"], "multiples of 8"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--num-images", "0"], "--num_images must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--height", "60"], "multiples of 8"),
+        (["--width", "100"], "multiples of 8"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--num-images", "0"], "--num_images must be >= 1"),
+    ],
+)
 def test_cli_rejects_bad_input(tiny_sd_dir, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
-        sample_cli.main(["--model", str(tiny_sd_dir), "--prompt", "x", "--out", str(tmp_path / "g.png"),
-                         *flags])
+        sample_cli.main(
+            ["--model", str(tiny_sd_dir), "--prompt", "x", "--out", str(tmp_path / "g.png"), *flags]
+        )
     assert message in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
 
@@ -180,9 +261,10 @@ def test_cli_rejects_unknown_model_path(tmp_path):
 
 @pytest.mark.parametrize("kind", ["corrupt_safetensors", "pickle_with_code", "not_a_lora"])
 def test_cli_bad_lora_file_is_one_line_and_runs_no_code(tiny_sd_dir, tmp_path, kind):
-    """Issue 10 item 12: `python sample.py --lora FILE` with a corrupt file, a pickle whose unpickling runs
-    os.system, or a weights file that is not a LoRA of the model: exit non-zero within seconds with one stderr
-    line naming the file and the reason; the pickled code never ran."""
+    """Issue 10 item 12: `python sample.py --lora FILE` with a corrupt file, a pickle whose
+    unpickling runs os.system, or a weights file that is not a LoRA of the model: exit non-zero
+    within seconds with one stderr line naming the file and the reason; the pickled code never
+    ran."""
     import subprocess
     import sys
     import time
@@ -200,9 +282,26 @@ def test_cli_bad_lora_file_is_one_line_and_runs_no_code(tiny_sd_dir, tmp_path, k
     else:
         path, reason = write_bad_file(tmp_path, kind)
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "sample.py", "--model", str(tiny_sd_dir), "--prompt", "x",
-                           "--steps", "1", "--lora", str(path), "--out", str(tmp_path / "g.png")],
-                          capture_output=True, text=True, cwd=Path(sample_cli.__file__).parent, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            "--model",
+            str(tiny_sd_dir),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--lora",
+            str(path),
+            "--out",
+            str(tmp_path / "g.png"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(sample_cli.__file__).parent,
+        timeout=120,
+    )
     assert done.returncode != 0 and time.monotonic() - start < 60
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"sample.py: {path}")
     assert re.search(reason, done.stderr), done.stderr
@@ -222,4 +321,6 @@ def test_generate_keeps_float32_latents_with_a_bf16_unet(tiny_sd):
     tiny_sd.unet.to(torch.bfloat16)
     latents = generate_latents(tiny_sd, ["a cat"], num_steps=3, seed=1, progress=False)
     assert latents.dtype == torch.float32
-    assert (latents - reference).abs().max() < 0.1 * reference.abs().max()  # bf16 weights: close, not equal
+    assert (
+        latents - reference
+    ).abs().max() < 0.1 * reference.abs().max()  # bf16 weights: close, not equal

@@ -1,6 +1,6 @@
-"""Tests of tailorpo.py: the shared-mean identity, the gradient-direction argument, TailorPO-G's guidance, the
-UNet-call floor, keyed randomness, precision, config validation, masked pairs and short CPU runs of the three
-methods (tiny random SD models, weight-free rewards)."""
+"""Tests of tailorpo.py: the shared-mean identity, the gradient-direction argument, TailorPO-G's
+guidance, the UNet-call floor, keyed randomness, precision, config validation, masked pairs and
+short CPU runs of the three methods (tiny random SD models, weight-free rewards)."""
 
 import copy
 import json
@@ -37,12 +37,14 @@ def rollout(sd, cfg, reward, batch=BATCH, seed=0, method="tailorpo"):
 def random_pair(num_pairs, shape=(4, 3, 5), seed=0):
     """Random float64 x_w, x_l, mean_theta, mean_ref [N, *shape] and sigma_t [N, 1, 1, 1]."""
     g = torch.Generator().manual_seed(seed)
-    x_w, x_l, mean_theta, mean_ref = torch.randn(4, num_pairs, *shape, generator=g, dtype=torch.float64)
+    x_w, x_l, mean_theta, mean_ref = torch.randn(
+        4, num_pairs, *shape, generator=g, dtype=torch.float64
+    )
     sigma_t = 0.05 + torch.rand(num_pairs, 1, 1, 1, generator=g, dtype=torch.float64)
     return x_w, x_l, mean_theta, mean_ref, sigma_t
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The loss
 
 
@@ -52,15 +54,20 @@ def test_shared_mean_identity_equals_the_four_log_prob_logit(reduction):
     beta = 3.0
 
     def log_p(x, mean):
-        return gaussian_log_prob(x, mean, sigma_t, reduction)  # scheduler.py's density, constants included
+        # scheduler.py's density, constants included
+        return gaussian_log_prob(x, mean, sigma_t, reduction)
 
     log_ratio_w = log_p(x_w, mean_theta) - log_p(x_w, mean_ref)
     log_ratio_l = log_p(x_l, mean_theta) - log_p(x_l, mean_ref)
     explicit = beta * (log_ratio_w - log_ratio_l)  # the four-log-prob DPO logit
     dims = x_w[0].numel() if reduction == "mean" else 1
-    closed_form = beta * ((x_w - x_l) * (mean_theta - mean_ref) / sigma_t**2).flatten(1).sum(1) / dims
-    ours = beta * (tailorpo.transition_log_ratio(x_w, mean_theta, mean_ref, sigma_t, reduction)
-                   - tailorpo.transition_log_ratio(x_l, mean_theta, mean_ref, sigma_t, reduction))
+    closed_form = (
+        beta * ((x_w - x_l) * (mean_theta - mean_ref) / sigma_t**2).flatten(1).sum(1) / dims
+    )
+    ours = beta * (
+        tailorpo.transition_log_ratio(x_w, mean_theta, mean_ref, sigma_t, reduction)
+        - tailorpo.transition_log_ratio(x_l, mean_theta, mean_ref, sigma_t, reduction)
+    )
     assert explicit.abs().max() > 1  # a non-trivial logit
     torch.testing.assert_close(closed_form, explicit, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours, explicit, atol=1e-6, rtol=0)
@@ -79,18 +86,21 @@ def test_identity_through_eps_with_c_t():
     _, mean_theta, sigma_t, _ = schedule.ddim_step(eps_theta, t, x_t, num_steps, eta=1.0)
     mean_ref = schedule.ddim_step(eps_ref, t, x_t, num_steps, eta=1.0).mean
     alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(t - 50)
-    c_t = (1 - alpha_bar_prev - sigma_t.flatten() ** 2).sqrt() - (alpha_bar_prev / alpha_bar_t).sqrt() * (
-        1 - alpha_bar_t).sqrt()
+    c_t = (1 - alpha_bar_prev - sigma_t.flatten() ** 2).sqrt() - (
+        alpha_bar_prev / alpha_bar_t
+    ).sqrt() * (1 - alpha_bar_t).sqrt()
     assert (c_t < 0).all() and abs(c_t[0].item() + 0.55) < 0.02  # about -0.55 at t=951 (20 steps)
     via_eps = c_t * ((x_w - x_l) * (eps_theta - eps_ref)).flatten(1).sum(1) / sigma_t.flatten() ** 2
-    via_mean = tailorpo.transition_log_ratio(x_w, mean_theta, mean_ref, sigma_t, "sum") - \
-        tailorpo.transition_log_ratio(x_l, mean_theta, mean_ref, sigma_t, "sum")
+    via_mean = tailorpo.transition_log_ratio(
+        x_w, mean_theta, mean_ref, sigma_t, "sum"
+    ) - tailorpo.transition_log_ratio(x_l, mean_theta, mean_ref, sigma_t, "sum")
     torch.testing.assert_close(via_mean, via_eps, atol=1e-6, rtol=1e-9)
 
 
 def test_loss_at_initialisation_and_its_gradient():
     """theta == ref: loss = log 2, accuracy 0 (ties count as wrong), and
-    d loss / d mu_theta = -beta/2 (x_w - x_l) / (N sigma_t^2 D): the policy mean moves along x_w - x_l."""
+    d loss / d mu_theta = -beta/2 (x_w - x_l) / (N sigma_t^2 D): the policy mean moves along
+    x_w - x_l."""
     x_w, x_l, mean, _, sigma_t = random_pair(8)
     mean_theta = mean.clone().requires_grad_(True)
     loss, metrics = tailorpo.tailorpo_loss(x_w, x_l, mean_theta, mean, sigma_t, beta=10.0)
@@ -102,27 +112,37 @@ def test_loss_at_initialisation_and_its_gradient():
 
 def test_ratio_clipping_matches_d3po_spo():
     x_w, x_l, mean_theta, noise, sigma_t = random_pair(32)
-    mean_ref = mean_theta + 0.5 * sigma_t**2 * noise  # log-ratios of order 0.1: some ratios clipped, some not
+    # Log-ratios of order 0.1: some ratios clipped, some not
+    mean_ref = mean_theta + 0.5 * sigma_t**2 * noise
     log_ratio_w = tailorpo.transition_log_ratio(x_w, mean_theta, mean_ref, sigma_t)
     log_ratio_l = tailorpo.transition_log_ratio(x_l, mean_theta, mean_ref, sigma_t)
-    ratio_w = torch.exp(log_ratio_w).clamp(0.9, 1.1)  # D3PO / SPO: clamp(exp(logp - logp_ref), 1 -+ eps)
+    # D3PO / SPO: clamp(exp(logp - logp_ref), 1 -+ eps)
+    ratio_w = torch.exp(log_ratio_w).clamp(0.9, 1.1)
     ratio_l = torch.exp(log_ratio_l).clamp(0.9, 1.1)
     expected = -F.logsigmoid(2.0 * (ratio_w.log() - ratio_l.log())).mean()
     clipped = (torch.cat([log_ratio_w, log_ratio_l]).exp() - 1).abs() > 0.1
     assert clipped.any() and not clipped.all()
-    loss, _ = tailorpo.tailorpo_loss(x_w, x_l, mean_theta, mean_ref, sigma_t, beta=2.0, clip_ratio=0.1)
+    loss, _ = tailorpo.tailorpo_loss(
+        x_w, x_l, mean_theta, mean_ref, sigma_t, beta=2.0, clip_ratio=0.1
+    )
     torch.testing.assert_close(loss, expected, atol=1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(eta=0.0), "eta must be > 0"),
-    (dict(log_prob_reduction="Mean"), "log_prob_reduction must be 'mean' or 'sum', got 'Mean'"),
-    (dict(next_state="Random"), "next_state must be 'preferred' or 'random', got 'Random'"),
-    (dict(num_steps=10, train_start_step=50), r"train_start_step must be in \[0, num_steps=10\)"),
-    (dict(beta=0.0), "beta must be > 0"),
-    (dict(clip_ratio=1.0), r"clip_ratio must be in \[0, 1\)"),
-    (dict(steps_per_rollout=-1), "steps_per_rollout must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(eta=0.0), "eta must be > 0"),
+        (dict(log_prob_reduction="Mean"), "log_prob_reduction must be 'mean' or 'sum', got 'Mean'"),
+        (dict(next_state="Random"), "next_state must be 'preferred' or 'random', got 'Random'"),
+        (
+            dict(num_steps=10, train_start_step=50),
+            r"train_start_step must be in \[0, num_steps=10\)",
+        ),
+        (dict(beta=0.0), "beta must be > 0"),
+        (dict(clip_ratio=1.0), r"clip_ratio must be in \[0, 1\)"),
+        (dict(steps_per_rollout=-1), "steps_per_rollout must be >= 0"),
+    ],
+)
 def test_config_validation_names_the_field_and_allowed_values(fields, message):
     with pytest.raises(ValueError, match=message):
         TailorPOConfig(**fields)
@@ -136,19 +156,29 @@ def test_config_validation_names_the_field_and_allowed_values(fields, message):
 def test_method_errors():
     sd = make_tiny_sd()
     with pytest.raises(ValueError, match="method must be one of"):
-        tailorpo.train_step(sd, sd.unet, BATCH, get_reward("brightness"), TailorPOConfig(), 0, "d3po")
+        tailorpo.train_step(
+            sd, sd.unet, BATCH, get_reward("brightness"), TailorPOConfig(), 0, "d3po"
+        )
     with pytest.raises(ValueError, match="needs a differentiable reward"):
-        tailorpo.train_step(sd, sd.unet, BATCH, get_reward("jpeg_compressibility"), TailorPOConfig(), 0,
-                            "tailorpo-g")
+        tailorpo.train_step(
+            sd,
+            sd.unet,
+            BATCH,
+            get_reward("jpeg_compressibility"),
+            TailorPOConfig(),
+            0,
+            "tailorpo-g",
+        )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The step-wise reward and the ranking
 
 
 def test_step_reward_scores_the_decoded_tweedie_estimate():
-    """step_reward(x, eps_pred, t) = r(decode(x0_pred)), x0_pred = (x - sqrt(1 - alpha_bar_t) eps_pred)
-    / sqrt(alpha_bar_t) (DDIM Eq. 9), written here from the schedule's alpha_bar_t table."""
+    """step_reward(x, eps_pred, t) = r(decode(x0_pred)), x0_pred = (x - sqrt(1 - alpha_bar_t)
+    eps_pred) / sqrt(alpha_bar_t) (DDIM Eq. 9), written here from the schedule's alpha_bar_t
+    table."""
     sd, reward = make_tiny_sd(), get_reward("brightness")
     x, eps_pred = torch.randn(2, 3, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(5))
     t = 451
@@ -195,7 +225,9 @@ def test_rank_pairs_gives_a_tie_to_candidate_0():
     reward = torch.tensor([0.5, 0.5])
     candidate_0 = torch.zeros(2, 4, 2, 2)
     candidate_1 = torch.ones(2, 4, 2, 2)
-    (_, winner), (_, loser) = tailorpo.rank_pairs(reward, reward.clone(), (candidate_0,), (candidate_1,))
+    (_, winner), (_, loser) = tailorpo.rank_pairs(
+        reward, reward.clone(), (candidate_0,), (candidate_1,)
+    )
     assert torch.equal(winner, candidate_0) and torch.equal(loser, candidate_1)
 
 
@@ -212,16 +244,16 @@ def test_rank_pairs_moves_every_tensor_of_a_candidate_with_it():
         assert torch.equal(loser[2][row], (eps_1 if first else eps_0)[row])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The paper's arguments on a tiny model
 
 
 def test_gradient_direction_follows_the_step_wise_reward():
-    """The paper's gradient-direction argument: pairs drawn from the same x_t and ranked by step-wise reward
-    give an update whose inner product with the gradient of the expected step-wise reward at x_t is positive
-    (first order: E_z r(mu_theta(x_t) + sigma_t z) ~ r(mu_theta(x_t))); the same pairs flipped give a negative
-    one. The policy is a perturbed copy of the reference so that theta != ref (the flipped case is then not
-    just the negation)."""
+    """The paper's gradient-direction argument: pairs drawn from the same x_t and ranked by
+    step-wise reward give an update whose inner product with the gradient of the expected step-wise
+    reward at x_t is positive (first order: E_z r(mu_theta(x_t) + sigma_t z) ~ r(mu_theta(x_t)));
+    the same pairs flipped give a negative one. The policy is a perturbed copy of the reference so
+    that theta != ref (the flipped case is then not just the negation)."""
     sd = make_tiny_sd()
     reference = copy.deepcopy(sd.unet).requires_grad_(False)
     with torch.no_grad():
@@ -235,18 +267,24 @@ def test_gradient_direction_follows_the_step_wise_reward():
     generator = torch.Generator().manual_seed(0)
     x_t = torch.randn(1, 4, LATENT, LATENT, generator=generator).expand(pairs, -1, -1, -1)
 
-    def step_wise(x):  # r(decode(x0_pred(x))), eps from the frozen reference: a fixed scorer, differentiable
+    def step_wise(
+        x,
+    ):  # r(decode(x0_pred(x))), eps from the frozen reference: a fixed scorer, differentiable
         eps = guided_eps(reference, x, t_prev, cond[: len(x)], uncond, 5.0)
         return step_reward(sd, reward, x, eps, t_prev, ["a cat"] * len(x))
 
     def mean_theta():
-        return schedule.ddim_step(guided_eps(sd.unet, x_t, t, cond, uncond, 5.0), t, x_t, num_steps, 1.0)[1:3]
+        return schedule.ddim_step(
+            guided_eps(sd.unet, x_t, t, cond, uncond, 5.0), t, x_t, num_steps, 1.0
+        )[1:3]
 
     with torch.no_grad():
         mean, sigma_t = mean_theta()
         eps_ref = guided_eps(reference, x_t, t, cond, uncond, 5.0)
         mean_ref = schedule.ddim_step(eps_ref, t, x_t, num_steps, 1.0).mean
-        x_0, x_1 = mean + sigma_t * torch.randn(2, *mean.shape, generator=torch.Generator().manual_seed(1))
+        x_0, x_1 = mean + sigma_t * torch.randn(
+            2, *mean.shape, generator=torch.Generator().manual_seed(1)
+        )
         first_wins = (step_wise(x_0) >= step_wise(x_1)).view(-1, 1, 1, 1)
         x_w, x_l = torch.where(first_wins, x_0, x_1), torch.where(first_wins, x_1, x_0)
     params = list(sd.unet.parameters())
@@ -254,7 +292,9 @@ def test_gradient_direction_follows_the_step_wise_reward():
 
     def update_dot_reward_grad(x_w, x_l):  # <-grad_theta L, grad_theta r(mu_theta(x_t))>
         loss, _ = tailorpo.tailorpo_loss(x_w, x_l, mean_theta()[0], mean_ref, sigma_t, beta=10.0)
-        return -sum((g * r).sum() for g, r in zip(torch.autograd.grad(loss, params), reward_grad)).item()
+        return -sum(
+            (g * r).sum() for g, r in zip(torch.autograd.grad(loss, params), reward_grad)
+        ).item()
 
     assert update_dot_reward_grad(x_w, x_l) > 0
     assert update_dot_reward_grad(x_l, x_w) < 0
@@ -278,8 +318,11 @@ def test_reward_guidance_widens_the_gap(final_step):
     x_w = torch.randn(6, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         cond, uncond = sd.encode_prompts(PROMPTS[:2] * 3), sd.encode_prompts([""])
-        eps_w = None if final_step else guided_eps(sd.unet, x_w, t_prev, cond, uncond, 5.0)  # held fixed
-    reward_of_x = partial(step_reward, sd, reward, eps_pred=eps_w, t=t_prev, prompts=PROMPTS[:2] * 3)
+        # Held fixed
+        eps_w = None if final_step else guided_eps(sd.unet, x_w, t_prev, cond, uncond, 5.0)
+    reward_of_x = partial(
+        step_reward, sd, reward, eps_pred=eps_w, t=t_prev, prompts=PROMPTS[:2] * 3
+    )
     sigma_t = 0.3
     with torch.no_grad():
         base = reward_of_x(x_w)
@@ -289,18 +332,22 @@ def test_reward_guidance_widens_the_gap(final_step):
     gains = []
     for step in (0.01, 0.02, 0.04):
         with torch.no_grad():
-            gains.append(reward_of_x(tailorpo.reward_guidance(x_w, reward_of_x, sigma_t, step)) - base)
+            gains.append(
+                reward_of_x(tailorpo.reward_guidance(x_w, reward_of_x, sigma_t, step)) - base
+            )
     assert (gains[0] > 0).all() and (gains[1] > gains[0]).all() and (gains[2] > gains[1]).all()
     torch.testing.assert_close(gains[0], 0.01 * sigma_t * g_norm, rtol=0.1, atol=0)  # first order
 
 
 @pytest.mark.parametrize("method", tailorpo.METHODS)
 def test_unet_calls_per_trained_step_are_the_floor(method):
-    """Rollout: one CFG call per step (x_T, then the two candidates together), plus one per guided step before
-    the last for TailorPO-G. Loss: ONE policy call and ONE reference call for all trained steps together."""
+    """Rollout: one CFG call per step (x_T, then the two candidates together), plus one per guided
+    step before the last for TailorPO-G. Loss: ONE policy call and ONE reference call for all
+    trained steps together."""
     sd = make_tiny_sd()
     reference = copy.deepcopy(sd.unet).requires_grad_(False)
-    cfg = TailorPOConfig(num_steps=4, train_start_step=1, latent_size=LATENT)  # steps 1, 2, 3 trained
+    # Steps 1, 2, 3 trained
+    cfg = TailorPOConfig(num_steps=4, train_start_step=1, latent_size=LATENT)
     batch, trained = len(PROMPTS), 3
     with torch.no_grad():
         cond, uncond = sd.encode_prompts(PROMPTS), sd.encode_prompts([""])
@@ -348,7 +395,9 @@ def test_pairs_below_the_gap_are_masked_with_the_same_forwards_and_keys(method):
         loss.backward()
         grads = [p.grad for p in sd.unet.parameters()]
         results.append((counter.calls, counter.rows, set(metrics), loss, metrics, grads))
-    (calls, rows, keys, loss, metrics, _), (calls_0, rows_0, keys_0, loss_0, metrics_0, grads_0) = results
+    (calls, rows, keys, loss, metrics, _), (calls_0, rows_0, keys_0, loss_0, metrics_0, grads_0) = (
+        results
+    )
     assert (calls, rows, keys) == (calls_0, rows_0, keys_0)
     assert metrics["pairs_kept"] == 1 and metrics_0["pairs_kept"] == 0
     assert loss.item() > 0 and loss_0.item() == 0 and metrics_0["implicit_accuracy"] == 0
@@ -357,8 +406,9 @@ def test_pairs_below_the_gap_are_masked_with_the_same_forwards_and_keys(method):
 
 @pytest.mark.parametrize("method", tailorpo.METHODS)
 def test_two_half_batches_equal_one_full_batch(method):
-    """Every draw of a prompt's rollout is keyed by (seed, position): two processes with half the prompts
-    roll out exactly what one process with all of them does, so the mean of their losses is the full loss."""
+    """Every draw of a prompt's rollout is keyed by (seed, position): two processes with half the
+    prompts roll out exactly what one process with all of them does, so the mean of their losses is
+    the full loss."""
     sd = make_tiny_sd()
     reference = copy.deepcopy(sd.unet).requires_grad_(False)
     with torch.no_grad():
@@ -368,8 +418,18 @@ def test_two_half_batches_equal_one_full_batch(method):
     reward = get_reward("saturation")
     batch = {"prompts": PROMPTS, "positions": [40, 41, 42, 43]}
     full_loss, full_metrics = tailorpo.train_step(sd, reference, batch, reward, cfg, 5, method)
-    halves = [tailorpo.train_step(sd, reference, {key: value[rows] for key, value in batch.items()}, reward,
-                                  cfg, 5, method) for rows in (slice(0, 2), slice(2, 4))]
+    halves = [
+        tailorpo.train_step(
+            sd,
+            reference,
+            {key: value[rows] for key, value in batch.items()},
+            reward,
+            cfg,
+            5,
+            method,
+        )
+        for rows in (slice(0, 2), slice(2, 4))
+    ]
     torch.testing.assert_close(sum(loss for loss, _ in halves) / 2, full_loss, rtol=1e-4, atol=1e-6)
     for key in ("reward_w", "reward_l", "final_reward", "implicit_accuracy", "reward_margin"):
         mean_of_halves = sum(m[key] for _, m in halves) / 2
@@ -378,8 +438,8 @@ def test_two_half_batches_equal_one_full_batch(method):
 
 
 def test_rollout_and_rewards_in_float32_under_bf16_autocast():
-    """Precision policy: under torch.autocast(bf16) the rollout latents stay float32, and the step-wise
-    reward sees float32 images with autocast off."""
+    """Precision policy: under torch.autocast(bf16) the rollout latents stay float32, and the
+    step-wise reward sees float32 images with autocast off."""
     sd = make_tiny_sd()
     sd.vae.to(torch.bfloat16)
     brightness, seen = get_reward("brightness"), []
@@ -396,19 +456,33 @@ def test_rollout_and_rewards_in_float32_under_bf16_autocast():
     assert seen and set(seen) == {(torch.float32, False)}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Short CPU runs: the mean final reward of fresh samples rises
 
 
 def short_run(model_dir, out_dir, method, seed=0, steps=4):
-    """train.py's loop on the tiny SD folder: full fine-tune, brightness reward; train.py logs the mean reward
-    of the same fresh samples (fixed seeds) at step 0 and at the end. Returns the metrics.jsonl rows."""
+    """train.py's loop on the tiny SD folder: full fine-tune, brightness reward; train.py logs the
+    mean reward of the same fresh samples (fixed seeds) at step 0 and at the end. Returns the
+    metrics.jsonl rows."""
     import train
 
-    train.main([f"--model={model_dir}", f"--method={method}", "--reward=brightness", f"--max_steps={steps}",
-                "--batch_size=4", "--lora_rank=0", "--learning_rate=1e-3", "--weight_decay=0",
-                "--tailorpo.num_steps=5", f"--eval_every={steps}", "--eval_prompts=8", f"--out_dir={out_dir}",
-                f"--seed={seed}"])
+    train.main(
+        [
+            f"--model={model_dir}",
+            f"--method={method}",
+            "--reward=brightness",
+            f"--max_steps={steps}",
+            "--batch_size=4",
+            "--lora_rank=0",
+            "--learning_rate=1e-3",
+            "--weight_decay=0",
+            "--tailorpo.num_steps=5",
+            f"--eval_every={steps}",
+            "--eval_prompts=8",
+            f"--out_dir={out_dir}",
+            f"--seed={seed}",
+        ]
+    )
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
