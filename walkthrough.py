@@ -89,7 +89,7 @@ class Block:
         for marker, found in self.code:
             print("    code  {}:{}  {}".format(*found) if found else f"    NO CODE {marker}")
         for name, text in self.values:
-            print(f"    {name:<28} {text}")
+            print(f"    {name:<29}  {text}")
         for claim, residual, tolerance, ok in self.checks:
             print(f"    {'PASS' if ok else 'FAIL'}  {claim}: {residual:.3g} <= {tolerance:.3g}")
 
@@ -144,11 +144,9 @@ def lora_policy(sd, rank: int, alpha: float):
     for adapter in adapters:
         adapter.lora_B.weight.detach().zero_()
     params = [p for adapter in adapters for p in (adapter.lora_A.weight, adapter.lora_B.weight)]
-
     def reference(x_t, t, context):  # eps_ref: the adapters off
         with torch.no_grad(), lora.lora_disabled(sd.unet):
             return sd.unet(x_t, t, context)
-
     return params, reference
 
 
@@ -204,9 +202,8 @@ def walk_dpo(s) -> Walk:
     sd, beta, seed, positions = s.sd, s.dpo["beta"], s.seed, [0]
     params, reference = lora_policy(sd, s.dpo["lora_rank"], s.dpo["lora_alpha"])
     if s.toy:  # the toy's first pair, as data.py's batches carry it (uint8 pixels)
-        pairs = PreferencePairs(s.world.pairs_folder(), s.dpo["resolution"], random_crop=False,
-                                hflip=False, prompt_dropout=0.0, seed=seed)
-        batch = collate([pairs[0]])
+        batch = collate([PreferencePairs(s.world.pairs_folder(), s.dpo["resolution"], hflip=False,
+                                         prompt_dropout=0.0, seed=seed)[0]])
     else:  # choice 2: two samples of the prompt, ranked by the reward
         images = sampler.generate(sd, [s.prompt] * 2, num_steps=s.tailorpo.num_steps,
                                   guidance=s.guidance, seed=seed, progress=False)
@@ -274,11 +271,13 @@ def walk_dpo(s) -> Walk:
 
 
 def log_ratio_tolerance(x, mean_theta, mean_ref, sigma_t) -> float:
-    """|closed form - difference of log-probs| <= gamma_{D+6} x the mean size of their D terms."""
-    squares = sum(((x - mean) ** 2 / (2 * sigma_t**2)).mean() for mean in (mean_theta, mean_ref))
+    """|closed form (float32) - difference of float64 log-probs| <= gamma_{D+6} x the mean size of
+    the closed form's D terms, plus (D+6) 2^-53 x the log-probs' terms for the float64 side."""
     closed = ((2 * x - mean_theta - mean_ref) * (mean_theta - mean_ref) / (2 * sigma_t**2)).abs()
+    squares = sum(((x - mean) ** 2 / (2 * sigma_t**2)).mean() for mean in (mean_theta, mean_ref))
     constants = 2 * (sigma_t.flatten()[0].log().abs() + math.log(2 * math.pi))
-    return gamma(x[0].numel() + 6) * float(squares + closed.mean() + constants)
+    float64 = (x[0].numel() + 6) * 2.0**-53 * float(squares + constants)
+    return gamma(x[0].numel() + 6) * float(closed.mean()) + float64
 
 
 def walk_tailorpo(s) -> Walk:
@@ -356,7 +355,8 @@ def walk_tailorpo(s) -> Walk:
     means = (steps[0].mean, steps[1].mean, sigma_t)  # mu_theta and mu_ref after the step
     ratios = torch.cat([tailorpo.transition_log_ratio(x, *means, cfg.log_prob_reduction)
                         for x in (x_w, x_l)])
-    log_probs = [gaussian_log_prob(x, mean, sigma_t) for x in (x_w, x_l) for mean in means[:2]]
+    log_probs = [gaussian_log_prob(x.double(), mean.double(), sigma_t.double())  # in float64
+                 for x in (x_w, x_l) for mean in means[:2]]
     after, _ = tailorpo.pair_loss(sd, reference, pair, cond, uncond, cfg)
     walk.block("the transition log-ratios and the loss", "TailorPO Sec. 3 (rebuilt); DPO Eq. 7",
                "log-ratio(x) = log N(x; mu_theta, sigma_t^2 I) - log N(x; mu_ref, sigma_t^2 I)\n"
