@@ -1,16 +1,18 @@
-"""The toy reward model: the role PickScore plays for SD, learned from the toy pairs; NOT the hidden utility.
+"""The toy reward model: the role PickScore plays for SD, learned from the toy pairs; NOT the hidden
+utility.
 
-r(image, prompt) is prompt-aware and differentiable in the image. It is fitted to toy.make_pairs() with the
-Bradley-Terry loss of the RLHF reward-model step,
+r(image, prompt) is prompt-aware and differentiable in the image. It is fitted to toy.make_pairs()
+with the Bradley-Terry loss of the RLHF reward-model step,
 
-    L = -log sigmoid(r(x_w, c) - r(x_l, c))          (dpo.dpo_loss with beta = 1 and log-ratios r_w, r_l)
+    L = -log sigmoid(r(x_w, c) - r(x_l, c))        (dpo.dpo_loss: beta = 1, log-ratios r_w, r_l)
 
-and used by the online methods and Diffusion-DPO with AI feedback; it never sees toy.judge()'s internals.
-Held-out pairwise accuracy of the cached default: 0.95 (training prompts), 0.89 (held-out prompts; u 0.91).
+and used by the online methods and Diffusion-DPO with AI feedback; it never sees toy.judge()'s
+internals. Held-out pairwise accuracy of the cached default: 0.95 (training prompts), 0.89 (held-out
+prompts; u 0.91).
 
-Imports run one way, toy -> toy_reward -> data, dpo, weights: the door (toy.World.reward) hands this file the
-world's prompt-aware feature maps (toy.reward_features), the pairs folder and the cache path, and
-rewards.get_reward("toy") reaches the model through the door.
+Imports run one way, toy -> toy_reward -> data, dpo, weights: the door (toy.World.reward) hands this
+file the world's prompt-aware feature maps (toy.reward_features), the pairs folder and the cache
+path, and rewards.get_reward("toy") reaches the model through the door.
 """
 
 import math
@@ -29,15 +31,17 @@ from weights import load_strict
 
 
 class ToyRewardModel(nn.Module):
-    """A small CNN on fixed, prompt-aware feature maps (as the LAION aesthetic predictor is an MLP on CLIP
-    embeddings): two 3x3 convolutions with GELU, mean and max pooling, a linear head; images in [0, 1].
-    features(images, prompts) -> [B, channels, H, W] is the world's (toy.reward_features); no weights."""
+    """A small CNN on fixed, prompt-aware feature maps (as the LAION aesthetic predictor is an MLP
+    on CLIP embeddings): two 3x3 convolutions with GELU, mean and max pooling, a linear head; images
+    in [0, 1]. features(images, prompts) -> [B, channels, H, W] is the world's
+    (toy.reward_features); no weights."""
 
     def __init__(self, features, channels: int, width: int = 16):
         super().__init__()
         self.features = features
-        self.convs = nn.ModuleList([nn.Conv2d(channels, width, 3, padding=1),
-                                    nn.Conv2d(width, width, 3, padding=1)])
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(channels, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)]
+        )
         self.head = nn.Linear(2 * width, 1)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -55,12 +59,13 @@ class RewardModelConfig:
     batch_size: int = 64  # pairs per step
     lr: float = 3e-3
     weight_decay: float = 1e-2
-    validation: int = 256  # pairs of the training prompts kept out of training, for the accuracy report
+    validation: int = 256  # pairs of the training prompts kept out of training, for accuracy
     seed: int = 0
 
 
 def _pair_tensors(folder: str):
-    """(winners, losers [N, 3, H, W] in [0, 1], captions) of a pairs.jsonl folder via data.py (no ties)."""
+    """(winners, losers [N, 3, H, W] in [0, 1], captions) of a pairs.jsonl folder via data.py (no
+    ties)."""
     pairs = PreferencePairs(folder, resolution=16, hflip=False, prompt_dropout=0.0)
     (batch,) = pairs.batches(len(pairs))
     return unit_pixels(batch["pixels_w"]), unit_pixels(batch["pixels_l"]), batch["captions"]
@@ -74,17 +79,25 @@ def pairwise_accuracy(reward_fn, winners, losers, captions) -> float:
 
 
 def _augment(images, flip, blur):
-    """images [B,3,H,W] blended with their 3x3 box blur by blur [B,1,1,1] in [0, 1], flipped where flip."""
+    """images [B,3,H,W] blended with their 3x3 box blur by blur [B,1,1,1] in [0, 1], flipped
+    where flip."""
     images = torch.lerp(images, F.avg_pool2d(images, 3, 1, 1, count_include_pad=False), blur)
     return torch.where(flip, images.flip(-1), images)
 
 
-def train_reward_model(pairs_folder: str, features, channels: int, config: RewardModelConfig | None = None,
-                       judge=None, progress: bool = True):
-    """Fit ToyRewardModel(features, channels) to the pairs with the Bradley-Terry loss; returns (model,
-    pairwise accuracies; with `judge`, also the judge's on the held-out prompts). Both images of a pair get a
-    horizontal flip (p 1/2) and (p 1/2) a blend with a 3x3 box blur of random strength, so that the blurry
-    x0_pred of early steps (which TailorPO scores) rank like finished images."""
+def train_reward_model(
+    pairs_folder: str,
+    features,
+    channels: int,
+    config: RewardModelConfig | None = None,
+    judge=None,
+    progress: bool = True,
+):
+    """Fit ToyRewardModel(features, channels) to the pairs with the Bradley-Terry loss; returns
+    (model, pairwise accuracies; with `judge`, also the judge's on the held-out prompts). Both
+    images of a pair get a horizontal flip (p 1/2) and (p 1/2) a blend with a 3x3 box blur of random
+    strength, so that the blurry x0_pred of early steps (which TailorPO scores) rank like finished
+    images."""
     config = config or RewardModelConfig()
     winners, losers, captions = _pair_tensors(pairs_folder)
 
@@ -92,10 +105,12 @@ def train_reward_model(pairs_folder: str, features, channels: int, config: Rewar
         return winners[rows], losers[rows], [captions[i] for i in rows]
 
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
-    validation, train = order[:config.validation], order[config.validation:]
+    validation, train = order[: config.validation], order[config.validation :]
     torch.manual_seed(config.seed)
     model = ToyRewardModel(features, channels, config.width)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     generator = torch.Generator().manual_seed(config.seed)
     for step in tqdm(range(config.steps), desc="toy reward model", disable=not progress):
         batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
@@ -124,21 +139,31 @@ def train_reward_model(pairs_folder: str, features, channels: int, config: Rewar
 
 
 def save_atomically(tensors: dict, metadata: dict, path: str):
-    """A safetensors file written whole or not at all: a per-process temporary renamed onto `path`, so that
-    several processes filling the cache at once never leave (or read) a truncated file."""
+    """A safetensors file written whole or not at all: a per-process temporary renamed onto `path`,
+    so that several processes filling the cache at once never leave (or read) a truncated file."""
     temporary = f"{path}.tmp{os.getpid()}"
     save_file(tensors, temporary, metadata)
     os.replace(temporary, path)
 
 
-def load_reward_model(path: str, pairs_folder: str, features, channels: int, device="cpu",
-                      config: RewardModelConfig | None = None, judge=None,
-                      progress: bool = True) -> ToyRewardModel:
-    """The learned reward model, frozen: read from `path`, or trained on the pairs (train_reward_model) and
-    saved there on the first call (toy.load_reward_model names the path after the pairs and the config)."""
+def load_reward_model(
+    path: str,
+    pairs_folder: str,
+    features,
+    channels: int,
+    device="cpu",
+    config: RewardModelConfig | None = None,
+    judge=None,
+    progress: bool = True,
+) -> ToyRewardModel:
+    """The learned reward model, frozen: read from `path`, or trained on the pairs
+    (train_reward_model) and saved there on the first call (toy.load_reward_model names the path
+    after the pairs and the config)."""
     config = config or RewardModelConfig()
     if not os.path.isfile(path):
-        model, metrics = train_reward_model(pairs_folder, features, channels, config, judge, progress)
+        model, metrics = train_reward_model(
+            pairs_folder, features, channels, config, judge, progress
+        )
         accuracies = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         print(f"trained the toy reward model; pairwise accuracy: {accuracies}")
         save_atomically(model.state_dict(), {k: str(v) for k, v in metrics.items()}, path)

@@ -1,30 +1,37 @@
-"""Both papers' claims on the toy world, at an equal UNet budget, judged by the hidden utility (toy.py).
+"""Both papers' claims on the toy world, at an equal UNet budget, judged by the hidden utility
+(toy.py).
 
     python -m bench.bench_methods                       # ~15 min on the 2-core CPU
-    python -m bench.bench_methods --seeds 0,1 --budget 3000 --betas 250 --out /tmp/quick   # a quick look
+    python -m bench.bench_methods --seeds 0,1 --budget 3000 --betas 250 --out /tmp/quick   # a quick
+    look
 
-Every run starts from the toy base model with a fresh LoRA (rank 4, AdamW lr 3e-3) and trains until it has
-spent the same number of UNet forward rows (policy and reference forwards, rollouts; no CFG in the toy, so one
-row per image per step):
-  sft         eps-MSE on the preferred image of each human pair (the Diffusion-DPO paper's SFT baseline)
-  dpo         Diffusion-DPO on the human pairs (toy.make_pairs), toy.TRAIN_DEFAULTS
-  dpo-ai      Diffusion-DPO on the same pairs, each batch relabelled by the toy reward model (AI feedback)
-  trajectory  two rollouts from one x_T whose final rewards label every step (D3PO; TailorPO's baseline)
-  tailorpo    TailorPO: step-wise pairs from the same x_t, ranked by the reward model on x0_pred
-  tailorpo-g  TailorPO-G: TailorPO plus reward-gradient guidance of the preferred sample
-Each run is judged on fresh samples (toy.SAMPLING) from the same x_T as the base: the hidden utility, prompt
-fidelity, the reward model's score, and the utility win rate over the base (near-ties 1/2, as evaluate.py:
-|change| <= TIE_FRACTION x the base's seed-to-seed std of u), on the 48 training prompts x seed 1000 and the
-12 held-out prompts x seeds 1000-1003 (96 images). The table leads with the effect sizes, the mean changes of
-u and fidelity from the base; mean +- stderr over run seeds. Each claim is a line with its separation z = (a - b) / sqrt(se_a^2 + se_b^2) of the mean utility.
-Then the Figure 2 curve of the TailorPO paper (how often the order of two samples by the reward of x0_pred at
-step t disagrees with the order of their final images) and a beta sweep of Diffusion-DPO (utility and reward
-against the distance from the base, the mean squared pixel difference of same-x_T samples).
+Every run starts from the toy base model with a fresh LoRA (rank 4, AdamW lr 3e-3) and trains until
+it has spent the same number of UNet forward rows (policy and reference forwards, rollouts; no CFG
+in the toy, so one row per image per step):
+  sft         eps-MSE on the preferred image of each human pair (the Diffusion-DPO paper's SFT
+  baseline) dpo         Diffusion-DPO on the human pairs (toy.make_pairs), toy.TRAIN_DEFAULTS dpo-ai
+  Diffusion-DPO on the same pairs, each batch relabelled by the toy reward model (AI feedback)
+  trajectory  two rollouts from one x_T whose final rewards label every step (D3PO; TailorPO's
+  baseline) tailorpo    TailorPO: step-wise pairs from the same x_t, ranked by the reward model on
+  x0_pred tailorpo-g  TailorPO-G: TailorPO plus reward-gradient guidance of the preferred sample
+Each run is judged on fresh samples (toy.SAMPLING) from the same x_T as the base: the hidden
+utility, prompt fidelity, the reward model's score, and the utility win rate over the base
+(near-ties 1/2, as evaluate.py:
+|change| <= TIE_FRACTION x the base's seed-to-seed std of u), on the 48 training prompts x seed 1000
+and the
+12 held-out prompts x seeds 1000-1003 (96 images). The table leads with the effect sizes, the mean
+changes of u and fidelity from the base; mean +- stderr over run seeds. Each claim is a line with
+its separation z = (a - b) / sqrt(se_a^2 + se_b^2) of the mean utility. Then the Figure 2 curve of
+the TailorPO paper (how often the order of two samples by the reward of x0_pred at step t disagrees
+with the order of their final images) and a beta sweep of Diffusion-DPO (utility and reward against
+the distance from the base, the mean squared pixel difference of same-x_T samples).
 
 Choices (numbered; neither paper gives toy settings):
-1. The budget counts UNet forward rows of training only; evaluation is outside it. The reward model is not a
+1. The budget counts UNet forward rows of training only; evaluation is outside it. The reward model
+is not a
    UNet and is not counted. Wall time per run is reported beside it.
-2. Each method uses its toy.TRAIN_DEFAULTS (online: 4 prompts per step from TRAIN_PROMPTS; TailorPO beta 10).
+2. Each method uses its toy.TRAIN_DEFAULTS (online: 4 prompts per step from TRAIN_PROMPTS; TailorPO
+beta 10).
 """
 
 import argparse
@@ -49,7 +56,12 @@ from sampler import generate, guided_eps
 METHODS = ("sft", "dpo", "dpo-ai", "trajectory", "tailorpo", "tailorpo-g")
 CLAIMS = [  # (a, b, relation, paper)
     ("dpo", "sft", ">", "Diffusion-DPO > SFT (Diffusion-DPO paper)"),
-    ("dpo-ai", "dpo", "~", "Diffusion-DPO with AI feedback ~ with human pairs (Diffusion-DPO paper)"),
+    (
+        "dpo-ai",
+        "dpo",
+        "~",
+        "Diffusion-DPO with AI feedback ~ with human pairs (Diffusion-DPO paper)",
+    ),
     ("tailorpo", "trajectory", ">", "TailorPO > trajectory-level preferences (TailorPO paper)"),
     ("tailorpo-g", "tailorpo", ">", "TailorPO-G > TailorPO (TailorPO paper)"),
 ]
@@ -81,12 +93,13 @@ class RowCounter:
         self.handle.remove()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Runs
 
 
 def fresh_lora_model(seed: int):
-    """(sd with a fresh LoRA, its trainable parameters, reference_unet: the same UNet with LoRA off)."""
+    """(sd with a fresh LoRA, its trainable parameters, reference_unet: the same UNet with LoRA
+    off)."""
     sd = toy.load_base_model(progress=False)
     torch.manual_seed(seed)
     defaults = toy.TRAIN_DEFAULTS["dpo"]
@@ -99,20 +112,29 @@ def fresh_lora_model(seed: int):
     return sd, params, reference_unet
 
 
-def train_run(method: str, seed: int, budget: int, reward_fn, pairs_folder: str, beta: float | None = None):
+def train_run(
+    method: str, seed: int, budget: int, reward_fn, pairs_folder: str, beta: float | None = None
+):
     """One LoRA run of `method` until `budget` UNet rows are spent -> (sd, steps, rows, seconds)."""
     defaults = toy.TRAIN_DEFAULTS["dpo" if method == "dpo-ai" else method]
     beta = defaults.get("beta") if beta is None else beta  # Diffusion-DPO only
     sd, params, reference_unet = fresh_lora_model(seed)
     optimizer = torch.optim.AdamW(params, lr=defaults["learning_rate"], weight_decay=0.0)
     if method in ("sft", "dpo", "dpo-ai"):
-        pairs = data.PreferencePairs(pairs_folder, defaults["resolution"],
-                                     prompt_dropout=defaults["prompt_dropout"], seed=seed)
+        pairs = data.PreferencePairs(
+            pairs_folder,
+            defaults["resolution"],
+            prompt_dropout=defaults["prompt_dropout"],
+            seed=seed,
+        )
         batches = iter(data.PairBatches(pairs, defaults["batch_size"]))
     else:
-        online = tailorpo.TailorPOConfig(num_steps=toy.SAMPLING["num_steps"],
-                                         guidance_scale=toy.SAMPLING["guidance"])
-        order = torch.randperm(10**5, generator=torch.Generator().manual_seed(seed)) % len(toy.TRAIN_PROMPTS)
+        online = tailorpo.TailorPOConfig(
+            num_steps=toy.SAMPLING["num_steps"], guidance_scale=toy.SAMPLING["guidance"]
+        )
+        order = torch.randperm(10**5, generator=torch.Generator().manual_seed(seed)) % len(
+            toy.TRAIN_PROMPTS
+        )
     started, steps, last = time.time(), 0, 0
     with RowCounter(sd.unet) as counter:
         while counter.rows + last <= budget:
@@ -122,12 +144,22 @@ def train_run(method: str, seed: int, budget: int, reward_fn, pairs_folder: str,
                 if method == "dpo-ai":
                     with torch.no_grad():
                         batch, _ = data.relabel_with_reward(batch, reward_fn)
-                loss, _ = (dpo.sft_train_step(sd, batch, seed) if method == "sft" else
-                           dpo.dpo_train_step(sd, reference_unet, batch, beta, seed))
+                loss, _ = (
+                    dpo.sft_train_step(sd, batch, seed)
+                    if method == "sft"
+                    else dpo.dpo_train_step(sd, reference_unet, batch, beta, seed)
+                )
             else:
-                positions = list(range(steps * defaults["batch_size"], (steps + 1) * defaults["batch_size"]))
-                batch = {"prompts": [toy.TRAIN_PROMPTS[order[p]] for p in positions], "positions": positions}
-                loss, _ = tailorpo.train_step(sd, reference_unet, batch, reward_fn, online, seed, method)
+                positions = list(
+                    range(steps * defaults["batch_size"], (steps + 1) * defaults["batch_size"])
+                )
+                batch = {
+                    "prompts": [toy.TRAIN_PROMPTS[order[p]] for p in positions],
+                    "positions": positions,
+                }
+                loss, _ = tailorpo.train_step(
+                    sd, reference_unet, batch, reward_fn, online, seed, method
+                )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -154,38 +186,48 @@ def sample_eval(sd, cfg: BenchConfig) -> tuple[torch.Tensor, list[str]]:
 
 
 def tie_threshold(u_base: torch.Tensor) -> float:
-    """evaluate.py's near-tie threshold of u: TIE_FRACTION x the base's seed-to-seed std, here of the held-out
-    prompts (the rows after the training prompts: 4 seeds, seed-major, as sample_eval draws them)."""
-    held_out = u_base[len(toy.TRAIN_PROMPTS):].view(EVAL_SETS[1][2], -1).T.flatten()  # prompt-major
+    """evaluate.py's near-tie threshold of u: TIE_FRACTION x the base's seed-to-seed std, here of
+    the held-out prompts (the rows after the training prompts: 4 seeds, seed-major, as sample_eval
+    draws them)."""
+    held_out = (
+        u_base[len(toy.TRAIN_PROMPTS) :].view(EVAL_SETS[1][2], -1).T.flatten()
+    )  # prompt-major
     return evaluate.TIE_FRACTION * evaluate.seed_std(held_out, EVAL_SETS[1][2])
 
 
 @torch.no_grad()
 def judge(images, prompts, base_images, reward_fn) -> dict:
-    """Per-image scores [N] and win (near-ties 1/2) / distance against the base images from the same x_T."""
+    """Per-image scores [N] and win (near-ties 1/2) / distance against the base images from the
+    same x_T."""
     u, u_base = toy.utility(images, prompts), toy.utility(base_images, prompts)
-    return {"utility": u, "fidelity": toy.fidelity(images, prompts), "reward": reward_fn(images, prompts),
-            "win": evaluate.wins(u, u_base, tie_threshold(u_base)),
-            "distance": (images - base_images).pow(2).flatten(1).mean(1)}
+    return {
+        "utility": u,
+        "fidelity": toy.fidelity(images, prompts),
+        "reward": reward_fn(images, prompts),
+        "win": evaluate.wins(u, u_base, tie_threshold(u_base)),
+        "distance": (images - base_images).pow(2).flatten(1).mean(1),
+    }
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Figure 2 of the TailorPO paper
 
 
 @torch.no_grad()
 def disagreement(a, b, final_a, final_b) -> float:
-    """Fraction of pairs whose order by (a, b) differs from their order by (final_a, final_b); ties 1/2."""
+    """Fraction of pairs whose order by (a, b) differs from their order by (final_a, final_b);
+    ties 1/2."""
     agree = torch.sign(a - b) * torch.sign(final_a - final_b)
     return ((agree < 0).double() + 0.5 * (agree == 0).double()).mean().item()
 
 
 @torch.no_grad()
 def figure2(sd, reward_fn, cfg: BenchConfig) -> dict:
-    """{"t", "trajectory", "same_x_t"}: at each DDIM step t, the fraction of sample pairs whose order by the
-    reward of x0_pred(x_t) differs from the order of their final images (ties 1/2).
-    trajectory pairs: two eta=1 trajectories from one x_T (the label a trajectory-level method assumes at
-    every t); same-x_t pairs: two children x_{t-1} of one x_t (TailorPO's candidates), each finished alone."""
+    """{"t", "trajectory", "same_x_t"}: at each DDIM step t, the fraction of sample pairs whose
+    order by the reward of x0_pred(x_t) differs from the order of their final images (ties 1/2).
+    trajectory pairs: two eta=1 trajectories from one x_T (the label a trajectory-level method
+    assumes at every t); same-x_t pairs: two children x_{t-1} of one x_t (TailorPO's candidates),
+    each finished alone."""
     steps, n, schedule = toy.SAMPLING["num_steps"], cfg.figure_pairs, sd.schedule
     prompts = [toy.TRAIN_PROMPTS[(7 * i) % len(toy.TRAIN_PROMPTS)] for i in range(n)]
     cond = sd.encode_prompts(prompts)
@@ -193,8 +235,11 @@ def figure2(sd, reward_fn, cfg: BenchConfig) -> dict:
     timesteps = schedule.ddim_timesteps(steps).tolist()
     score = lambda x: reward_fn(sd.decode_latents(x), prompts * (len(x) // n))
     eps = lambda x, t: guided_eps(sd.unet, x, t, cond.repeat(len(x) // n, 1, 1), None, 1.0)
-    step = lambda e, t, x: schedule.ddim_step(e, t, x, steps, eta=1.0,
-                                              noise=torch.randn(x.shape, generator=generator)).x_prev
+    step = lambda e, t, x: (
+        schedule.ddim_step(
+            e, t, x, steps, eta=1.0, noise=torch.randn(x.shape, generator=generator)
+        ).x_prev
+    )
 
     x = torch.randn(n, 3, 16, 16, generator=generator).repeat(2, 1, 1, 1)  # the same x_T twice
     stepwise = []
@@ -213,7 +258,7 @@ def figure2(sd, reward_fn, cfg: BenchConfig) -> dict:
         t_prev = timesteps[i + 1]
         r = score(schedule.x0_from_eps(children, eps(children, t_prev), t_prev))
         finished = children
-        for later in timesteps[i + 1:]:
+        for later in timesteps[i + 1 :]:
             finished = step(eps(finished, later), later, finished)
         final = score(finished)
         same_x_t.append(disagreement(r[:n], r[n:], final[:n], final[n:]))
@@ -221,7 +266,7 @@ def figure2(sd, reward_fn, cfg: BenchConfig) -> dict:
     return {"t": timesteps[1:], "trajectory": trajectory, "same_x_t": same_x_t}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -264,28 +309,40 @@ def bar_chart(path: str, groups: dict[str, dict[str, tuple[float, float]]], titl
     return path
 
 
-def report(runs: dict, base: dict, figure: dict, sweep: dict, cfg: BenchConfig, seconds: float, out: str):
+def report(
+    runs: dict, base: dict, figure: dict, sweep: dict, cfg: BenchConfig, seconds: float, out: str
+):
     """bench_methods.md and .png (bars, Figure 2, beta sweep)."""
     metrics = ("utility", "fidelity", "reward", "win", "distance")
-    per_run = {m: {k: [r["scores"][k].mean().item() for r in rs] for k in metrics} for m, rs in runs.items()}
-    change = {m: {k: [x - base[k].mean().item() for x in v[k]] for k in ("utility", "fidelity")}
-              for m, v in per_run.items()}
+    per_run = {
+        m: {k: [r["scores"][k].mean().item() for r in rs] for k in metrics}
+        for m, rs in runs.items()
+    }
+    change = {
+        m: {k: [x - base[k].mean().item() for x in v[k]] for k in ("utility", "fidelity")}
+        for m, v in per_run.items()
+    }
     split = len(toy.TRAIN_PROMPTS)  # the first rows of the evaluation are the training prompts
     lines = [
-        "# Method comparison on the toy world (bench_methods.py)", "",
-        f"Equal budget: {cfg.budget} UNet forward rows of training per run; LoRA rank 4, lr 3e-3; seeds "
-        f"{list(cfg.seeds)}; sampling {toy.SAMPLING}. Judged by the hidden utility u (toy.utility, in "
-        "[0, 4]) on "
-        "96 fresh images per run (48 training prompts x 1 seed, 12 held-out prompts x 4 seeds), the same x_T "
-        f"as the base. Total wall time {seconds:.0f} s ({torch.get_num_threads()} thread(s), load average "
-        f"{os.getloadavg()[0]:.1f} at the end).", "",
-        f"Base model: utility {base['utility'].mean():.3f}, fidelity {base['fidelity'].mean():.3f}, reward "
-        f"{base['reward'].mean():.3f}. Near-ties (win 1/2): |change of u| <= "
-        f"{tie_threshold(base['utility']):.3f}, {evaluate.TIE_FRACTION} x the base's seed-to-seed std of u.",
+        "# Method comparison on the toy world (bench_methods.py)",
+        "",
+        f"Equal budget: {cfg.budget} UNet forward rows of training per run; LoRA rank 4, lr 3e-3; "
+        f"seeds {list(cfg.seeds)}; sampling {toy.SAMPLING}. Judged by the hidden utility u "
+        "(toy.utility, in [0, 4]) on 96 fresh images per run (48 training prompts x 1 seed, 12 "
+        "held-out prompts x 4 seeds), the same x_T as the base. Total wall time "
+        f"{seconds:.0f} s ({torch.get_num_threads()} thread(s), load average "
+        f"{os.getloadavg()[0]:.1f} at the end).",
+        "",
+        f"Base model: utility {base['utility'].mean():.3f}, fidelity "
+        f"{base['fidelity'].mean():.3f}, reward {base['reward'].mean():.3f}. Near-ties (win 1/2): "
+        f"|change of u| <= {tie_threshold(base['utility']):.3f}, {evaluate.TIE_FRACTION} x the "
+        "base's seed-to-seed std of u.",
         "",
         "| method | utility change | fidelity change | win rate vs base | win, train prompts "
-        "| win, held-out prompts | utility | fidelity | reward model | steps | UNet rows | s / run |",
-        "|---" * 12 + "|"]
+        "| win, held-out prompts | utility | fidelity | reward model | steps | UNet rows "
+        "| s / run |",
+        "|---" * 12 + "|",
+    ]
 
     def cell(values, sign=""):
         mean, stderr = stats(values)
@@ -294,17 +351,26 @@ def report(runs: dict, base: dict, figure: dict, sweep: dict, cfg: BenchConfig, 
     for method, rs in runs.items():
         wins_train = [r["scores"]["win"][:split].mean().item() for r in rs]
         wins_held = [r["scores"]["win"][split:].mean().item() for r in rs]
-        steps, seconds = sum(r["steps"] for r in rs) / len(rs), sum(r["seconds"] for r in rs) / len(rs)
+        steps, seconds = (
+            sum(r["steps"] for r in rs) / len(rs),
+            sum(r["seconds"] for r in rs) / len(rs),
+        )
         effects = [cell(change[method][k], "+") for k in ("utility", "fidelity")]
-        lines.append(f"| {method} | {effects[0]} | {effects[1]} | {cell(per_run[method]['win'])} | "
-                     f"{cell(wins_train)} | {cell(wins_held)} | " +
-                     " | ".join(cell(per_run[method][k]) for k in metrics[:3]) +
-                     f" | {steps:.0f} | {max(r['rows'] for r in rs)} | {seconds:.0f} |")
-    lines += ["", "- utility change: the hidden utility u (toy.utility, in [0, 4]: 3 x fidelity + 0.5 (vivid + "
-              "clean)) minus the base's, same x_T", "- fidelity change: prompt fidelity (toy.fidelity, in "
-              "[0, 1]: asked shape, shape colour, background colour) minus the base's",
-              "- win rate: P(u(run) > u(base)) over the 96 images, near-ties 1/2; reward model: the learned "
-              "toy reward (a logit)"]
+        lines.append(
+            f"| {method} | {effects[0]} | {effects[1]} | {cell(per_run[method]['win'])} | "
+            f"{cell(wins_train)} | {cell(wins_held)} | "
+            + " | ".join(cell(per_run[method][k]) for k in metrics[:3])
+            + f" | {steps:.0f} | {max(r['rows'] for r in rs)} | {seconds:.0f} |"
+        )
+    lines += [
+        "",
+        "- utility change: the hidden utility u (toy.utility, in [0, 4]: 3 x fidelity + 0.5 "
+        "(vivid + clean)) minus the base's, same x_T",
+        "- fidelity change: prompt fidelity (toy.fidelity, in "
+        "[0, 1]: asked shape, shape colour, background colour) minus the base's",
+        "- win rate: P(u(run) > u(base)) over the 96 images, near-ties 1/2; reward model: the "
+        "learned toy reward (a logit)",
+    ]
     lines += ["", "Claims (separation z of the mean utility over seeds, in standard errors):", ""]
     for a, b, relation, claim in CLAIMS:
         if a not in per_run or b not in per_run:
@@ -312,41 +378,80 @@ def report(runs: dict, base: dict, figure: dict, sweep: dict, cfg: BenchConfig, 
         (mean_a, se_a), (mean_b, se_b) = stats(per_run[a]["utility"]), stats(per_run[b]["utility"])
         z = (mean_a - mean_b) / math.sqrt(se_a**2 + se_b**2)
         holds = abs(z) < 2 if relation == "~" else z >= 2
-        lines.append(f"- {claim}: {mean_a:.3f} vs {mean_b:.3f}, z = {z:+.1f}: "
-                     f"{'holds' if holds else 'does NOT hold'} here"
-                     f"{' (|z| < 2)' if relation == '~' else ' (z >= 2)'}.")
-    lines += ["", f"Figure 2 (TailorPO paper), base model, toy reward model, {cfg.figure_pairs} pairs per "
-              "point: disagreement between the order by the reward of x0_pred at step t and the order of the "
-              "final images.", "",
-              "| t | " + " | ".join(str(t) for t in figure["t"]) + " |", "|---|" + "---|" * len(figure["t"]),
-              "| trajectory pairs | " + " | ".join(f"{v:.2f}" for v in figure["trajectory"]) + " |",
-              "| same-x_t pairs | " + " | ".join(f"{v:.2f}" for v in figure["same_x_t"]) + " |", "",
-              "Diffusion-DPO beta sweep (seed 0): a small beta moves further from the base.", "",
-              "| beta | utility | reward model | win rate | distance from base |", "|---|---|---|---|---|"]
+        lines.append(
+            f"- {claim}: {mean_a:.3f} vs {mean_b:.3f}, z = {z:+.1f}: "
+            f"{'holds' if holds else 'does NOT hold'} here"
+            f"{' (|z| < 2)' if relation == '~' else ' (z >= 2)'}."
+        )
+    lines += [
+        "",
+        f"Figure 2 (TailorPO paper), base model, toy reward model, {cfg.figure_pairs} pairs per "
+        "point: disagreement between the order by the reward of x0_pred at step t and the order of "
+        "the final images.",
+        "",
+        "| t | " + " | ".join(str(t) for t in figure["t"]) + " |",
+        "|---|" + "---|" * len(figure["t"]),
+        "| trajectory pairs | " + " | ".join(f"{v:.2f}" for v in figure["trajectory"]) + " |",
+        "| same-x_t pairs | " + " | ".join(f"{v:.2f}" for v in figure["same_x_t"]) + " |",
+        "",
+        "Diffusion-DPO beta sweep (seed 0): a small beta moves further from the base.",
+        "",
+        "| beta | utility | reward model | win rate | distance from base |",
+        "|---|---|---|---|---|",
+    ]
     for beta, scores in sweep.items():
-        lines.append(f"| {beta:g} | {scores['utility'].mean():.3f} | {scores['reward'].mean():.3f} | "
-                     f"{scores['win'].mean():.2f} | {scores['distance'].mean():.5f} |")
+        lines.append(
+            f"| {beta:g} | {scores['utility'].mean():.3f} | {scores['reward'].mean():.3f} | "
+            f"{scores['win'].mean():.2f} | {scores['distance'].mean():.5f} |"
+        )
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
-    panels = {f"{k} - base": {m: stats([x - base[k].mean().item() for x in v[k]]) for m, v in per_run.items()}
-              for k in metrics[:3]}
+    panels = {
+        f"{k} - base": {
+            m: stats([x - base[k].mean().item() for x in v[k]]) for m, v in per_run.items()
+        }
+        for k in metrics[:3]
+    }
     panels["win rate vs base"] = {m: stats(v["win"]) for m, v in per_run.items()}
-    bars = bar_chart(out + ".bars.png", panels, "mean +- stderr over seeds. Utility, fidelity, toy reward "
-                     "model: change from the base; win rate by the hidden utility (1/2 = no change)")
-    curves = plot.save_line_plot(out + ".fig2.png", {"trajectory pairs": (figure["t"], figure["trajectory"]),
-                                                     "same-x_t pairs": (figure["t"], figure["same_x_t"])},
-                                 title="Figure 2: step-wise vs final order disagreement", xlabel="timestep t",
-                                 ylabel="disagreement")
+    bars = bar_chart(
+        out + ".bars.png",
+        panels,
+        "mean +- stderr over seeds. Utility, fidelity, toy reward "
+        "model: change from the base; win rate by the hidden utility (1/2 = no change)",
+    )
+    curves = plot.save_line_plot(
+        out + ".fig2.png",
+        {
+            "trajectory pairs": (figure["t"], figure["trajectory"]),
+            "same-x_t pairs": (figure["t"], figure["same_x_t"]),
+        },
+        title="Figure 2: step-wise vs final order disagreement",
+        xlabel="timestep t",
+        ylabel="disagreement",
+    )
     betas = list(sweep)
-    beta_plot = plot.save_line_plot(out + ".beta.png", {
-        "utility": ([sweep[b]["distance"].mean().item() for b in betas], [sweep[b]["utility"].mean().item()
-                                                                           for b in betas])},
-        title="DPO beta sweep: " + ", ".join(f"{b:g}" for b in betas), xlabel="distance from base",
-        ylabel="utility")
+    beta_plot = plot.save_line_plot(
+        out + ".beta.png",
+        {
+            "utility": (
+                [sweep[b]["distance"].mean().item() for b in betas],
+                [sweep[b]["utility"].mean().item() for b in betas],
+            )
+        },
+        title="DPO beta sweep: " + ", ".join(f"{b:g}" for b in betas),
+        xlabel="distance from base",
+        ylabel="utility",
+    )
     pictures = [Image.open(p) for p in (bars, curves, beta_plot)]
-    canvas = Image.new("RGB", (max(pictures[0].width, pictures[1].width + pictures[2].width),
-                               pictures[0].height + max(pictures[1].height, pictures[2].height)), "white")
+    canvas = Image.new(
+        "RGB",
+        (
+            max(pictures[0].width, pictures[1].width + pictures[2].width),
+            pictures[0].height + max(pictures[1].height, pictures[2].height),
+        ),
+        "white",
+    )
     canvas.paste(pictures[0], (0, 0))
     canvas.paste(pictures[1], (0, pictures[0].height))
     canvas.paste(pictures[2], (pictures[1].width, pictures[0].height))
@@ -357,15 +462,25 @@ def report(runs: dict, base: dict, figure: dict, sweep: dict, cfg: BenchConfig, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Toy-world test of the Diffusion-DPO and TailorPO claims.")
-    p.add_argument("--budget", type=int, default=BenchConfig.budget, help="UNet forward rows per run")
+    p = argparse.ArgumentParser(
+        description="Toy-world test of the Diffusion-DPO and TailorPO claims."
+    )
+    p.add_argument(
+        "--budget", type=int, default=BenchConfig.budget, help="UNet forward rows per run"
+    )
     p.add_argument("--seeds", default="0,1,2,3,4", help="run seeds")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
-    p.add_argument("--betas", default="25,250,2500,25000", help="Diffusion-DPO beta sweep ('' = none)")
+    p.add_argument(
+        "--betas", default="25,250,2500,25000", help="Diffusion-DPO beta sweep ('' = none)"
+    )
     p.add_argument("--out", default="bench/results/bench_methods", help="writes OUT.md and OUT.png")
     args = p.parse_args(argv)
-    cfg = replace(BenchConfig(), budget=args.budget, seeds=tuple(int(s) for s in args.seeds.split(",")),
-                  betas=tuple(float(b) for b in args.betas.split(",") if b))
+    cfg = replace(
+        BenchConfig(),
+        budget=args.budget,
+        seeds=tuple(int(s) for s in args.seeds.split(",")),
+        betas=tuple(float(b) for b in args.betas.split(",") if b),
+    )
     started = time.time()
     torch.set_num_threads(1)
     pairs_folder = toy.make_pairs()
@@ -380,10 +495,15 @@ def main(argv=None):
         for method in args.methods.split(","):
             sd, steps, rows, seconds = train_run(method, seed, cfg.budget, reward_fn, pairs_folder)
             scores = judge(*sample_eval(sd, cfg)[:1], prompts, base_images, reward_fn)
-            runs.setdefault(method, []).append(dict(steps=steps, rows=rows, seconds=seconds, scores=scores))
-            print(f"{method} seed {seed}: utility {scores['utility'].mean():.3f}, "
-                  f"win {scores['win'].mean():.2f} "
-                  f"({steps} steps, {rows} rows, {seconds:.0f} s)", flush=True)
+            runs.setdefault(method, []).append(
+                dict(steps=steps, rows=rows, seconds=seconds, scores=scores)
+            )
+            print(
+                f"{method} seed {seed}: utility {scores['utility'].mean():.3f}, "
+                f"win {scores['win'].mean():.2f} "
+                f"({steps} steps, {rows} rows, {seconds:.0f} s)",
+                flush=True,
+            )
     sweep = {}
     for beta in cfg.betas:
         sd, *_ = train_run("dpo", 0, cfg.budget, reward_fn, pairs_folder, beta=beta)
