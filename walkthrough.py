@@ -5,8 +5,8 @@
 Each block prints an equation as its paper writes it (scheduler.py's notation) and its source; the
 code line implementing it, read live from the source (by its `# Eq.` tag or a marker) so the walk
 cannot drift from the code; the values on this step, from the library's own functions; the papers'
-identities with residuals, within float32 rounding bounds (gamma_n = n u / (1 - n u), u = 2^-24,
-Higham Sec. 3.1, times the size of the terms). Choices where the papers and the issue are silent:
+identities with residuals within float32 bounds (Higham's gamma_n = n u / (1 - n u), u = 2^-24).
+Choices where the papers and the issue are silent:
 1. The policy is the model with fresh LoRA adapters (B = 0, as training starts), the reference the
    same UNet with them off: at step 0 both agree bit for bit, so the DPO loss is exactly log 2.
 2. --model PATH has no preference data: the pair is two samples of --prompt ranked by --reward.
@@ -84,8 +84,8 @@ class Block:
         return self
 
     def show(self):
-        print(f"\n{self.number} {self.title}   [{self.source}]")
-        print("\n".join(f"      {line}" for line in self.equation.splitlines()))
+        equation = self.equation.replace("\n", "\n      ")
+        print(f"\n{self.number} {self.title}   [{self.source}]\n      {equation}")
         for marker, found in self.code:
             print("    code  {}:{}  {}".format(*found) if found else f"    NO CODE {marker}")
         for name, text in self.values:
@@ -136,17 +136,19 @@ def save_strip(path: Path, tiles: list[tuple[str, torch.Tensor]], size: int = 12
     return path
 
 
-def lora_policy(sd, rank: int, alpha: float):
-    """(LoRA parameters, eps_ref): adapters with B = 0 (choice 1); eps_ref runs them off."""
-    if not any(isinstance(module, lora.LoRALinear) for module in sd.unet.modules()):
-        lora.inject_lora(sd.unet, rank, alpha)
-    adapters = [module for module in sd.unet.modules() if isinstance(module, lora.LoRALinear)]
-    for adapter in adapters:
-        adapter.lora_B.weight.detach().zero_()
+def lora_policy(s, rank: int, alpha: float):
+    """(LoRA parameters, eps_ref): adapters as training starts (choice 1), in every walk."""
+    if not hasattr(s, "lora_start"):
+        torch.manual_seed(s.seed)  # the adapters' initialisation (B = 0)
+        lora.inject_lora(s.sd.unet, rank, alpha)
+        s.lora_start = lora.lora_state_dict(s.sd.unet)
+    lora.load_lora(s.sd.unet, s.lora_start)
+    s.sd.unet.zero_grad(set_to_none=True)  # no gradient left over from another walk
+    adapters = [module for module in s.sd.unet.modules() if isinstance(module, lora.LoRALinear)]
     params = [p for adapter in adapters for p in (adapter.lora_A.weight, adapter.lora_B.weight)]
     def reference(x_t, t, context):  # eps_ref: the adapters off
-        with torch.no_grad(), lora.lora_disabled(sd.unet):
-            return sd.unet(x_t, t, context)
+        with torch.no_grad(), lora.lora_disabled(s.sd.unet):
+            return s.sd.unet(x_t, t, context)
     return params, reference
 
 
@@ -200,7 +202,7 @@ def walk_ddim(s) -> Walk:
 
 def walk_dpo(s) -> Walk:
     sd, beta, seed, positions = s.sd, s.dpo["beta"], s.seed, [0]
-    params, reference = lora_policy(sd, s.dpo["lora_rank"], s.dpo["lora_alpha"])
+    params, reference = lora_policy(s, s.dpo["lora_rank"], s.dpo["lora_alpha"])
     if s.toy:  # the toy's first pair, as data.py's batches carry it (uint8 pixels)
         batch = collate([PreferencePairs(s.world.pairs_folder(), s.dpo["resolution"], hflip=False,
                                          prompt_dropout=0.0, seed=seed)[0]])
@@ -246,13 +248,12 @@ def walk_dpo(s) -> Walk:
                "logit = log-ratio_w - log-ratio_l;  beta * logit is the implicit reward margin",
                (dpo.diffusion_log_ratio, "return -0.5"), (dpo.dpo_loss, "logits = log_ratio_w")) \
         .value("log-ratio_w, _l", log_ratio).value("beta | logit", (beta, logit))
-    accuracy = m["implicit_accuracy"]  # a tie counts as wrong (dpo.py deviation 4)
     walk.block("the loss and the implicit accuracy", "Diffusion-DPO Eq. 14; DPO Eq. 7",
                "L = -log sigmoid(beta logit);  implicit accuracy = [logit > 0]",
                (dpo.dpo_loss, "DPO Eq. 7"), (dpo.dpo_train_step, "# Eq. 14")) \
-        .value("loss | implicit accuracy", (m["loss"], accuracy)) \
+        .value("loss | implicit accuracy", (m["loss"], m["implicit_accuracy"])) \
         .check("step 0: loss = log 2", m["loss"] - math.log(2), gamma(2) * math.log(2)) \
-        .check("step 0: implicit accuracy = 0", accuracy, 0)
+        .check("step 0: implicit accuracy = 0 (a tie is wrong)", m["implicit_accuracy"], 0)
     loss.backward()
     torch.optim.AdamW(params, lr=s.dpo["learning_rate"]).step()
     _, after = dpo.dpo_train_step(sd, reference, batch, beta, seed)
@@ -282,15 +283,14 @@ def log_ratio_tolerance(x, mean_theta, mean_ref, sigma_t) -> float:
 
 def walk_tailorpo(s) -> Walk:
     sd, schedule, cfg, i, rows = s.sd, s.sd.schedule, s.tailorpo, s.step, [0]
-    params, reference = lora_policy(sd, s.online["lora_rank"], s.online["lora_alpha"])
+    params, reference = lora_policy(s, s.online["lora_rank"], s.online["lora_alpha"])
     walk = Walk(3, f"TailorPO and TailorPO-G: step {i} of {cfg.num_steps}, prompt {s.prompt!r}")
     cond, uncond = sd.encode_prompts([s.prompt]), sd.encode_prompts([""])
     run = tailorpo.Rollout(sd, s.reward, {"prompts": [s.prompt], "positions": [0]}, cond, uncond,
                            cfg, s.seed)
     with counted_calls(sd.unet) as rollout_calls:  # the library's rollout, all steps trained
         pairs, _ = tailorpo.rollout_tailorpo(run, guided=False)
-    k = pairs["t"].tolist().index(run.timesteps[i])  # step i's row (one prompt, all steps trained)
-    x_t, t = pairs["x_t"][k:k + 1], run.timesteps[i]
+    x_t, t = pairs["x_t"][pairs["t"] == run.timesteps[i]], run.timesteps[i]  # one row per step
     eps_pred = run.eps(x_t, t, rows)
     step = schedule.ddim_step(eps_pred, t, x_t, cfg.num_steps, cfg.eta)
     t_prev, sigma_t = schedule.prev_timestep(t, cfg.num_steps), step.sigma_t
@@ -343,8 +343,8 @@ def walk_tailorpo(s) -> Walk:
                (tailorpo.transition_log_ratio, "delta_mean =")) \
         .value(f"<-dL/dmu_theta, grad r_t> ({PAIRS} pairs)", inner) \
         .check("the update has a positive inner product with grad r_t", inner.clamp(max=0), 0)
-    pair = {"x_t": x_t, "x_w": x_w, "x_l": x_l, "t": pairs["t"][k:k + 1], "keep": torch.ones(1),
-            "prompt_index": torch.tensor(rows)}  # this step's pair, as the rollout stacks them
+    pair = {"x_t": x_t, "x_w": x_w, "x_l": x_l, "t": pairs["t"][pairs["t"] == t],  # this step's
+            "prompt_index": torch.tensor(rows), "keep": torch.ones(1)}  # pair, as the rollout's
     with torch.enable_grad():
         loss, metrics = tailorpo.pair_loss(sd, reference, pair, cond, uncond, cfg)
         loss.backward()
@@ -386,8 +386,8 @@ def walk_tailorpo(s) -> Walk:
     eps_candidates = torch.cat([eps_w, eps_l, eps_w])  # x^+ with eps_pred held, as in the push
     candidates = schedule.x0_from_eps(torch.cat([x_w, x_l, x_plus]), eps_candidates, t_prev)
     images = sd.decode_latents(torch.cat([schedule.x0_from_eps(x_t, eps_pred, t), candidates]))
-    labels = [f"x_t, t={t}"] + [f"{name} r={r.item():.3f}" for name, r in
-                                (("x^w", reward_w), ("x^l", reward_l), ("x^+", reward_pushed))]
+    named = (("x^w", reward_w), ("x^l", reward_l), ("x^+", reward_pushed))
+    labels = [f"x0_pred(x_t) t={t}"] + [f"x0_pred({n}) r={r.item():.3f}" for n, r in named]
     walk.pictures.append(save_strip(s.out / "tailorpo.png", list(zip(labels, images))))
     return walk
 
