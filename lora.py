@@ -1,18 +1,24 @@
-"""LoRA (Hu et al., 2021, arXiv 2106.09685) on the UNet's attention projections, diffusers/PEFT-compatible.
+"""LoRA (Hu et al., 2021, arXiv 2106.09685) on the UNet's attention projections,
+diffusers/PEFT-compatible.
 
-A frozen Linear W (out x in) gets a trainable low-rank update (LoRA Eq. 3):  h = W x + (alpha / r) * B A x,
-A: r x in, B: out x r. As in diffusers' Diffusion-DPO script: B starts at zero, A is Gaussian with std 1/r
-(PEFT's init_lora_weights="gaussian"); adapters go into to_q, to_k, to_v and to_out.0 of every attention; the
-reference eps_ref is the same UNet with adapters off (`lora_disabled`). The switch is read when a layer runs:
-call backward outside `lora_disabled`, or gradient checkpointing would recompute without LoRA.
+A frozen Linear W (out x in) gets a trainable low-rank update (LoRA Eq. 3):  h = W x + (alpha / r) *
+B A x, A: r x in, B: out x r. As in diffusers' Diffusion-DPO script: B starts at zero, A is Gaussian
+with std 1/r (PEFT's init_lora_weights="gaussian"); adapters go into to_q, to_k, to_v and to_out.0
+of every attention; the reference eps_ref is the same UNet with adapters off (`lora_disabled`). The
+switch is read when a layer runs: call backward outside `lora_disabled`, or gradient checkpointing
+would recompute without LoRA.
 
 Deviations / implementation notes:
-  1. LoRALinear IS the nn.Linear it replaces (same weight/bias Parameters) plus lora_A, lora_B: base keys keep
-     diffusers' names, adapter keys the PEFT names diffusers' `load_lora_weights` expects (`unet.` prefix).
-  2. Saved files bake alpha/r into lora_B, so loaders assuming alpha == rank (diffusers without adapter
-     metadata, ComfyUI) apply the right update; load_lora divides it out (exact for alpha/r a power of two).
-  3. LoRA weights stay float32 (the diffusers script upcasts them); the update is cast to the layer's dtype.
-  4. merge_lora folds B A into W in float32, rounded once to W's dtype (in bf16 a 1e-4 update loses much).
+  1. LoRALinear IS the nn.Linear it replaces (same weight/bias Parameters) plus lora_A, lora_B: base
+     keys keep diffusers' names, adapter keys the PEFT names diffusers' `load_lora_weights` expects
+     (`unet.` prefix).
+  2. Saved files bake alpha/r into lora_B, so loaders assuming alpha == rank (diffusers without
+     adapter metadata, ComfyUI) apply the right update; load_lora divides it out (exact for alpha/r
+     a power of two).
+  3. LoRA weights stay float32 (the diffusers script upcasts them); the update is cast to the
+     layer's dtype.
+  4. merge_lora folds B A into W in float32, rounded once to W's dtype (in bf16 a 1e-4 update loses
+     much).
 """
 from contextlib import contextmanager
 
@@ -54,7 +60,8 @@ def _lora_modules(unet):
 
 
 def inject_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None):
-    """Freeze `unet`, wrap the target Linears of every attention module; returns the new trainable params."""
+    """Freeze `unet`, wrap the target Linears of every attention module; returns the new trainable
+    params."""
     if _lora_modules(unet):
         raise ValueError("inject_lora: this UNet already has LoRA adapters")
     alpha = float(rank if alpha is None else alpha)
@@ -83,7 +90,8 @@ def lora_disabled(unet: nn.Module):
 
 
 def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """{'unet.<module path>.lora_A.weight': [r, in], '...lora_B.weight': [out, r]}, alpha/r baked into B."""
+    """{'unet.<module path>.lora_A.weight': [r, in], '...lora_B.weight': [out, r]}, alpha/r baked
+    into B."""
     state = {}
     for name, module in _lora_modules(unet):
         state[f"unet.{name}.lora_A.weight"] = module.lora_A.weight.detach().float().contiguous()
@@ -97,40 +105,52 @@ def save_lora(unet: nn.Module, path: str):
 
 
 def load_lora(unet: nn.Module, path_or_state_dict):
-    """Load a lora_state_dict (or its file) into the UNet, injecting adapters of its rank if it has none.
-    A mismatch raises CheckpointError, one line naming the file and the first bad key."""
+    """Load a lora_state_dict (or its file) into the UNet, injecting adapters of its rank if it has
+    none. A mismatch raises CheckpointError, one line naming the file and the first bad key."""
     from_file = not isinstance(path_or_state_dict, dict)
     state = read_state_dict(path_or_state_dict) if from_file else path_or_state_dict
     source = str(path_or_state_dict) if from_file else "state dict"
     if not _lora_modules(unet):  # adapters of the file's rank
         ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
         if len(ranks) != 1:
-            raise CheckpointError(f"{source}: not a LoRA file: expected one LoRA rank, found {sorted(ranks)}")
+            raise CheckpointError(
+                f"{source}: not a LoRA file: expected one LoRA rank, found {sorted(ranks)}"
+            )
         inject_lora(unet, rank=ranks.pop())
     modules = dict(_lora_modules(unet))
     expected = {f"unet.{name}.lora_{ab}.weight" for name in modules for ab in "AB"}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         first = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise CheckpointError(f"{source}: not a LoRA of this model: {first} ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected)")
+        raise CheckpointError(
+            f"{source}: not a LoRA of this model: {first} ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected)"
+        )
     with torch.no_grad():
         for name, module in modules.items():
             for ab, scale in (("A", 1.0), ("B", module.scale)):
-                key, target = f"unet.{name}.lora_{ab}.weight", getattr(module, f"lora_{ab}").weight
+                key = f"unet.{name}.lora_{ab}.weight"
+                target = getattr(module, f"lora_{ab}").weight
                 if state[key].shape != target.shape:
-                    raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, the model "
-                                          f"expects {tuple(target.shape)} (rank mismatch?)")
-                target.copy_(state[key].float() / scale)  # undo the alpha/r baked in by lora_state_dict
+                    raise CheckpointError(
+                        f"{source}: {key} has shape {tuple(state[key].shape)}, the model "
+                        f"expects {tuple(target.shape)} (rank mismatch?)"
+                    )
+                # Undo the alpha/r baked in by lora_state_dict.
+                target.copy_(state[key].float() / scale)
 
 
 @torch.no_grad()
 def merge_lora(unet: nn.Module) -> nn.Module:
-    """W <- W + scale * B A, then replace each LoRALinear by a plain nn.Linear (deviation 4). In place."""
+    """W <- W + scale * B A, then replace each LoRALinear by a plain nn.Linear (deviation 4). In
+    place."""
     for name, module in _lora_modules(unet):
         delta = module.scale * (module.lora_B.weight.float() @ module.lora_A.weight.float())
-        module.weight.copy_(module.weight.float() + delta)  # deviation 4: rounded once to the weight's dtype
-        plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+        # Deviation 4: rounded once to the weight's dtype.
+        module.weight.copy_(module.weight.float() + delta)
+        plain = nn.Linear(
+            module.in_features, module.out_features, module.bias is not None, device="meta"
+        )
         plain.weight, plain.bias = module.weight, module.bias  # the same Parameters, no copy
         unet.set_submodule(name, plain)
     return unet

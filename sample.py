@@ -20,8 +20,8 @@ from PIL import Image
 
 import toy
 from config import ConfigError, Parser
-from data import to_pil
 from lora import merge_lora
+from pair_files import to_pil
 from sampler import generate, image_size
 from weights import CheckpointError, load_models
 

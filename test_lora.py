@@ -1,5 +1,6 @@
-"""LoRA: zero-init identity, adapters-off == base, merge == unmerged, save/load round trip, and the saved file
-loading into a diffusers UNet2DConditionModel through diffusers' own LoRA API with equal outputs."""
+"""LoRA: zero-init identity, adapters-off == base, merge == unmerged, save/load round trip, and the
+saved file loading into a diffusers UNet2DConditionModel through diffusers' own LoRA API with equal
+outputs."""
 
 import pytest
 import torch
@@ -35,9 +36,11 @@ def test_zero_init_is_identity_and_disabled_is_base():
     base = unet(x, t, context)
     params = lora.inject_lora(unet, rank=4, alpha=8)
     num_attention = sum(1 for m in unet.modules() if hasattr(m, "to_q"))
-    assert num_attention > 0 and len(params) == 2 * 4 * num_attention  # (A, B) x 4 targets per attention
+    # (A, B) x 4 targets per attention.
+    assert num_attention > 0 and len(params) == 2 * 4 * num_attention
     assert all(p.requires_grad for p in params)
-    assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)  # base frozen
+    # Base frozen.
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
     torch.testing.assert_close(unet(x, t, context), base, rtol=0, atol=0)  # B == 0 at init
     randomize_lora(unet)
     adapted = unet(x, t, context)
@@ -56,7 +59,8 @@ def test_gradients_reach_only_lora_and_base_keys_keep_names():
     assert {k.rsplit(".", 2)[-2] for k in keys_after - keys_before} == {"lora_A", "lora_B"}
     x, t, context = inputs(unet.config)
     unet(x, t, context).square().mean().backward()
-    assert all(p.grad is not None for p in params[1::2])  # B gets a gradient at step 0 (A does not: B == 0)
+    # B gets a gradient at step 0 (A does not: B == 0)
+    assert all(p.grad is not None for p in params[1::2])
 
 
 @torch.no_grad()
@@ -72,7 +76,8 @@ def test_merge_equals_unmerged_and_round_trip(tmp_path):
     fresh = tiny_unet()
     lora.inject_lora(fresh, rank=4, alpha=2)
     lora.load_lora(fresh, path)
-    torch.testing.assert_close(fresh(x, t, context), adapted, rtol=0, atol=0)  # scale 0.5 is exact in float
+    # Scale 0.5 is exact in float.
+    torch.testing.assert_close(fresh(x, t, context), adapted, rtol=0, atol=0)
 
     lora.merge_lora(unet)
     assert not lora._lora_modules(unet) and set(unet.state_dict()) == set(tiny_unet().state_dict())
@@ -83,7 +88,9 @@ def test_merge_equals_unmerged_and_round_trip(tmp_path):
         lora.inject_lora(wrong_rank, rank=3)
         lora.load_lora(wrong_rank, path)
     with pytest.raises(CheckpointError, match="state dict: not a LoRA of this model: missing key"):
-        lora.load_lora(fresh, {k: v for k, v in lora.lora_state_dict(fresh).items() if "attn2" not in k})
+        lora.load_lora(
+            fresh, {k: v for k, v in lora.lora_state_dict(fresh).items() if "attn2" not in k}
+        )
 
 
 @torch.no_grad()
@@ -95,7 +102,8 @@ def test_saved_file_loads_in_diffusers(tmp_path):
     ours.load_state_dict(pipeline.unet.state_dict())
     lora.inject_lora(ours, rank=4, alpha=8)  # scale 2: checks the alpha/r baked into the file
     randomize_lora(ours)
-    lora.save_lora(ours, tmp_path / "pytorch_lora_weights.safetensors")  # diffusers' default file name
+    # Diffusers' default file name.
+    lora.save_lora(ours, tmp_path / "pytorch_lora_weights.safetensors")
 
     pipeline.load_lora_weights(str(tmp_path))  # the user-facing diffusers API
     x, t, context = inputs(ours.config)
@@ -107,10 +115,12 @@ def test_saved_file_loads_in_diffusers(tmp_path):
 
 @torch.no_grad()
 def test_bf16_merge_equals_the_fp32_merge_cast_to_bf16():
-    """merge_lora adds B A in float32 and rounds once: adding a small update in bf16 would lose much of it."""
+    """merge_lora adds B A in float32 and rounds once: adding a small update in bf16 would lose much
+    of it."""
     unet = tiny_unet().to(torch.bfloat16)
     lora.inject_lora(unet, rank=4)
-    for _, module in lora._lora_modules(unet):  # updates of rms ~1e-3 relative to weights of rms ~0.1
+    # Updates of rms ~1e-3 relative to weights of rms ~0.1.
+    for _, module in lora._lora_modules(unet):
         module.lora_B.weight.normal_(std=1e-3, generator=torch.Generator().manual_seed(0))
     fp32 = tiny_unet()
     lora.inject_lora(fp32, rank=4)
@@ -120,6 +130,9 @@ def test_bf16_merge_equals_the_fp32_merge_cast_to_bf16():
     lora.merge_lora(unet)
     lora.merge_lora(fp32)
     merged, expected = unet.state_dict(), fp32.state_dict()
-    assert all(merged[key].dtype == torch.bfloat16 and torch.equal(merged[key], expected[key].bfloat16())
-               for key in merged)
-    assert any(not torch.equal(naive[name], merged[f"{name}.weight"]) for name in naive)  # the test can fail
+    assert all(
+        merged[key].dtype == torch.bfloat16 and torch.equal(merged[key], expected[key].bfloat16())
+        for key in merged
+    )
+    # The test can fail.
+    assert any(not torch.equal(naive[name], merged[f"{name}.weight"]) for name in naive)

@@ -1,18 +1,20 @@
 """Tests for tokenizer.py on the real CLIP vocabulary (assets/bpe_simple_vocab_16e6.txt.gz).
 
-References: the ids OpenAI's SimpleTokenizer gives for 322 strings, committed in assets/tokenizer_golden.json
-(so the tests need no extra install), and transformers' CLIPTokenizer reading the files that
-conftest.save_hf_tokenizer wrote. Deviations: none.
+References: the ids OpenAI's SimpleTokenizer gives for 322 strings, committed in
+assets/tokenizer_golden.json (so the tests need no extra install), and transformers' CLIPTokenizer
+reading the files that conftest.save_hf_tokenizer wrote. Deviations: none.
 
 The golden file was written once by this file's main() from the reference, OpenAI CLIP's
-clip/simple_tokenizer.py (SimpleTokenizer.encode: ftfy + html.unescape cleaning, the `regex` pre-tokenizer,
-BPE on the same vocab); to regenerate it (its torchvision dependency is not needed for the tokenizer file):
+clip/simple_tokenizer.py (SimpleTokenizer.encode: ftfy + html.unescape cleaning, the `regex`
+pre-tokenizer, BPE on the same vocab); to regenerate it (its torchvision dependency is not needed
+for the tokenizer file):
 
     pip install --no-deps clip-anytorch==2.6.0 && python test_tokenizer.py
 
-The strings: fixed edge cases (contractions, curly quotes, `&amp;`, ligatures, fullwidth forms, combining
-marks, special-token look-alikes, control and exotic whitespace characters, emoji sequences, long runs), then
-deterministic prompt-like word salads, random characters from many scripts, and prompts over 77 tokens.
+The strings: fixed edge cases (contractions, curly quotes, `&amp;`, ligatures, fullwidth forms,
+combining marks, special-token look-alikes, control and exotic whitespace characters, emoji
+sequences, long runs), then deterministic prompt-like word salads, random characters from many
+scripts, and prompts over 77 tokens.
 """
 
 import importlib.metadata
@@ -34,39 +36,43 @@ from tokenizer import CLIPTokenizer, clean_text, pretokenizer
 ASSETS = Path(__file__).resolve().parent / "assets"
 GOLDEN = ASSETS / "tokenizer_golden.json"
 
-WORDS = ["a", "photo", "of", "the", "cat", "astronaut", "riding", "horse", "on", "mars", "don't", "it's",
-         "we'll", "I'M", "8k", "4K", "HDR", "trending", "artstation", "Greg", "Rutkowski", "--ar", "16:9",
-         "(masterpiece:1.2)", "[blue|red]", "{x}", "U.S.A.", "e-mail", "#hashtag", "@user", "$100", "50%",
-         "C++", "3.14159", "1,000,000", "naïve", "café", "Über", "façade", "jalapeño", "smørrebrød",
-         "Ελληνικά", "ΣΟΦΙΑ", "русский", "日本語",
-         "東京タワー", "中文", "한국어", "العربية", "עברית", "हिन्दी", "ไทย", "🐱", "🚀", "👍🏽", "❤️", "🇯🇵",
-         "👨‍👩‍👧", "™", "©", "°C", "½", "²", "①", "Ⅻ", "ﬁ", "ＡＢＣ１２３", "’s", "“hi”", "&amp;", "&lt;3",
-         "<|endoftext|>", "...", "!!!", "?!", "--", "—", "…", "'''", "\\n", "a_b", "x^2", "+/-", "~~~",
-         "**bold**"]
+WORDS = ["a", "photo", "of", "the", "cat", "astronaut", "riding", "horse", "on", "mars",
+         "don't", "it's", "we'll", "I'M", "8k", "4K", "HDR", "trending", "artstation",
+         "Greg", "Rutkowski", "--ar", "16:9", "(masterpiece:1.2)", "[blue|red]", "{x}",
+         "U.S.A.", "e-mail", "#hashtag", "@user", "$100", "50%", "C++", "3.14159",
+         "1,000,000", "naïve", "café", "Über", "façade", "jalapeño", "smørrebrød",
+         "Ελληνικά", "ΣΟΦΙΑ", "русский", "日本語", "東京タワー", "中文", "한국어",
+         "العربية", "עברית", "हिन्दी", "ไทย", "🐱", "🚀", "👍🏽", "❤️", "🇯🇵", "👨‍👩‍👧",
+         "™", "©", "°C", "½", "²", "①", "Ⅻ", "ﬁ", "ＡＢＣ１２３", "’s", "“hi”", "&amp;",
+         "&lt;3", "<|endoftext|>", "...", "!!!", "?!", "--", "—", "…", "'''", "\\n", "a_b",
+         "x^2", "+/-", "~~~", "**bold**"]
 SEPARATORS = [" ", " ", " ", "  ", ", ", ",", "\t", "\n", "", " \u00a0", "\u3000", " \r\n "]
-CHAR_RANGES = [(0x20, 0x7E), (0xA0, 0x17F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF),
-               (0x900, 0x97F), (0x2000, 0x206F), (0x2100, 0x22FF), (0x3040, 0x30FF), (0x4E00, 0x4FFF),
-               (0xAC00, 0xAD00), (0xFF00, 0xFFEF), (0x1F300, 0x1F6FF), (0x1F900, 0x1F9FF)]
-FIXED = ["", " ", "   \t\n ", "a photo of a cat", "A  Photo OF a CAT!", "an astronaut riding a horse on mars",
-         "hello world", "don't", "1234", "don’t", "“quoted”", "&amp; &lt;b&gt;", "ﬁne ﬂowers", "ＡＢＣ１２３",
-         "cafe\u0301 vs café", "e\u0301\u0301", "İstanbul ΣΟΦΙΑ ǅ", "I'M YOU'LL it's 'S", "<|endoftext|> hi",
-         "<|startoftext|>x<|endoftext|>", "<|ENDOFTEXT|>", "a\u200bb x\u00adx", "a\x1cb\x1fc", "a\u0345b",
-         "\x00\x07 control", "\u0085next line", "mojibake Ã© Ã¼", "🇫🇷 👨‍👩‍👧 🐱👍🏽", "हिन्दी ไทย",
-         "tab\tnew\nline\r\n  x\xa0y\u3000z\u2028w", "x" * 300, "1" * 100, "!" * 90, "ab" * 200,
-         # the HPSv2 reward test's prompts (test_rewards.py)
+CHAR_RANGES = [(0x20, 0x7E), (0xA0, 0x17F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF),
+               (0x590, 0x6FF), (0x900, 0x97F), (0x2000, 0x206F), (0x2100, 0x22FF),
+               (0x3040, 0x30FF), (0x4E00, 0x4FFF), (0xAC00, 0xAD00), (0xFF00, 0xFFEF),
+               (0x1F300, 0x1F6FF), (0x1F900, 0x1F9FF)]
+FIXED = ["", " ", "   \t\n ", "a photo of a cat", "A  Photo OF a CAT!",
+         "an astronaut riding a horse on mars", "hello world", "don't", "1234", "don’t",
+         "“quoted”", "&amp; &lt;b&gt;", "ﬁne ﬂowers", "ＡＢＣ１２３", "cafe\u0301 vs café",
+         "e\u0301\u0301", "İstanbul ΣΟΦΙΑ ǅ", "I'M YOU'LL it's 'S", "<|endoftext|> hi",
+         "<|startoftext|>x<|endoftext|>", "<|ENDOFTEXT|>", "a\u200bb x\u00adx",
+         "a\x1cb\x1fc", "a\u0345b", "\x00\x07 control", "\u0085next line", "mojibake Ã© Ã¼",
+         "🇫🇷 👨‍👩‍👧 🐱👍🏽", "हिन्दी ไทย", "tab\tnew\nline\r\n  x\xa0y\u3000z\u2028w",
+         "x" * 300, "1" * 100, "!" * 90, "ab" * 200,
+         # The HPSv2 reward test's prompts (test_rewards.py).
          "a cat &amp; a dog", "an astronaut riding a horse on mars & a dog " * 12]
 
 
 def is_plain(text: str) -> bool:
-    """Neither ftfy nor html.unescape changes it and it has no special-token look-alike (whose matching
-    differs, e.g. "<|ENDOFTEXT|>"): both cleaning modes must give the same ids."""
+    """Neither ftfy nor html.unescape changes it and it has no special-token look-alike (whose
+    matching differs, e.g. "<|ENDOFTEXT|>"): both cleaning modes must give the same ids."""
     printable = all(c.isprintable() or c in " \t\n\r" for c in text)
     return text.isascii() and printable and "&" not in text and "<|" not in text
 
 
 def golden_strings(count: int = 322) -> list[str]:
-    """Distinct deterministic strings: fixed edge cases, prompt-like word salads, random characters, long
-    prompts."""
+    """Distinct deterministic strings: fixed edge cases, prompt-like word salads, random characters,
+    long prompts."""
     plain_words = [word for word in WORDS if is_plain(word)]
     plain_separators = [separator for separator in SEPARATORS if separator.isascii()]
     rng = random.Random(0)
@@ -74,10 +80,16 @@ def golden_strings(count: int = 322) -> list[str]:
     while len(strings) < count:
         kind = len(strings) % 4
         if kind in (0, 1):  # prompt-like: plain ASCII ones, and ones with the whole word pool
-            words, separators = (plain_words, plain_separators) if kind == 0 else (WORDS, SEPARATORS)
-            text = "".join(rng.choice(words) + rng.choice(separators) for _ in range(rng.randint(1, 25)))
+            words, separators = (
+                (plain_words, plain_separators) if kind == 0 else (WORDS, SEPARATORS)
+            )
+            text = "".join(
+                rng.choice(words) + rng.choice(separators) for _ in range(rng.randint(1, 25))
+            )
         elif kind == 2:  # random characters from many scripts and symbol blocks
-            text = "".join(chr(rng.randint(*rng.choice(CHAR_RANGES))) for _ in range(rng.randint(1, 40)))
+            text = "".join(
+                chr(rng.randint(*rng.choice(CHAR_RANGES))) for _ in range(rng.randint(1, 40))
+            )
         else:  # long prompt: more than 77 tokens
             text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(60, 120)))
         strings[text] = None
@@ -85,28 +97,34 @@ def golden_strings(count: int = 322) -> list[str]:
 
 
 def openai_simple_tokenizer():
-    """SimpleTokenizer from the installed clip-anytorch, loaded by file path (`import clip` would find our
-    clip.py, and the package's __init__ imports torchvision)."""
+    """SimpleTokenizer from the installed clip-anytorch, loaded by file path (`import clip` would
+    find our clip.py, and the package's __init__ imports torchvision)."""
     try:
         distribution = importlib.metadata.distribution("clip-anytorch")
     except importlib.metadata.PackageNotFoundError:
-        raise SystemExit("the reference is missing: pip install --no-deps clip-anytorch==2.6.0") from None
+        raise SystemExit(
+            "the reference is missing: pip install --no-deps clip-anytorch==2.6.0"
+        ) from None
     path = Path(distribution.locate_file("clip/simple_tokenizer.py"))
     spec = importlib.util.spec_from_file_location("openai_simple_tokenizer", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.SimpleTokenizer(str(ASSETS / "bpe_simple_vocab_16e6.txt.gz")), distribution.version
+    reference = module.SimpleTokenizer(str(ASSETS / "bpe_simple_vocab_16e6.txt.gz"))
+    return reference, distribution.version
 
 
 def main():
     tokenizer, version = openai_simple_tokenizer()
     ftfy, regex = (importlib.metadata.version(name) for name in ("ftfy", "regex"))
     entries = [{"text": text, "openai_ids": tokenizer.encode(text)} for text in golden_strings()]
-    header = {"source": f"OpenAI CLIP clip/simple_tokenizer.py SimpleTokenizer.encode (clip-anytorch "
-                        f"{version}, ftfy {ftfy}, regex {regex}), assets/bpe_simple_vocab_16e6.txt.gz",
-              "made_by": "python test_tokenizer.py (regenerates this file)",
-              "openai_ids": "token ids without <|startoftext|> / <|endoftext|>, not truncated"}
-    # one entry per line; ASCII escapes keep invisible differences (NFC vs NFD, odd spaces) visible and exact
+    header = {
+        "source": f"OpenAI CLIP clip/simple_tokenizer.py SimpleTokenizer.encode (clip-anytorch "
+        f"{version}, ftfy {ftfy}, regex {regex}), assets/bpe_simple_vocab_16e6.txt.gz",
+        "made_by": "python test_tokenizer.py (regenerates this file)",
+        "openai_ids": "token ids without <|startoftext|> / <|endoftext|>, not truncated",
+    }
+    # one entry per line; ASCII escapes keep invisible differences (NFC vs NFD, odd spaces) visible
+    # and exact
     lines = [json.dumps(entry, ensure_ascii=True) for entry in entries]
     text = json.dumps(header, indent=1)[:-2] + ',\n "strings": [\n' + ",\n".join(lines) + "\n]}\n"
     json.loads(text)  # well-formed
@@ -136,18 +154,23 @@ def test_known_token_ids():
     tokenizer = CLIPTokenizer.default()
     assert tokenizer.encode("a photo of a cat") == [320, 1125, 539, 320, 2368]
     assert tokenizer.encode("A  Photo OF a CAT!") == [320, 1125, 539, 320, 2368, 256]
-    assert tokenizer.encode("an astronaut riding a horse on mars") == [550, 18376, 6765, 320, 4558, 525, 7496]
-    assert tokenizer.encode("don't") == [847, 713] and tokenizer.encode("1234") == [272, 273, 274, 275]
+    astronaut = [550, 18376, 6765, 320, 4558, 525, 7496]
+    assert tokenizer.encode("an astronaut riding a horse on mars") == astronaut
+    assert tokenizer.encode("don't") == [847, 713]
+    assert tokenizer.encode("1234") == [272, 273, 274, 275]
     ids = tokenizer(["a photo of a cat", ""])
     assert ids.shape == (2, 77) and ids.dtype == torch.long
-    assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407] and (ids[0, 7:] == 49407).all()
+    assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert (ids[0, 7:] == 49407).all()
     assert ids[1].tolist() == [49406] + [49407] * 76  # the unconditional (CFG) prompt
     long = tokenizer(["cat " * 100])[0]
-    assert long[0] == 49406 and long[-1] == 49407 and (long[1:-1] == 2368).all()  # truncated, eos kept last
+    # Truncated, eos kept last.
+    assert long[0] == 49406 and long[-1] == 49407 and (long[1:-1] == 2368).all()
 
 
 def test_tokenizer_matches_transformers(golden, hf_reference):
-    """Default ("hf") cleaning: identical ids to transformers' CLIPTokenizer (what SD1.5 pipelines use)."""
+    """Default ("hf") cleaning: identical ids to transformers' CLIPTokenizer (what SD1.5 pipelines
+    use)."""
     strings = list(golden)
     ours = CLIPTokenizer.default()(strings)
     expected = hf_reference(strings, padding="max_length", max_length=77, truncation=True,
@@ -157,7 +180,8 @@ def test_tokenizer_matches_transformers(golden, hf_reference):
 
 
 def test_tokenizer_json_written_by_transformers_loads(golden, hf_reference, tmp_path):
-    """transformers >= 5 save_pretrained writes only tokenizer.json: the same vocabulary and merges."""
+    """transformers >= 5 save_pretrained writes only tokenizer.json: the same vocabulary and
+    merges."""
     hf_reference.save_pretrained(tmp_path)
     assert not (tmp_path / "vocab.json").exists()
     strings = list(golden)[:50]
@@ -193,7 +217,8 @@ def test_the_two_cleaning_modes_differ_only_where_the_references_do(golden, hf_r
 
 
 def test_openai_mode_without_ftfy(monkeypatch, golden):
-    """Without ftfy, "openai" cleaning warns and still matches OpenAI wherever ftfy would only apply NFC."""
+    """Without ftfy, "openai" cleaning warns and still matches OpenAI wherever ftfy would only apply
+    NFC."""
     import ftfy
 
     monkeypatch.setitem(sys.modules, "ftfy", None)  # makes `import ftfy` raise ImportError
@@ -207,13 +232,20 @@ def test_openai_mode_without_ftfy(monkeypatch, golden):
 
 
 def test_pretokenizer_matches_openai_regex_on_every_code_point():
-    """Our stdlib-`re` split equals OpenAI's `regex` pattern for every code point assigned in this Python's
-    Unicode version (newer code points can differ: deviation 2 in tokenizer.py)."""
+    """Our stdlib-`re` split equals OpenAI's `regex` pattern for every code point assigned in this
+    Python's Unicode version (newer code points can differ: deviation 2 in tokenizer.py)."""
     import regex
 
-    reference = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
-                              r"[^\s\p{L}\p{N}]+", regex.IGNORECASE)
-    assigned = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) not in ("Cn", "Cs")]
+    reference = regex.compile(
+        r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
+        r"[^\s\p{L}\p{N}]+",
+        regex.IGNORECASE,
+    )
+    assigned = [
+        chr(c)
+        for c in range(sys.maxunicode + 1)
+        if unicodedata.category(chr(c)) not in ("Cn", "Cs")
+    ]
     text = " ".join(f"a{c}!{c}" for c in assigned)  # tells letter / number / other / dropped apart
     assert pretokenizer("openai").findall(text) == reference.findall(text)
 
@@ -224,11 +256,16 @@ def test_vocabulary_files_round_trip(tmp_path):
     assert tokenizer.merges[0] == ("i", "n") and tokenizer.vocab["in"] == 512
     assert tokenizer.vocab["!"] == 0 and tokenizer.vocab["!</w>"] == 256
     save_hf_tokenizer(tokenizer, tmp_path)
-    assert (tmp_path / "merges.txt").read_text(encoding="utf-8").startswith("#version: 0.2\ni n\nt h\n")
+    assert (
+        (tmp_path / "merges.txt")
+        .read_text(encoding="utf-8")
+        .startswith("#version: 0.2\ni n\nt h\n")
+    )
     loaded = CLIPTokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
     assert loaded.vocab == tokenizer.vocab and loaded.merges == tokenizer.merges
     special = json.loads((tmp_path / "special_tokens_map.json").read_text())
-    assert special["pad_token"] == "<|endoftext|>"  # SD1.5 pads with eos (OpenAI clip.tokenize pads with 0)
+    # SD1.5 pads with eos (OpenAI clip.tokenize pads with 0)
+    assert special["pad_token"] == "<|endoftext|>"
 
 
 def test_tokenizer_bad_input(tmp_path):

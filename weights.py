@@ -1,14 +1,16 @@
 """Loading the public Stable Diffusion 1.5 weights into our from-scratch modules, strictly.
 
-Sources: a diffusers folder (our module names are its keys), the original CompVis/LDM single file (renamed
-by LDM_UNET_RULES / LDM_VAE_RULES) or a hub id. Modules are built on the meta device and filled by
-`load_strict`, which names the file and the first bad key. Pickles: torch.load(weights_only=True) only.
+Sources: a diffusers folder (our module names are its keys), the original CompVis/LDM single file
+(renamed by LDM_UNET_RULES / LDM_VAE_RULES) or a hub id. Modules are built on the meta device and
+filled by `load_strict`, which names the file and the first bad key. Pickles:
+torch.load(weights_only=True) only.
 
 Deviations from diffusers' loaders:
  1. SD2.x and SDXL checkpoints are recognised and refused (this project implements SD1.x only).
- 2. Single-file checkpoints use the SD1.5 configs and schedule (the file stores none); keys outside the three
-    model prefixes (the DDPM schedule buffers, `model_ema.*`) are ignored.
- 3. A single file's tokenizer is CLIPTokenizer.default(), the bundled OpenAI BPE vocabulary (SD1.5's).
+ 2. Single-file checkpoints use the SD1.5 configs and schedule (the file stores none); keys outside
+    the three model prefixes (the DDPM schedule buffers, `model_ema.*`) are ignored.
+ 3. A single file's tokenizer is CLIPTokenizer.default(), the bundled OpenAI BPE vocabulary
+    (SD1.5's).
 """
 
 import dataclasses
@@ -34,11 +36,13 @@ SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 class CheckpointError(ValueError):
-    """A weights file or folder that cannot be loaded; its one-line message names the file and the reason."""
+    """A weights file or folder that cannot be loaded; its one-line message names the file and the
+    reason."""
 
 
 def _reason(error: Exception) -> str:
-    """The informative line of a torch.load / safetensors error (torch.load adds lines of boilerplate)."""
+    """The informative line of a torch.load / safetensors error (torch.load adds lines of
+    boilerplate)."""
     boilerplate = ("Weights only load failed", "Check the doc", "Please file an issue")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(boilerplate)] or [""]
@@ -46,32 +50,46 @@ def _reason(error: Exception) -> str:
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file, or of a pickle read with torch.load(weights_only=True)."""
+    """All tensors of a .safetensors file, or of a pickle read with
+    torch.load(weights_only=True)."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; expected a weights file ({', '.join(SUFFIXES)})")
+        raise CheckpointError(
+            f"{path} is a folder; expected a weights file ({', '.join(SUFFIXES)})"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         try:
             return load_file(path)
         except Exception as error:  # safetensors raises its own error types for a bad header
-            raise CheckpointError(f"{path} is not a safetensors checkpoint ({_reason(error)})") from None
+            raise CheckpointError(
+                f"{path} is not a safetensors checkpoint ({_reason(error)})"
+            ) from None
     if path.suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown weights format; expected one of {', '.join(SUFFIXES)}")
+        raise CheckpointError(
+            f"{path}: unknown weights format; expected one of {', '.join(SUFFIXES)}"
+        )
     try:  # weights_only=True unpickles tensors and plain containers only, never arbitrary code
-        with warnings.catch_warnings():  # one line of error, not a warning about the pickle protocol first
+        # One line of error, not a warning about the pickle protocol first.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         code = re.search(r"GLOBAL (\S+)", str(error))
-        if code:  # the pickle names a callable to run when unpickled (os.system, a class constructor, ...)
-            raise CheckpointError(f"{path}: refused: this pickle would run code ({code[1]}); pickled code, "
-                                  "which is refused by torch.load(weights_only=True), never runs") from None
-        raise CheckpointError(f"{path} cannot be read by torch.load(weights_only=True): corrupt or not a "
-                              f"PyTorch checkpoint ({_reason(error)})") from None
+        # The pickle names a callable to run when unpickled (os.system, a class constructor, ...)
+        if code:
+            raise CheckpointError(
+                f"{path}: refused: this pickle would run code ({code[1]}); pickled code, "
+                "which is refused by torch.load(weights_only=True), never runs"
+            ) from None
+        raise CheckpointError(
+            f"{path} cannot be read by torch.load(weights_only=True): corrupt or not a "
+            f"PyTorch checkpoint ({_reason(error)})"
+        ) from None
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
-        content = content["state_dict"]  # Lightning .ckpt files (the original SD release) wrap the weights
+        # Lightning .ckpt files (the original SD release) wrap the weights.
+        content = content["state_dict"]
     content = content if isinstance(content, dict) else {}
     tensors = {key: value for key, value in content.items() if isinstance(value, torch.Tensor)}
     if not tensors:
@@ -80,24 +98,30 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
 
 def load_strict(module: nn.Module, state_dict: dict, source: str) -> nn.Module:
-    """load_state_dict(strict=True) naming `source` and the first bad key; a meta module takes the tensors."""
+    """load_state_dict(strict=True) naming `source` and the first bad key; a meta module takes the
+    tensors."""
     expected = module.state_dict()
     name = type(module).__name__
     for kind, keys in (("missing", [k for k in expected if k not in state_dict]),
                        ("unexpected", [k for k in state_dict if k not in expected])):
         if keys:
-            raise CheckpointError(f"{source}: {len(keys)} {kind} key(s) for {name}, first: '{keys[0]}'")
+            raise CheckpointError(
+                f"{source}: {len(keys)} {kind} key(s) for {name}, first: '{keys[0]}'"
+            )
     for key, tensor in expected.items():
         if state_dict[key].shape != tensor.shape:
             file_shape, model_shape = list(state_dict[key].shape), list(tensor.shape)
             raise CheckpointError(f"{source}: mis-shaped key '{key}' for {name}: "
                                   f"{file_shape} in the file, {model_shape} in the model")
-    module.load_state_dict(state_dict, strict=True, assign=any(t.is_meta for t in expected.values()))
+    module.load_state_dict(
+        state_dict, strict=True, assign=any(t.is_meta for t in expected.values())
+    )
     return module
 
 
 def build(model_class, config, state_dict, source):
-    """model_class(config) filled with state_dict, without allocating or initialising random weights first."""
+    """model_class(config) filled with state_dict, without allocating or initialising random weights
+    first."""
     with torch.device("meta"):
         model = model_class(config)
     return load_strict(model, state_dict, source).eval()
@@ -105,8 +129,9 @@ def build(model_class, config, state_dict, source):
 
 @dataclass
 class StableDiffusion:
-    """The frozen models run in their own parameter dtype with autocast off and return float32 (train.py's
-    precision policy); a model without weights (the toy's identity VAE) carries its dtype in a buffer."""
+    """The frozen models run in their own parameter dtype with autocast off and return float32
+    (train.py's precision policy); a model without weights (the toy's identity VAE) carries its
+    dtype in a buffer."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -115,27 +140,35 @@ class StableDiffusion:
     schedule: NoiseSchedule
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text conditioning: CLIP's last hidden state for the 77 padded tokens, [B, 77, D] float32."""
+        """Text conditioning: CLIP's last hidden state for the 77 padded tokens, [B, 77, D]
+        float32."""
         device = self.text_encoder.text_model.embeddings.token_embedding.weight.device
         with torch.autocast(device.type, enabled=False):
             return self.text_encoder(self.tokenizer(prompts).to(device))[0].float()
 
-    def encode_images(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """pixels [N, 3, H, W] in [-1, 1] -> latents [N, C, H/f, W/f] float32 scaled by scaling_factor: the
-        posterior sample mean + std * noise (AEVB's reparameterisation trick); the mean if noise is None."""
+    def encode_images(
+        self, pixels: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """pixels [N, 3, H, W] in [-1, 1] -> latents [N, C, H/f, W/f] float32 scaled by
+        scaling_factor: the posterior sample mean + std * noise (AEVB's reparameterisation trick);
+        the mean if noise is None."""
         device, dtype = _device_dtype(self.vae)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             posterior = self.vae.encode(pixels.to(device, dtype))
             latents = posterior.mean.float()
             if noise is not None:
-                latents = latents + posterior.std.float() * noise.to(device, torch.float32)  # AEVB Sec. 2.4
+                # AEVB Sec. 2.4.
+                latents = latents + posterior.std.float() * noise.to(device, torch.float32)
         return latents * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [N, C, h, w] -> images [N, 3, H, W] in [0, 1] fp32, differentiable (TailorPO-G)."""
+        """Scaled latents [N, C, h, w] -> images [N, 3, H, W] in [0, 1] fp32, differentiable
+        (TailorPO-G)."""
         device, dtype = _device_dtype(self.vae)
         with torch.autocast(device.type, enabled=False):
-            images = self.vae.decode((latents.float() / self.vae.config.scaling_factor).to(device, dtype))
+            images = self.vae.decode(
+                (latents.float() / self.vae.config.scaling_factor).to(device, dtype)
+            )
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def to(self, device=None, dtype=None):
@@ -150,17 +183,21 @@ def _device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def load_stable_diffusion(path_or_hub_id, device="cpu", dtype=torch.float32) -> StableDiffusion:
-    """SD1.x from a diffusers folder, a single-file LDM checkpoint or a hub id (see the module docstring)."""
+    """SD1.x from a diffusers folder, a single-file LDM checkpoint or a hub id (see the module
+    docstring)."""
     path = Path(path_or_hub_id)
+    owner_slash_name = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id))
     if path.is_dir():
         sd = load_diffusers_folder(path)
     elif path.is_file():
         sd = load_single_file(path)
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)) and path.suffix not in SUFFIXES:  # a hub id
+    elif owner_slash_name and path.suffix not in SUFFIXES:  # A hub id.
         sd = load_diffusers_folder(download(str(path_or_hub_id)))
     else:
-        raise CheckpointError(f"{path}: no such file or folder (expected a diffusers model folder, "
-                              "a .safetensors/.ckpt single-file checkpoint, or a hub id like owner/name)")
+        raise CheckpointError(
+            f"{path}: no such file or folder (expected a diffusers model folder, "
+            "a .safetensors/.ckpt single-file checkpoint, or a hub id like owner/name)"
+        )
     return sd.to(device, dtype)
 
 
@@ -172,7 +209,8 @@ def refuse_other_families(source, kind: str, sdxl: bool, sd2: bool):
 
 
 def read_json(path: Path, parse=dict):
-    """parse(the JSON at path); a ValueError (bad JSON, an architecture our configs refuse) names the file."""
+    """parse(the JSON at path); a ValueError (bad JSON, an architecture our configs refuse) names
+    the file."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -181,8 +219,11 @@ def read_json(path: Path, parse=dict):
         raise CheckpointError(f"{path}: {error}") from error
 
 
-def load_component(folder: Path, model_class, parse_config, convert=dict, stem="diffusion_pytorch_model"):
-    """A component folder: config.json + weights (fp32 safetensors, else the fp16 variant, else a pickle)."""
+def load_component(
+    folder: Path, model_class, parse_config, convert=dict, stem="diffusion_pytorch_model"
+):
+    """A component folder: config.json + weights (fp32 safetensors, else the fp16 variant, else a
+    pickle)."""
     config = read_json(folder / "config.json", parse_config)
     names = [f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin"]
     file = next((folder / name for name in names if (folder / name).is_file()), None)
@@ -199,10 +240,11 @@ def load_unet(folder) -> UNet2DConditionModel:
 def load_models(model, unet=None, lora_path=None, device="cpu", dtype=torch.float32):
     """(base_sd, aligned_sd): the model, and the model with --unet and/or --lora applied.
 
-    `model` is what load_stable_diffusion reads, or a StableDiffusion already built (the toy world's,
-    which evaluate.py gets through toy.py). base_sd is None without `unet`: with a LoRA alone the base is
-    the aligned model with its adapters off (lora.lora_disabled). The LoRA adapters stay float32 (lora.py
-    deviation 3); a LoRA that does not fit the model raises CheckpointError.
+    `model` is what load_stable_diffusion reads, or a StableDiffusion already built (the toy
+    world's, which evaluate.py gets through toy.py). base_sd is None without `unet`: with a LoRA
+    alone the base is the aligned model with its adapters off (lora.lora_disabled). The LoRA
+    adapters stay float32 (lora.py deviation 3); a LoRA that does not fit the model raises
+    CheckpointError.
     """
     import lora  # Imported here because lora.py reads its files with this module's read_state_dict.
 
@@ -224,50 +266,64 @@ def load_models(model, unet=None, lora_path=None, device="cpu", dtype=torch.floa
 
 
 def load_diffusers_folder(folder: Path) -> StableDiffusion:
-    model_index, unet_config = (read_json(folder / name) for name in ("model_index.json", "unet/config.json"))
+    model_index, unet_config = (
+        read_json(folder / name) for name in ("model_index.json", "unet/config.json")
+    )
     refuse_other_families(folder, "model", sdxl="text_encoder_2" in model_index,
                           sd2=unet_config.get("cross_attention_dim") == 1024)
     unet = load_unet(folder / "unet")
-    vae = load_component(folder / "vae", AutoencoderKL, VAEConfig.from_diffusers, convert_legacy_vae_keys)
+    vae = load_component(
+        folder / "vae", AutoencoderKL, VAEConfig.from_diffusers, convert_legacy_vae_keys
+    )
     text_encoder = load_component(folder / "text_encoder", CLIPTextModel, CLIPTextConfig.from_hf,
                                   convert_hf_clip_keys, "model")
 
     tokenizer_folder = folder / "tokenizer"
     vocab, merges = tokenizer_folder / "vocab.json", tokenizer_folder / "merges.txt"
-    if vocab.is_file() and merges.is_file():  # SD1.5's files
+    if vocab.is_file() and merges.is_file():  # SD1.5's files.
         tokenizer = CLIPTokenizer.from_files(vocab, merges)
-    elif (tokenizer_folder / "tokenizer.json").is_file():  # all that transformers >= 5 save_pretrained writes
+    elif (tokenizer_folder / "tokenizer.json").is_file():  # transformers >= 5 writes only this.
         tokenizer = CLIPTokenizer.from_tokenizer_json(tokenizer_folder / "tokenizer.json")
     else:
         raise CheckpointError(f"{tokenizer_folder}: no vocab.json + merges.txt or tokenizer.json")
 
-    schedule, scheduler_file = NoiseSchedule.sd15(), folder / "scheduler/scheduler_config.json"
+    schedule = NoiseSchedule.sd15()
+    scheduler_file = folder / "scheduler/scheduler_config.json"
     if scheduler_file.is_file():
-        schedule = read_json(scheduler_file, lambda c: NoiseSchedule.from_config(c, "unsupported scheduler"))
+        schedule = read_json(scheduler_file, parse_schedule)
     return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule)
 
 
+def parse_schedule(config: dict) -> NoiseSchedule:
+    return NoiseSchedule.from_config(config, "unsupported scheduler")
+
+
 def download(hub_id: str) -> Path:
-    """Fetch the fp32 safetensors, configs and tokenizer of a hub model; needs huggingface_hub and network."""
-    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
-                "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/model.safetensors"]
+    """Fetch the fp32 safetensors, configs and tokenizer of a hub model; needs huggingface_hub and
+    network."""
+    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
+                "tokenizer/*", "unet/diffusion_pytorch_model.safetensors",
+                "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
     try:
         from huggingface_hub import snapshot_download  # optional: only hub ids need it
         return Path(snapshot_download(hub_id, allow_patterns=patterns))
     except Exception as error:  # not installed, offline, unknown repo, gated repo, ...
         failed = ("needs `pip install huggingface_hub`" if isinstance(error, ImportError)
                   else f"failed ({type(error).__name__}: {error})")
-        raise CheckpointError(f"'{hub_id}' is no local path, and downloading it from the hub {failed}. "
-                              "Pass a local path to a diffusers folder or a .safetensors file.") from error
+        raise CheckpointError(
+            f"'{hub_id}' is no local path, and downloading it from the hub {failed}. "
+            "Pass a local path to a diffusers folder or a .safetensors file."
+        ) from error
 
 
 def LDM_UNET_RULES(n):
-    """rename()'s rules for model.diffusion_model.*. n = layers_per_block + 1 is the LDM stride per level:
-    input_blocks 1.. hold n entries per level (the ResNet/attention pairs, then the downsampler `.0.op`);
-    output_blocks hold n pairs per level, the last one followed by the upsampler `conv`."""
+    """rename()'s rules for model.diffusion_model.*. n = layers_per_block + 1 is the LDM stride per
+    level: input_blocks 1.. hold n entries per level (the ResNet/attention pairs, then the
+    downsampler `.0.op`); output_blocks hold n pairs per level, the last one followed by the
+    upsampler `conv`."""
 
-    def block(side, i, kind):  # down: input_blocks.(i + 1) (input_blocks.0 is conv_in); up: output_blocks.i
+    # Down: input_blocks.(i + 1) (input_blocks.0 is conv_in); up: output_blocks.i.
+    def block(side, i, kind):
         return f"{side}_blocks.{i // n}.{kind}.{i % n}."
 
     return [
@@ -279,25 +335,33 @@ def LDM_UNET_RULES(n):
         (r"middle_block\.2\.", "mid_block.resnets.1."),
         (r"out\.0\.", "conv_norm_out."),
         (r"out\.2\.", "conv_out."),
-        (r"input_blocks\.(\d+)\.0\.op\.", lambda m: f"down_blocks.{int(m[1]) // n - 1}.downsamplers.0.conv."),
+        (
+            r"input_blocks\.(\d+)\.0\.op\.",
+            lambda m: f"down_blocks.{int(m[1]) // n - 1}.downsamplers.0.conv.",
+        ),
         (r"input_blocks\.(\d+)\.0\.", lambda m: block("down", int(m[1]) - 1, "resnets")),
         (r"input_blocks\.(\d+)\.1\.", lambda m: block("down", int(m[1]) - 1, "attentions")),
-        (r"output_blocks\.(\d+)\.[12]\.conv\.", lambda m: f"up_blocks.{int(m[1]) // n}.upsamplers.0.conv."),
+        (
+            r"output_blocks\.(\d+)\.[12]\.conv\.",
+            lambda m: f"up_blocks.{int(m[1]) // n}.upsamplers.0.conv.",
+        ),
         (r"output_blocks\.(\d+)\.0\.", lambda m: block("up", int(m[1]), "resnets")),
         (r"output_blocks\.(\d+)\.1\.", lambda m: block("up", int(m[1]), "attentions")),
     ]
 
 
-# Inside ResNets (the index gaps are SiLU / Dropout); the UNet's spatial transformers keep their names.
+# Inside ResNets (the index gaps are SiLU / Dropout); the UNet's spatial transformers keep their
+# names.
 LDM_RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
-                    "nin_shortcut": "conv_shortcut"}
+                    "out_layers.0": "norm2", "out_layers.3": "conv2",
+                    "skip_connection": "conv_shortcut", "nin_shortcut": "conv_shortcut"}
 
 
 def LDM_VAE_RULES(levels):
     att = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
-    def decoder(m, kind):  # LDM numbers decoder levels from the lowest resolution, diffusers from the highest
+    # LDM numbers decoder levels from the lowest resolution, diffusers from the highest.
+    def decoder(m, kind):
         return f"decoder.up_blocks.{levels - 1 - int(m[1])}.{kind}."
 
     return [
@@ -306,14 +370,20 @@ def LDM_VAE_RULES(levels):
         (r"encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
         (r"decoder\.up\.(\d+)\.block\.(\d+)\.", lambda m: decoder(m, f"resnets.{m[2]}")),
         (r"decoder\.up\.(\d+)\.upsample\.", lambda m: decoder(m, "upsamplers.0")),
-        (r"(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
-        (r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.", lambda m: f"{m[1]}.mid_block.attentions.0.{att[m[2]]}."),
+        (
+            r"(encoder|decoder)\.mid\.block_(\d)\.",
+            lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.",
+        ),
+        (
+            r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.",
+            lambda m: f"{m[1]}.mid_block.attentions.0.{att[m[2]]}.",
+        ),
     ]
 
 
 def rename(state_dict, prefix, rules):
-    """The keys under `prefix`, without it; each rule is (regex on the key's start, replacement), the first
-    that matches renames it, then LDM_RESNET_NAMES apply."""
+    """The keys under `prefix`, without it; each rule is (regex on the key's start, replacement),
+    the first that matches renames it, then LDM_RESNET_NAMES apply."""
     renamed = {}
     for key, tensor in state_dict.items():
         if not key.startswith(prefix):
@@ -330,29 +400,43 @@ def rename(state_dict, prefix, rules):
 
 
 def ldm_to_diffusers(state_dict, unet_config: UNetConfig, vae_config: VAEConfig):
-    """Split an LDM single-file state dict into (unet, vae, text encoder) state dicts with our key names."""
-    unet = rename(state_dict, "model.diffusion_model.", LDM_UNET_RULES(unet_config.layers_per_block + 1))
-    vae = rename(state_dict, "first_stage_model.", LDM_VAE_RULES(len(vae_config.block_out_channels)))
+    """Split an LDM single-file state dict into (unet, vae, text encoder) state dicts with our key
+    names."""
+    unet = rename(
+        state_dict, "model.diffusion_model.", LDM_UNET_RULES(unet_config.layers_per_block + 1)
+    )
+    vae = rename(
+        state_dict, "first_stage_model.", LDM_VAE_RULES(len(vae_config.block_out_channels))
+    )
     vae = convert_legacy_vae_keys(vae)  # LDM attention: 1x1 convs -> Linear
     text = convert_hf_clip_keys(rename(state_dict, "cond_stage_model.transformer.", []))  # HF names
     return unet, vae, text
 
 
+SD2_PROBE_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
 def load_single_file(path, unet_config=None, vae_config=None, text_config=None) -> StableDiffusion:
-    """An SD1.x LDM checkpoint (.safetensors or .ckpt); configs default to SD1.5 (tests pass tiny ones)."""
-    unet_config, vae_config = unet_config or UNetConfig.sd15(), vae_config or VAEConfig.sd15()
+    """An SD1.x LDM checkpoint (.safetensors or .ckpt); configs default to SD1.5 (tests pass tiny
+    ones)."""
+    unet_config = unet_config or UNetConfig.sd15()
+    vae_config = vae_config or VAEConfig.sd15()
     text_config = text_config or CLIPTextConfig.sd15()
     state_dict = read_state_dict(path)
-    cross_k = state_dict.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    refuse_other_families(path, "checkpoint", any(k.startswith("conditioner.embedders.") for k in state_dict),
-                          sd2=any(k.startswith("cond_stage_model.model.") for k in state_dict)
-                          or (cross_k is not None and cross_k.shape[1] == 1024))
+    cross_k = state_dict.get(SD2_PROBE_KEY)  # SD2.x cross-attends to 1024-wide OpenCLIP tokens.
+    sdxl = any(k.startswith("conditioner.embedders.") for k in state_dict)
+    sd2 = any(k.startswith("cond_stage_model.model.") for k in state_dict)
+    sd2 = sd2 or (cross_k is not None and cross_k.shape[1] == 1024)
+    refuse_other_families(path, "checkpoint", sdxl, sd2)
     if not any(k.startswith("model.diffusion_model.") for k in state_dict):
         raise CheckpointError(f"{path} is not a Stable Diffusion single-file checkpoint "
                               "(no model.diffusion_model.* keys)")
     unet, vae, text = ldm_to_diffusers(state_dict, unet_config, vae_config)
+    text_source = f"{path} (cond_stage_model.transformer.*)"
     return StableDiffusion(
         unet=build(UNet2DConditionModel, unet_config, unet, f"{path} (model.diffusion_model.*)"),
         vae=build(AutoencoderKL, vae_config, vae, f"{path} (first_stage_model.*)"),
-        text_encoder=build(CLIPTextModel, text_config, text, f"{path} (cond_stage_model.transformer.*)"),
-        tokenizer=CLIPTokenizer.default(), schedule=NoiseSchedule.sd15())
+        text_encoder=build(CLIPTextModel, text_config, text, text_source),
+        tokenizer=CLIPTokenizer.default(),
+        schedule=NoiseSchedule.sd15(),
+    )
