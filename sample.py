@@ -89,6 +89,9 @@ def parse_args(argv) -> dict:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     if args.eta < 0:
         raise ConfigError(f"--eta must be >= 0, got {args.eta}")
+    for flag, path in (("--unet", args.unet), ("--lora", args.lora)):
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{flag}={path}: no such file or folder")
     for flag, size in (("--height", args.height), ("--width", args.width)):
         if size is not None and (size <= 0 or size % SIZE_MULTIPLE):
             raise ConfigError(f"{flag}={size}: height and width must be positive multiples of "

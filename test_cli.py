@@ -130,6 +130,21 @@ def test_options_are_accepted_with_dashes_or_underscores(helps, refusals, name, 
     assert f"unknown option '{option}" not in run.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--height", "20"], "--height=20: height and width must be positive multiples of 8"),
+    (["--width", "100"], "--width=100: height and width must be positive multiples of 8"),
+    (["--lora", "missing.safetensors"], "--lora=missing.safetensors: no such file or folder"),
+])
+def test_sample_refuses_bad_sizes_and_missing_files_before_building_the_toy(tmp_path, flags,
+                                                                            message):
+    """The toy world would pretrain its model (minutes) into ./.cache on first use."""
+    argv = [sys.executable, str(ROOT / "sample.py"), "--model", "toy", "--prompt", "x", *flags]
+    run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert_one_line_refusal(run)
+    assert run.stderr.strip() == f"sample.py: {message}"
+    assert not (tmp_path / ".cache").exists()
+
+
 # plot.py ---------------------------------------------------------------------------------------
 
 
