@@ -66,18 +66,20 @@ def fit_postfix(postfix: str, room: int) -> str:
     return ", ".join(kept)
 
 
-def bar(iterable=None, *, desc: str, total=None, unit: str = "it", disable: bool = False) -> tqdm:
-    """A progress bar labelled `desc` over `iterable` (or updated by hand with .update(n))."""
+def bar(iterable=None, *, desc: str, total=None, unit: str = "it", disable: bool = False,
+        initial: int = 0) -> tqdm:
+    """A progress bar labelled `desc` over `iterable` (or updated by hand with .update(n)); a
+    resumed loop passes the count it starts from as `initial`."""
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
     if sys.stderr.isatty():
-        return Bar(iterable, desc=desc, total=total, unit=unit, disable=disable, ncols=WIDTH,
-                   redraw_on_postfix=True)
+        return Bar(iterable, desc=desc, total=total, unit=unit, disable=disable, initial=initial,
+                   ncols=WIDTH, redraw_on_postfix=True)
     if total:
         every = max(1, math.ceil(total / LINES_PER_LOOP))
         timing = {"miniters": every, "mininterval": 0.0}
     else:
         timing = {"mininterval": SECONDS_PER_LINE_WITHOUT_TOTAL}
-    return Bar(iterable, desc=desc, total=total, unit=unit, disable=disable, ncols=WIDTH,
-               file=LineWriter(sys.stderr), maxinterval=float("inf"), ascii=True,
+    return Bar(iterable, desc=desc, total=total, unit=unit, disable=disable, initial=initial,
+               ncols=WIDTH, file=LineWriter(sys.stderr), maxinterval=float("inf"), ascii=True,
                redraw_on_postfix=False, **timing)
