@@ -211,6 +211,37 @@ def test_from_config_reads_a_diffusers_scheduler_config(tmp_path):
         schedule.ddim_timesteps(0)
 
 
+def without(config: dict, *keys) -> dict:
+    return {key: value for key, value in config.items() if key not in keys}
+
+
+def test_from_config_without_set_alpha_to_one_and_steps_offset_follows_diffusers():
+    """Issue 19.10: absent keys take diffusers' DDIMScheduler defaults (True, 0), not SD1.5's."""
+    config = without(SD15_SCHEDULER_CONFIG, "set_alpha_to_one", "steps_offset")
+    ours = NoiseSchedule.from_config(config)
+    theirs = DDIMScheduler.from_config(config)
+    theirs.set_timesteps(20)
+    assert ours.final_alpha_bar.item() == theirs.final_alpha_cumprod.item() == 1.0
+    assert ours.ddim_timesteps(20).tolist() == theirs.timesteps.tolist()
+
+
+def test_from_config_without_betas_follows_diffusers():
+    config = without(SD15_SCHEDULER_CONFIG, "beta_start", "beta_end", "beta_schedule")
+    ours = NoiseSchedule.from_config(config)
+    theirs = DDIMScheduler.from_config(config)
+    # diffusers keeps betas and alphas_cumprod in float32 (ours: float64): at most one float32
+    # rounding (2^-24 relative) per factor of the product of 1000.
+    bound = 1000 * 2**-24
+    ours_float32 = ours.alphas_cumprod.float()
+    torch.testing.assert_close(ours_float32, theirs.alphas_cumprod, rtol=bound, atol=0)
+
+
+def test_from_config_refuses_an_absent_clip_sample():
+    """diffusers clips x0_pred when clip_sample is absent (its default True); we do not clip."""
+    with pytest.raises(ValueError, match="clip_sample"):
+        NoiseSchedule.from_config(without(SD15_SCHEDULER_CONFIG, "clip_sample"))
+
+
 def test_schedule_arithmetic_is_at_least_float32():
     """Precision policy: a bf16 x_0 (or eps_pred) gives float32 x_t and DDIM steps; float64 stays
     float64."""

@@ -3,6 +3,7 @@ equals diffusers' StableDiffusionPipeline on a tiny random model, and the comman
 and rejects bad input. Deviations: none (tests).
 """
 
+import math
 import re
 from pathlib import Path
 
@@ -179,6 +180,45 @@ def test_images_equal_diffusers_with_eta(tiny_sd, diffusers_pipe):
     ).images
     images = generate(tiny_sd, ["a cat"], num_steps=5, eta=1.0, seed=5, progress=False)
     assert (images - expected).abs().max() <= 1 / 255
+
+
+def first_eta_noise(sd, prompts, seed, latents=None):
+    """The noise z of the first DDIM step of generate_latents at eta = 1, [B, C, h, w]."""
+    seen = []
+    ddim_step = sd.schedule.ddim_step
+
+    def recording_ddim_step(eps_pred, t, x_t, num_steps, eta=0.0, noise=None):
+        seen.append(noise)
+        return ddim_step(eps_pred, t, x_t, num_steps, eta, noise)
+
+    sd.schedule.ddim_step = recording_ddim_step
+    try:
+        generate_latents(sd, prompts, num_steps=2, eta=1.0, seed=seed, latents=latents,
+                         progress=False)
+    finally:
+        del sd.schedule.ddim_step
+    return seen[0]
+
+
+def test_given_x_T_and_the_eta_noise_are_independent(tiny_sd):
+    """Issue 19.3: evaluate.generate draws x_T from manual_seed(seed) and passes it as `latents`;
+    the eta > 0 noise must not come from a generator seeded the same way (it was x_T again)."""
+    seed = 4
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    noise = first_eta_noise(tiny_sd, ["a cat", "a dog", "a tree"], seed, x_T.expand(3, -1, -1, -1))
+    dims = x_T.numel()
+    for row in noise:
+        correlation = torch.corrcoef(torch.stack([row.flatten(), x_T.flatten()]))[0, 1]
+        # Independent normals: the sample correlation has standard deviation 1 / sqrt(D).
+        assert abs(correlation) < 5 / math.sqrt(dims)
+
+
+def test_seeded_x_T_and_eta_noise_follow_diffusers_one_generator(tiny_sd):
+    """Without given latents, x_T and then the eta noise come from one generator, as diffusers'."""
+    generator = torch.Generator().manual_seed(4)
+    torch.randn(2, 4, 8, 8, generator=generator)  # x_T
+    expected = torch.randn(2, 4, 8, 8, generator=generator)
+    assert torch.equal(first_eta_noise(tiny_sd, ["a cat", "a dog"], 4), expected)
 
 
 # --------------------------------------------------------------------------------------------------
