@@ -21,7 +21,9 @@ Deviations from the papers / diffusers
    float32.
 2. Only what SD1.5 needs: epsilon prediction, "leading" spacing, no x0 clipping or thresholding;
    from_config refuses other configs rather than sample differently. A key absent from a config
-   means what it means to diffusers' DDIMScheduler (its default), as for diffusers itself.
+   means what it means to diffusers' DDIMScheduler (its default), except clip_sample: its default
+   True would clip SD's latents (about +-4) to [-1, 1], which no SD pipeline does, and SD1.5
+   folders written by newer diffusers omit the key.
 3. t may be an int or a tensor of any shape on any device; no host sync when t is on the sample's
    device.
 """
@@ -49,7 +51,7 @@ DIFFUSERS_DEFAULTS = dict(
     beta_schedule="linear",
     set_alpha_to_one=True,
     steps_offset=0,
-    clip_sample=True,
+    clip_sample=False,  # DDIMScheduler's is True (deviation 2)
     prediction_type="epsilon",
     timestep_spacing="leading",
     thresholding=False,
@@ -89,7 +91,7 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, config: dict, source: str = "config"):
         """The schedule of a diffusers scheduler config (scheduler_config.json); an absent key takes
-        DDIMScheduler's default (deviation 2)."""
+        DDIMScheduler's default, except clip_sample (deviation 2)."""
         c = {**DIFFUSERS_DEFAULTS, **config}
         for key, value in _REQUIRED.items():
             if c[key] != value:
