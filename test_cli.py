@@ -130,19 +130,30 @@ def test_options_are_accepted_with_dashes_or_underscores(helps, refusals, name, 
     assert f"unknown option '{option}" not in run.stderr
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--height", "20"], "--height=20: height and width must be positive multiples of 8"),
-    (["--width", "100"], "--width=100: height and width must be positive multiples of 8"),
-    (["--lora", "missing.safetensors"], "--lora=missing.safetensors: no such file or folder"),
-])
-def test_sample_refuses_bad_sizes_and_missing_files_before_building_the_toy(tmp_path, flags,
-                                                                            message):
+SAMPLE_REFUSALS = {  # Flags -> the one line sample.py answers, before the toy world is built.
+    ("--height", "20"): "--height=20: height and width must be positive multiples of 8",
+    ("--width", "100"): "--width=100: height and width must be positive multiples of 8",
+    ("--lora", "missing.safetensors"): "--lora=missing.safetensors: no such file or folder",
+}
+
+
+@pytest.fixture(scope="module")
+def sample_refusals(tmp_path_factory) -> dict[tuple, tuple[subprocess.CompletedProcess, Path]]:
+    running = {}
+    for flags in SAMPLE_REFUSALS:
+        folder = tmp_path_factory.mktemp("sample")
+        argv = [sys.executable, str(ROOT / "sample.py"), "--model", "toy", "--prompt", "x", *flags]
+        running[flags] = (start(argv, folder), folder)
+    return {flags: (finish(process), folder) for flags, (process, folder) in running.items()}
+
+
+@pytest.mark.parametrize("flags", list(SAMPLE_REFUSALS))
+def test_sample_refuses_bad_sizes_and_missing_files_before_building_the_toy(sample_refusals, flags):
     """The toy world would pretrain its model (minutes) into ./.cache on first use."""
-    argv = [sys.executable, str(ROOT / "sample.py"), "--model", "toy", "--prompt", "x", *flags]
-    run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    run, folder = sample_refusals[flags]
     assert_one_line_refusal(run)
-    assert run.stderr.strip() == f"sample.py: {message}"
-    assert not (tmp_path / ".cache").exists()
+    assert run.stderr.strip() == f"sample.py: {SAMPLE_REFUSALS[flags]}"
+    assert not (folder / ".cache").exists()
 
 
 # plot.py ---------------------------------------------------------------------------------------
