@@ -208,12 +208,11 @@ def parse(cls, argv: list[str], description: str = "", defaults=no_defaults,
             choices=field.metadata.get("choices"), help=field.metadata.get("help", " "))
     given = parser.parse_args(argv)
     given = {key: value for key, value in vars(given).items() if value is not None}
-    values = {key: get_path(cfg, key) for key in fields}
-    parser.dataclass_defaults = dict(values)
+    dataclass_defaults = {key: get_path(cfg, key) for key in fields}
     replaced = defaults(given)
-    values.update(replaced)
+    values = {**dataclass_defaults, **replaced}
     if given.pop("help"):
-        print_help(parser, values, replaced, defaults_name)
+        print_help(parser, dataclass_defaults, replaced, defaults_name)
         raise SystemExit(0)
     for key, value in {**values, **given}.items():
         check_bounds(key, value, fields[key].metadata)
@@ -227,21 +226,17 @@ def parse(cls, argv: list[str], description: str = "", defaults=no_defaults,
     return cfg
 
 
-def print_help(parser: Parser, values: dict, replaced: dict, defaults_name: str):
-    """--help with the defaults in effect; those from the `defaults` hook say whose they are."""
-    changed = {key for key, value in replaced.items() if value != action_default(parser, key)}
+def print_help(parser: Parser, dataclass_defaults: dict, replaced: dict, defaults_name: str):
+    """--help with the defaults in effect; those the `defaults` hook changed say whose they are."""
+    changed = {key for key, value in replaced.items() if value != dataclass_defaults[key]}
     for action in parser._actions:
-        if action.dest in changed:
-            ours = values[action.dest]
-            theirs = action_default(parser, action.dest)
+        key = action.dest
+        if key in changed:
+            ours = replaced[key]
+            theirs = dataclass_defaults[key]
             action.help = f"{action.help} (default: {ours}, {defaults_name}; otherwise {theirs})"
-        if action.dest in values:
-            action.default = values[action.dest]
+        if key in dataclass_defaults:
+            action.default = replaced.get(key, dataclass_defaults[key])
     if changed:
         parser.epilog = f"Defaults marked '{defaults_name}' are in effect now. {parser.epilog}"
     parser.print_help()
-
-
-def action_default(parser: Parser, key: str):
-    """The dataclass default of a config key, which parse stores in the help's metadata."""
-    return parser.dataclass_defaults[key]
