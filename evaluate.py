@@ -278,9 +278,9 @@ def pm(stats: dict, sign: str = "") -> str:
 
 
 def legend(name: str, reward_fn) -> str:
-    """A metric's one-line legend: rewards.LEGENDS, else the first line of its function's
-    docstring."""
-    doc = (reward_fn.__doc__ or "").strip().split("\n")[0]
+    """A metric's one-line legend: rewards.LEGENDS, else the first line of the docstring of its
+    function (or of the model a rewards.ModelReward wraps)."""
+    doc = (getattr(reward_fn, "model", reward_fn).__doc__ or "").strip().split("\n")[0]
     return rewards.LEGENDS.get(name, doc)
 
 
@@ -323,11 +323,14 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_rewards(names: list[str], device, reward_paths: dict[str, str]) -> dict:
-    """{name: reward}; a path KEY=FILE goes to every reward whose loader takes KEY, NAME.KEY=FILE
-    to one."""
+def load_rewards(names: list[str], device, reward_paths: dict[str, str], world=None) -> dict:
+    """{name: reward}; the toy world's learned reward (world.reward_name) through its door; a path
+    KEY=FILE goes to every reward whose loader takes KEY, NAME.KEY=FILE to one."""
     loaded = {}
     for name in names:
+        if world is not None and name == world.reward_name:
+            loaded[name] = rewards.ModelReward(name, world.reward(device))
+            continue
         accepted = inspect.signature(rewards.REWARDS[name]).parameters
         paths = {key.removeprefix(f"{name}."): value for key, value in reward_paths.items()
                  if "." not in key or key.startswith(f"{name}.")}
@@ -379,8 +382,9 @@ def evaluate_main(args) -> dict:
     num_steps = defaults["num_steps"] if args.steps is None else args.steps
     names = [name for name in args.rewards.split(",") if name]
     paths = [item.split("=", 1) for item in args.reward_paths.split(",") if item]
-    for message, bad in [(f"--rewards {args.rewards!r}: choose from {', '.join(rewards.REWARDS)}",
-                          not names or any(name not in rewards.REWARDS for name in names)),
+    known = [*rewards.REWARDS, *([world.reward_name] if world else [])]
+    for message, bad in [(f"--rewards {args.rewards!r}: choose from {', '.join(known)}",
+                          not names or any(name not in known for name in names)),
                          ("--reward_paths: give KEY=FILE[,KEY=FILE]",
                           any(len(item) != 2 for item in paths)),
                          ("--steps, --batch_size must be >= 1",
@@ -398,7 +402,7 @@ def evaluate_main(args) -> dict:
         prompt_set = read_prompts(args.prompts or "drawbench", args.max_prompts)
     seeds = parse_seeds(args.seeds)
     reward_fns = {**(world.judges if world else {}),
-                  **load_rewards(names, args.device, dict(paths))}
+                  **load_rewards(names, args.device, dict(paths), world)}
     model = world.load_model(args.device) if world else args.model
     dtype = getattr(torch, args.dtype)
     base, aligned = weights.load_models(model, args.unet, args.lora, args.device, dtype)

@@ -389,7 +389,6 @@ LEGENDS = {  # one line per reward, under every evaluate.py report
     "pickscore": "PickScore v1: a CLIP-H logit of how much people prefer the image for the prompt",
     "hpsv2": "HPS v2: cosine of image and prompt in a CLIP-H tuned on human preferences",
     "clipscore": "CLIPScore: 100 x the CLIP-L cosine of image and prompt (text-image agreement)",
-    "toy": "the learned toy reward model (the PickScore role): a logit, fitted to the toy pairs",
     "saturation": "mean colour saturation in [0, 1] (grey 0, pure primary 1); ignores the prompt",
     "brightness": "mean luma in [0, 1]; ignores the prompt",
     "jpeg_compressibility": "minus the JPEG size in kB (DDPO): simpler images score higher",

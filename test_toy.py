@@ -403,3 +403,17 @@ def test_evaluate_defaults_never_collide_with_the_readme_training_runs(
     written = tmp_path / "out" / "evaluate" / "report.json"
     assert json.loads(written.read_text()) == json.loads(json.dumps(report))
     assert not any(written.is_relative_to(tmp_path / out_dir) for out_dir in runs)
+
+
+def test_evaluate_reaches_the_toy_reward_through_the_door(tiny_toy, monkeypatch):
+    """evaluate.load_rewards with the world loads world.reward_name from world.reward() (no registry),
+    behind rewards.Reward's checks, with the reward model's legend."""
+    import rewards
+
+    world = toy.world()
+    monkeypatch.setattr(rewards, "get_reward", None)  # the registry is not asked
+    (reward,) = evaluate.load_rewards([world.reward_name], "cpu", {}, world).values()
+    images, prompts = torch.rand(2, 3, 16, 16), list(toy.PROMPTS[:2])
+    assert isinstance(reward, rewards.Reward)
+    assert torch.equal(reward(images, prompts), world.reward()(images, prompts))
+    assert evaluate.legend(world.reward_name, reward).startswith("The learned toy reward")

@@ -434,6 +434,7 @@ class World:
         self.report_categories = [CATEGORIES[p in HELD_OUT_PROMPTS] for p in PROMPTS]
         self.judges = JUDGES  # the hidden judge, reported beside the rewards; never trained on
         self.sampling = SAMPLING  # for pairs, rollouts, reports and evaluate.py alike
+        self.reward_name = "toy"  # --reward / --rewards name of reward(), the learned reward model
 
     def load_model(self, device="cpu") -> StableDiffusion:
         return load_base_model(device=device)
@@ -441,8 +442,7 @@ class World:
     def pairs_folder(self) -> str:
         return make_pairs()
 
-    def reward(self, device="cpu") -> toy_reward.ToyRewardModel:
-        """r(images [B, 3, H, W] in [0, 1], prompts) -> [B]; rewards.get_reward wraps it (input checks)."""
+    def reward(self, device="cpu") -> toy_reward.ToyRewardModel:  # r(images in [0, 1], prompts) -> [B]
         return load_reward_model(device=device)
 
 

@@ -31,10 +31,12 @@ from weights import load_strict
 
 
 class ToyRewardModel(nn.Module):
-    """A small CNN on fixed, prompt-aware feature maps (as the LAION aesthetic predictor is an MLP
-    on CLIP embeddings): two 3x3 convolutions with GELU, mean and max pooling, a linear head; images
-    in [0, 1]. features(images, prompts) -> [B, channels, H, W] is the world's
-    (toy.reward_features); no weights."""
+    """The learned toy reward (the PickScore role): a logit, fitted to the toy pairs.
+
+    A small CNN on fixed, prompt-aware feature maps (as the LAION aesthetic predictor is an MLP on
+    CLIP embeddings): two 3x3 convolutions with GELU, mean and max pooling, a linear head; images in
+    [0, 1]. features(images, prompts) -> [B, channels, H, W]: the world's (toy.reward_features).
+    """
 
     def __init__(self, features, channels: int, width: int = 16):
         super().__init__()
