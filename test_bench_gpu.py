@@ -39,6 +39,18 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert table.count("| pass |") == 5, table
 
 
+def test_time_guard_covers_every_case(tmp_path):
+    """With no budget left, no case runs: every case's row says "not run", nothing fails, and the
+    table (at --out) still has every section."""
+    out = tmp_path / "bench_gpu.md"
+    bench_gpu.main(["--smoke", "--budget_s=0", f"--out={out}"])
+    table = out.read_text()
+    case_rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    not_run = [line for line in case_rows if "| not run: " in line]
+    assert len(not_run) == 5 + 8 + 2 + 2, table  # (a) 5 checks, (b) 8 sides, (c) 2 builds, (d) 2
+    assert "FAIL" not in table and "| pass |" not in table, table
+
+
 def test_smoke_refuses_the_committed_results_path():
     with pytest.raises(SystemExit, match="not a GPU result"):
         bench_gpu.main(["--smoke", f"--out={bench_gpu.RESULTS}"])

@@ -1,41 +1,43 @@
 """Benchmark: one Diffusion-DPO training step (full fine-tune, and LoRA), our trainer vs the
-official recipe built on diffusers' UNet; same batch, same weights. bench_gpu.py runs the same steps
-(this file's `dpo_step`) on a GPU, with the optimizer step, gradient checkpointing and model FLOPs
-utilisation.
+official recipes built on diffusers' UNet; same batch, same weights. bench_gpu.py runs the same
+steps (this file's `dpo_step`) on a GPU, with the optimizer step, gradient checkpointing and model
+FLOPs utilisation.
 
-    ours       train.build_models + train.method_step (dpo.dpo_train_step) with train.py's precision
-    policy:
-               trainable weights fp32, the LoRA base in the compute dtype, the full fine-tune's
-               reference an fp32 copy, autocast around the UNet forwards only (train.Precision),
-               latents/noise/x_t fp32; the LoRA reference is the same UNet with its adapters off
-               (lora.lora_disabled)
-    official   diffusers UNet2DConditionModel + AutoencoderKL, transformers CLIPTextModel, and the
-               DiffusionDPO train.py loss transcribed (lines 1014-1146, `official_dpo_loss`): VAE
-               and text encoder in the compute dtype (weight_dtype there), latents in that dtype, a
-               separate frozen ref_unet in the compute dtype (fp16 there, bf16 on GPU here), cat([w,
-               l]), shared noise and t, per-sample mean-MSE, inside = -0.5 * beta * (model_diff -
-               ref_diff), loss -logsigmoid(inside); the policy fp32 under autocast (accelerate's
-               mixed precision); with LoRA, the same lora.py adapters on the diffusers UNet and
-               still a separate ref_unet (the official code has no LoRA)
+ours: train.build_models + train.method_step (dpo.dpo_train_step) with train.py's precision policy:
+    trainable weights fp32, the LoRA base in the compute dtype, the full fine-tune's reference an
+    fp32 copy, autocast around the UNet forwards only (train.Precision), latents / noise / x_t fp32;
+    the LoRA reference is the same UNet with its adapters off (lora.lora_disabled).
+official, full fine-tune: diffusers UNet2DConditionModel + AutoencoderKL, transformers
+    CLIPTextModel, and the DiffusionDPO train.py loss transcribed (lines 1014-1146,
+    `official_dpo_loss`): VAE and text encoder in the compute dtype (weight_dtype there), latents in
+    that dtype, a separate frozen ref_unet in the compute dtype (fp16 there, bf16 on GPU here),
+    cat([w, l]), shared noise and t, per-sample mean-MSE, inside = -0.5 * beta * (model_diff -
+    ref_diff), loss -logsigmoid(inside); the policy fp32 under autocast (accelerate's mixed
+    precision).
+official, LoRA: diffusers' examples/research_projects/diffusion_dpo/train_diffusion_dpo.py
+    (`official_lora`): the frozen base UNet, VAE and text encoder cast to the compute dtype, peft
+    adapters (rank 8, alpha 8, gaussian init) on to_q / to_k / to_v / to_out.0, and the reference =
+    the same UNet with unet.disable_adapters(); the same loss.
 One step = VAE-encode both images + encode the prompts + policy forward on [w; l] + reference
 forward + loss + backward (+ gradient clipping and AdamW with --optimizer: on GPU always; on CPU
-left out by default, since a full fine-tune with AdamW state does not fit in the 24 GB of RAM of the
-CPU machine next to two UNets). Both sides use torch AdamW (ours fused on CUDA as train.py;
+left out by default, since a full fine-tune with AdamW state does not fit in the 24 GB of RAM of
+the CPU machine next to two UNets). Both sides use torch AdamW (ours fused on CUDA as train.py;
 official: torch's default, foreach).
 
 Method. Every (implementation, mode) runs in a fresh subprocess, so that nothing one leaves
 allocated counts against the other: SD1.5 configs (--config tiny: the test presets), random weights
-(each tensor seeded by its name: the same values on both sides), --pairs pairs per step, one warm-up
-step then the median of --reps timed steps. Time: wall clock of the step (and process CPU time, less
-disturbed by other processes on a shared machine). Memory on CPU: the growth of the process's peak
-resident set (resource.getrusage ru_maxrss) from after the imports to after the steps (tracemalloc
-does not see torch's allocator); on GPU: torch.cuda.max_memory_allocated. Winner/loser noise and t:
-ours draws them keyed by (seed, position), the official recipe from a generator, so LoRA losses
-differ by the draws; without --optimizer a full fine-tune stays at step 0, where both losses should
-be log 2 (the official recipe's bf16 reference breaks that on GPU: train.py deviation 2).
+(each tensor seeded by its name: the same values on both sides), --pairs pairs per step, one
+warm-up step then the median of --reps timed steps. Time: wall clock of the step (and process CPU
+time, less disturbed by other processes on a shared machine). Memory on CPU: the growth of the
+process's peak resident set (resource.getrusage ru_maxrss) from after the imports to after the
+steps (tracemalloc does not see torch's allocator); on GPU: torch.cuda.max_memory_allocated.
+Winner/loser noise and t: ours draws them keyed by (seed, position), the official recipes from a
+generator, so LoRA losses differ by the draws (and by the adapters' values: seeded by name, and the
+names differ); without --optimizer a full fine-tune stays at step 0, where both losses should be
+log 2 (the official recipe's bf16 reference breaks that on GPU: train.py deviation 2).
 
-    python -m bench.bench_dpo                # CPU, 32x32 latents (256 px): ~7 min, 13 GB of RAM at
-    the peak python -m bench.bench_dpo --config tiny  # seconds: checks the code paths
+    python -m bench.bench_dpo                # CPU, 32x32 latents (256 px): ~7 min, 13 GB of RAM
+    python -m bench.bench_dpo --config tiny  # seconds: checks the code paths
 """
 
 import argparse
@@ -54,7 +56,6 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-import lora
 import train
 import weights
 from bench import write_report
@@ -150,9 +151,7 @@ def make_batch(pairs: int, image_size: int, device) -> dict:
     }
 
 
-def official_dpo_loss(
-    unet, ref_unet, schedule, latents_w, latents_l, context, beta, generator, forward
-):
+def official_dpo_loss(unet, reference, schedule, latents_w, latents_l, context, beta, generator):
     """The DiffusionDPO train.py loss (official names in comments), from the latents on."""
     latents = torch.cat([latents_w, latents_l])  # feed = cat(pixel_values.chunk(2, dim=1))
     t = torch.randint(
@@ -163,12 +162,12 @@ def official_dpo_loss(
     )
     noisy = schedule.add_noise(latents, noise, t)
     encoder_hidden_states = context.repeat(2, 1, 1)
-    model_pred = forward(unet, noisy, t, encoder_hidden_states)
+    model_pred = unet(noisy, t, encoder_hidden_states).sample
     model_losses = (model_pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
     model_losses_w, model_losses_l = model_losses.chunk(2)
     model_diff = model_losses_w - model_losses_l
     with torch.no_grad():
-        ref_pred = ref_unet(noisy, t, encoder_hidden_states)
+        ref_pred = reference(noisy, t, encoder_hidden_states)
         ref_losses = (ref_pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
         ref_losses_w, ref_losses_l = ref_losses.chunk(2)
         ref_diff = ref_losses_w - ref_losses_l
@@ -247,35 +246,73 @@ def dpo_step(
     unet, vae, text_encoder = diffusers_models(config, device)
     vae.requires_grad_(False).to(dtype)
     text_encoder.requires_grad_(False).to(dtype)
-    ref_unet = copy.deepcopy(unet).requires_grad_(False).to(dtype)
-    params = lora.inject_lora(unet, rank=lora_rank) if lora_rank else list(unet.parameters())
     if lora_rank:
-        fill_weights(unet, only="lora_")
+        params, reference = official_lora(unet, lora_rank, dtype)
+    else:
+        params, reference = official_full(unet, dtype)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     adamw = torch.optim.AdamW(params, lr=1e-6) if optimizer else None
-    tokenizer, schedule = CLIPTokenizer.default(), NoiseSchedule.sd15()
+    tokenizer = CLIPTokenizer.default()
+    schedule = NoiseSchedule.sd15()
     device_type = torch.device(device).type
     generator = torch.Generator(device).manual_seed(0)
-    forward = lambda model, *args: model(*args).sample  # noqa: E731
-    reference = lambda x_t, t, c: forward(ref_unet, x_t.to(dtype), t, c.to(dtype)).float()  # noqa: E731
 
     def step(batch):
         with torch.autocast(device_type, dtype, enabled=dtype != torch.float32):
             with torch.no_grad():
-                feed = model_pixels(torch.cat([batch["pixels_w"], batch["pixels_l"]]), device).to(
-                    dtype
-                )
-                latents = vae.encode(feed).latent_dist.sample(generator) * vae.config.scaling_factor
+                pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
+                feed = model_pixels(pixels, device).to(dtype)
+                posterior = vae.encode(feed).latent_dist
+                latents = posterior.sample(generator) * vae.config.scaling_factor
                 context = text_encoder(tokenizer(batch["prompts"]).to(device))[0]
+            latents_w, latents_l = latents.chunk(2)
             loss = official_dpo_loss(
-                unet, reference, schedule, *latents.chunk(2), context, BETA, generator, forward
+                unet, reference, schedule, latents_w, latents_l, context, BETA, generator
             )
         optimizer_step(loss, params, adamw)
         return loss.detach()
 
-    return step, (unet, ref_unet, vae, text_encoder)
+    return step, (unet, vae, text_encoder, reference)
+
+
+def official_full(unet, dtype):
+    """DiffusionDPO train.py's full fine-tune: the policy in fp32 (autocast around it) and a
+    separate frozen ref_unet in the compute dtype. Returns (params, reference)."""
+    ref_unet = copy.deepcopy(unet).requires_grad_(False).to(dtype)
+
+    def reference(x_t, t, context):
+        return ref_unet(x_t.to(dtype), t, context.to(dtype)).sample.float()
+
+    return list(unet.parameters()), reference
+
+
+def official_lora(unet, rank: int, dtype):
+    """diffusers' train_diffusion_dpo.py LoRA recipe: the frozen base UNet cast to the compute dtype
+    (weight_dtype), peft adapters (rank r, alpha r, gaussian init) on to_q/to_k/to_v/to_out.0, and
+    as the reference the same UNet with its adapters disabled. Returns (params, reference)."""
+    from peft import LoraConfig  # test-only reference, as diffusers
+
+    unet.requires_grad_(False).to(dtype)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        init_lora_weights="gaussian",
+        target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+    )
+    unet.add_adapter(config)
+    fill_weights(unet, only="lora_")  # B != 0, as after some training (as ours)
+
+    def reference(x_t, t, context):
+        unet.disable_adapters()
+        try:
+            return unet(x_t.to(dtype), t, context.to(dtype)).sample.float()
+        finally:
+            unet.enable_adapters()
+
+    params = [p for p in unet.parameters() if p.requires_grad]
+    return params, reference
 
 
 def measure(
@@ -333,8 +370,8 @@ def report(results: dict, args) -> str:
         "",
         f"torch {torch.__version__}, {args.threads} thread(s); command: `python -m bench.bench_dpo "
         f"--config {args.config} --latent {args.latent} --pairs {args.pairs} --reps {args.reps} "
-        f"--threads {args.threads}{' --optimizer' if args.optimizer else ''}`; load average at the end: "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        f"--threads {args.threads}{' --optimizer' if args.optimizer else ''}`; "
+        f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
         "",
         "| mode | wall s ours / official | wall ratio | CPU s ours / official | CPU-time ratio | "
         f"{memory} ours / official | memory ratio | loss ours / official |",
@@ -352,16 +389,17 @@ def report(results: dict, args) -> str:
     lines += [
         "",
         "How to read it (method: the module docstring of bench_dpo.py):",
-        "- Both sides do the same arithmetic (VAE encode, text encode, policy forward + backward on "
-        "[w; l], one reference forward), so the time ratio is mostly the ratio of the two UNet "
+        "- Both sides do the same arithmetic (VAE encode, text encode, policy forward + backward "
+        "on [w; l], one reference forward), so the time ratio is mostly the ratio of the two UNet "
         "implementations (bench_unet.py). On a shared CPU, wall time follows the machine's load; "
         "process CPU time (1 thread) is steadier.",
         "- Full fine-tune on CPU: both sides hold a frozen fp32 reference copy, so memory is about "
-        "equal. LoRA: our reference is the same UNet with the adapters off, the official recipe keeps "
-        "a second UNet; one fp32 SD1.5 UNet is 859.5M parameters = 3279 MiB.",
+        "equal. LoRA: both sides hold one UNet (the base in the compute dtype, fp32 on CPU) and "
+        "take the same UNet with its adapters off as the reference (diffusers' "
+        "train_diffusion_dpo.py recipe); one fp32 SD1.5 UNet is 859.5M parameters = 3279 MiB.",
         "- Losses: a full fine-tune without --optimizer stays at step 0: log 2 = 0.693147 on both "
-        "sides; LoRA (B != 0) differs by the noise and t draws (keyed by position here, a generator "
-        "there).",
+        "sides; LoRA (B != 0) differs by the noise and t draws (keyed by position here, a "
+        "generator there) and by the adapters' values.",
     ]
     return "\n".join(lines) + "\n"
 
