@@ -45,7 +45,7 @@ import rewards
 import sampler
 import toy
 import weights
-from data import to_pil
+from pair_files import to_pil
 from weights import CheckpointError
 
 PROMPTS_DIR = Path(__file__).with_name("assets") / "prompts"  # sources and licences: its README.md

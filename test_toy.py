@@ -269,7 +269,7 @@ def test_reward_model_learns_the_preferences(tmp_path):
     drawing vs a wrong-background, wrong-colour, noisy or dull one), orders held-out prompts' pairs
     far better than chance; it is prompt-aware (the same picture scores higher under its own prompt)
     and differentiable."""
-    from data import write_pairs_jsonl
+    from pair_files import write_pairs_jsonl
 
     def write(folder, prompts, seed):
         good = drawings(prompts, seed)
@@ -406,8 +406,8 @@ def test_evaluate_defaults_never_collide_with_the_readme_training_runs(
 
 
 def test_evaluate_reaches_the_toy_reward_through_the_door(tiny_toy, monkeypatch):
-    """evaluate.load_rewards with the world loads world.reward_name from world.reward() (no registry),
-    behind rewards.Reward's checks, with the reward model's legend."""
+    """evaluate.load_rewards with the world loads world.reward_name from world.reward() (no
+    registry), behind rewards.Reward's checks, with the reward model's legend."""
     import rewards
 
     world = toy.world()

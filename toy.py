@@ -37,11 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 import toy_reward
 from clip import CLIPTextConfig, CLIPTextModel
-from data import write_pairs_jsonl
+from pair_files import write_pairs_jsonl
+from progress import bar
 from sampler import generate
 from scheduler import NoiseSchedule
 from tokenizer import CLIPTokenizer
@@ -343,7 +343,7 @@ def pretrain(unet, text_encoder, tokenizer, schedule, config: ToyConfig, progres
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ema = [p.detach().clone() for p in params]
     losses = []
-    for _ in tqdm(range(config.pretrain_steps), desc="toy pretraining", disable=not progress):
+    for _ in bar(range(config.pretrain_steps), desc="toy pretraining", unit="step", disable=not progress):
         prompts = [PROMPTS[i] for i in torch.randint(len(PROMPTS), (config.batch_size,), generator=generator)]
         x0 = torch.stack([draw(p, config.image_size, generator) for p in prompts])  # uniform over PROMPTS
         drop = torch.rand(len(prompts), generator=generator) < config.prompt_dropout

@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from data import PreferencePairs, unit_pixels
 from dpo import dpo_loss
+from progress import bar
 from weights import load_strict
 
 
@@ -114,7 +114,8 @@ def train_reward_model(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     generator = torch.Generator().manual_seed(config.seed)
-    for step in tqdm(range(config.steps), desc="toy reward model", disable=not progress):
+    steps = bar(range(config.steps), desc="toy reward model", unit="step", disable=not progress)
+    for step in steps:
         batch = train[torch.randint(len(train), (config.batch_size,), generator=generator)]
         flip = torch.rand(len(batch), 1, 1, 1, generator=generator) < 0.5
         blur = torch.rand(len(batch), 1, 1, 1, generator=generator)
