@@ -15,8 +15,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import SD15_SCHEDULER_CONFIG
 from scheduler import NoiseSchedule, gaussian_log_prob, keyed_generator, keyed_randn
+from testkit import SD15_SCHEDULER_CONFIG
 
 # keyed_randn(0, [0], (3,), "eps")[0]: blake2b("0/0/eps") seeds torch's CPU generator; a change of
 # either would silently change every run's noise (and break resuming an older run), so it is pinned

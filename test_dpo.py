@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import dpo
 import lora
-from conftest import make_tiny_sd
+from testkit import make_tiny_sd
 
 
 def test_policy_equal_to_reference_gives_log2_and_documented_accuracy():

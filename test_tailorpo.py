@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import tailorpo
-from conftest import UNetCallCounter, make_tiny_sd
 from rewards import get_reward
 from sampler import guided_eps
 from scheduler import NoiseSchedule, gaussian_log_prob
 from tailorpo import TailorPOConfig, step_reward
+from testkit import UNetCallCounter, make_tiny_sd
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 BATCH = {"prompts": PROMPTS, "positions": [0, 1, 2, 3]}

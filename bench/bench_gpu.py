@@ -640,7 +640,7 @@ def diffusers_pipeline(setup: Setup):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     # Test-only helpers: diffusers' side
-    from conftest import (
+    from testkit import (
         SD15_SCHEDULER_CONFIG,
         hf_clip_tokenizer,
     )

@@ -69,7 +69,7 @@ def main():
     torch.set_num_threads(1)
 
     # The tests' tiny SD; diffusers: reference
-    from conftest import (
+    from testkit import (
         build_tiny_pipeline,
         save_hf_tokenizer,
     )

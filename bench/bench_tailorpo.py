@@ -28,12 +28,12 @@ import torch
 import evaluate
 import tailorpo
 from bench import write_report
-from conftest import UNetCallCounter, make_tiny_sd, save_hf_tokenizer
 from dpo import dpo_loss
 from rewards import get_reward
 from sampler import guided_eps
 from scheduler import gaussian_log_prob
 from tailorpo import TailorPOConfig
+from testkit import UNetCallCounter, make_tiny_sd, save_hf_tokenizer
 from tokenizer import CLIPTokenizer
 from unet import UNetConfig
 
@@ -144,7 +144,7 @@ def bench_reward_rise(seeds: int, steps: int):
     import train
 
     # Test-only: diffusers writes the folder, as the tests do
-    from conftest import (
+    from testkit import (
         build_tiny_pipeline,
     )
 
@@ -195,8 +195,9 @@ def main():
     lines = [
         f"# bench_tailorpo (torch {torch.__version__}, CPU, {torch.get_num_threads()} threads)",
         "",
-        "Loss phase on the same rollout pairs (forward + backward): ours (shared mean, one stacked call",
-        "per model) / naive (one CFG call per log-probability per step); 4 prompts, CFG 5, 10 steps.",
+        "Loss phase on the same rollout pairs (forward + backward): ours (shared mean, one "
+        "stacked call per model) / naive (one CFG call per log-probability per step); 4 prompts, "
+        "CFG 5, 10 steps.",
         "",
         "| model | pairs | UNet calls ours / naive | per trained step | loss ms per trained step "
         "ours / naive | ratio | full step ratio (incl. rollout) | rollout calls | abs loss diff |",
@@ -208,9 +209,9 @@ def main():
         rises = bench_reward_rise(args.seeds, args.steps)
         lines += [
             "",
-            f"Reward rise of fresh samples (brightness; 8 prompts, fixed seeds) after {args.steps}",
-            "train.py steps (tiny random SD, full fine-tune, lr 1e-3, 4 prompts a step, 5 DDIM steps),",
-            f"mean +- stderr over {args.seeds} seeds:",
+            f"Reward rise of fresh samples (brightness; 8 prompts, fixed seeds) after {args.steps} "
+            "train.py steps (tiny random SD, full fine-tune, lr 1e-3, 4 prompts a step, 5 DDIM "
+            f"steps), mean +- stderr over {args.seeds} seeds:",
             "",
             "| method | rise | per seed |",
             "|---|---|---|",
