@@ -36,22 +36,22 @@ class LoRALinear(nn.Linear):
     """W x + b + scale * B(A(x)); shares weight/bias with `base` (no copy)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        nn.Module.__init__(self)  # skip nn.Linear.__init__: it would allocate a second weight
+        nn.Module.__init__(self)  # nn.Linear.__init__ would allocate a second weight.
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.scale = alpha / rank
-        float32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # deviation 3
+        float32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # Deviation 3.
         self.lora_A = nn.Linear(base.in_features, rank, **float32)
         self.lora_B = nn.Linear(rank, base.out_features, **float32)
         nn.init.normal_(self.lora_A.weight, std=1.0 / rank)
-        nn.init.zeros_(self.lora_B.weight)  # zero update at init: adapted model == base model
+        nn.init.zeros_(self.lora_B.weight)  # A zero update: adapted == base.
         self.lora_enabled = True
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
         if not self.lora_enabled:
             return out
-        update = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))  # LoRA Eq. 3
+        update = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))  # LoRA Eq. 3.
         return out + (self.scale * update).to(out.dtype)
 
 
@@ -71,7 +71,7 @@ def inject_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None):
     for attention in attention_modules:
         for target in TARGETS:
             wrapped = LoRALinear(attention.get_submodule(target), rank, alpha)
-            attention.set_submodule(target, wrapped)  # "to_out.0": a ModuleList index
+            attention.set_submodule(target, wrapped)  # "to_out.0" is a ModuleList index.
             params += [wrapped.lora_A.weight, wrapped.lora_B.weight]
     return params
 
@@ -95,7 +95,7 @@ def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for name, module in _lora_modules(unet):
         state[f"unet.{name}.lora_A.weight"] = module.lora_A.weight.detach().float().contiguous()
-        baked_B = module.scale * module.lora_B.weight.detach().float()  # deviation 2
+        baked_B = module.scale * module.lora_B.weight.detach().float()  # Deviation 2.
         state[f"unet.{name}.lora_B.weight"] = baked_B.contiguous()
     return state
 
@@ -110,7 +110,7 @@ def load_lora(unet: nn.Module, path_or_state_dict):
     from_file = not isinstance(path_or_state_dict, dict)
     state = read_state_dict(path_or_state_dict) if from_file else path_or_state_dict
     source = str(path_or_state_dict) if from_file else "state dict"
-    if not _lora_modules(unet):  # adapters of the file's rank
+    if not _lora_modules(unet):  # Adapters of the file's rank.
         ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
         if len(ranks) != 1:
             raise CheckpointError(
@@ -151,6 +151,6 @@ def merge_lora(unet: nn.Module) -> nn.Module:
         plain = nn.Linear(
             module.in_features, module.out_features, module.bias is not None, device="meta"
         )
-        plain.weight, plain.bias = module.weight, module.bias  # the same Parameters, no copy
+        plain.weight, plain.bias = module.weight, module.bias  # The same Parameters, no copy.
         unet.set_submodule(name, plain)
     return unet

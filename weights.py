@@ -62,7 +62,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         try:
             return load_file(path)
-        except Exception as error:  # safetensors raises its own error types for a bad header
+        except Exception as error:  # safetensors has its own error types.
             raise CheckpointError(
                 f"{path} is not a safetensors checkpoint ({_reason(error)})"
             ) from None
@@ -70,14 +70,15 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: unknown weights format; expected one of {', '.join(SUFFIXES)}"
         )
-    try:  # weights_only=True unpickles tensors and plain containers only, never arbitrary code
-        # One line of error, not a warning about the pickle protocol first.
+    # weights_only=True unpickles tensors and plain containers only, never arbitrary code.
+    try:
+        # The warnings are silenced so that the error is one line.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         code = re.search(r"GLOBAL (\S+)", str(error))
-        # The pickle names a callable to run when unpickled (os.system, a class constructor, ...)
+        # The pickle names a callable to run when unpickled (os.system, a class constructor, ...).
         if code:
             raise CheckpointError(
                 f"{path}: refused: this pickle would run code ({code[1]}); pickled code, "
@@ -157,7 +158,7 @@ class StableDiffusion:
             posterior = self.vae.encode(pixels.to(device, dtype))
             latents = posterior.mean.float()
             if noise is not None:
-                # AEVB Sec. 2.4.
+                # The reparameterisation trick, AEVB Sec. 2.4.
                 latents = latents + posterior.std.float() * noise.to(device, torch.float32)
         return latents * self.vae.config.scaling_factor
 
@@ -305,9 +306,9 @@ def download(hub_id: str) -> Path:
                 "tokenizer/*", "unet/diffusion_pytorch_model.safetensors",
                 "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
     try:
-        from huggingface_hub import snapshot_download  # optional: only hub ids need it
+        from huggingface_hub import snapshot_download  # Optional: only hub ids need it.
         return Path(snapshot_download(hub_id, allow_patterns=patterns))
-    except Exception as error:  # not installed, offline, unknown repo, gated repo, ...
+    except Exception as error:  # Not installed, offline, unknown or gated repo.
         failed = ("needs `pip install huggingface_hub`" if isinstance(error, ImportError)
                   else f"failed ({type(error).__name__}: {error})")
         raise CheckpointError(
@@ -322,7 +323,8 @@ def LDM_UNET_RULES(n):
     downsampler `.0.op`); output_blocks hold n pairs per level, the last one followed by the
     upsampler `conv`."""
 
-    # Down: input_blocks.(i + 1) (input_blocks.0 is conv_in); up: output_blocks.i.
+    # Down block i is input_blocks.(i + 1) (input_blocks.0 is conv_in); up block i is
+    # output_blocks.i.
     def block(side, i, kind):
         return f"{side}_blocks.{i // n}.{kind}.{i % n}."
 
@@ -350,8 +352,8 @@ def LDM_UNET_RULES(n):
     ]
 
 
-# Inside ResNets (the index gaps are SiLU / Dropout); the UNet's spatial transformers keep their
-# names.
+# The names inside ResNets (the index gaps are SiLU / Dropout); the UNet's spatial transformers
+# keep their names.
 LDM_RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                     "out_layers.0": "norm2", "out_layers.3": "conv2",
                     "skip_connection": "conv_shortcut", "nin_shortcut": "conv_shortcut"}
@@ -408,8 +410,9 @@ def ldm_to_diffusers(state_dict, unet_config: UNetConfig, vae_config: VAEConfig)
     vae = rename(
         state_dict, "first_stage_model.", LDM_VAE_RULES(len(vae_config.block_out_channels))
     )
-    vae = convert_legacy_vae_keys(vae)  # LDM attention: 1x1 convs -> Linear
-    text = convert_hf_clip_keys(rename(state_dict, "cond_stage_model.transformer.", []))  # HF names
+    vae = convert_legacy_vae_keys(vae)  # LDM's attention 1x1 convs become Linear weights.
+    # The text encoder is transformers' CLIPTextModel, keys and all.
+    text = convert_hf_clip_keys(rename(state_dict, "cond_stage_model.transformer.", []))
     return unet, vae, text
 
 
