@@ -15,12 +15,14 @@ import dataclasses
 import glob
 import json
 import os
+import shlex
 import sys
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+import data
 import lora
 
 # The options a resume must share with the run that wrote the checkpoint: they change the trainable
@@ -118,11 +120,15 @@ def find_resume(cfg) -> dict | None:
     return {**metadata, "path": path}
 
 
-def restore(path: str, unet, optimizer, scaler):
-    """Load the checkpoint's trainable weights, AdamW state and loss scale in place."""
+def restore(resumed: dict, cfg, items, world_size: int, unet, optimizer, scaler, says: bool):
+    """Continue the checkpoint find_resume found: check that this run's data continue its stream,
+    load its trainable weights, AdamW state and loss scale in place, and (says) say so on stderr."""
+    path = resumed["path"]
+    problem = resume_problem(cfg, items, json.loads(resumed["data_identity"]), world_size)
+    if problem:
+        raise CheckpointMismatch(f"--resume: {path}: {problem}")
     tensors = load_file(path)
     params = trainable(unet)
-    metadata = read_metadata(path)
     saved = {key[len("model."):] for key in tensors if key.startswith("model.")}
     bad = sorted(params.keys() - saved) + sorted(saved - params.keys())
     if bad:
@@ -137,9 +143,40 @@ def restore(path: str, unet, optimizer, scaler):
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    param_groups = json.loads(metadata["param_groups"])
+    param_groups = json.loads(resumed["param_groups"])
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-    scaler.load_state_dict(json.loads(metadata["scaler"]))
+    scaler.load_state_dict(json.loads(resumed["scaler"]))
+    if says:
+        print(f"resuming from {path} (step {resumed['step']})", file=sys.stderr)
+
+
+def data_identity(cfg, items, world_size: int) -> dict:
+    """What defines the order of the training stream: the pairs' (data.py), or the prompts'."""
+    if isinstance(items, list):
+        return {"prompts": cfg.prompts or "default", "count": len(items), "seed": cfg.seed}
+    return items.identity(world_size)
+
+
+def resume_problem(cfg, items, saved_identity: dict, world_size: int) -> str | None:
+    """Why this run cannot continue the checkpoint's data stream, in one line; None if it can."""
+    if isinstance(items, list):
+        identity = data_identity(cfg, items, world_size)
+        return None if identity == saved_identity else (
+            f"the checkpoint trained on prompts {saved_identity}, this run on {identity}")
+    return data.resume_problem(saved_identity, items, world_size)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues a run started with argv."""
+    flags = [arg for arg in argv if arg != "--resume"]
+    return shlex.join(["python", "train.py", *flags, "--resume"])
+
+
+def stop_line(out_dir: str, argv: list[str], what: str) -> str:
+    """The one line a run ends with when it cannot go on: what happened, the last good checkpoint,
+    the command that continues from it."""
+    last = latest(out_dir) or "none (a rerun starts from step 0)"
+    return f"train.py: {what}; the last good checkpoint is {last}; continue: {resume_command(argv)}"
 
 
 def open_log(out_dir: str, start: int):

@@ -8,6 +8,8 @@ sampling noise and no preference survives encoding. `calibrated_sd_dir` fixes th
 logvar = -30 (a deterministic encoder) and a scaling_factor that gives latents about unit variance.
 """
 
+import errno
+import inspect
 import json
 import math
 import os
@@ -25,12 +27,15 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import data
 import dpo
+import evaluate
 import lora
+import tailorpo
 import train
 import weights
 from bench.bench_data import write_synthetic_pick_a_pic
 from config import ConfigError
 
+ONLINE_GAP = 0.001  # brightness gap below which a TailorPO pair is masked
 SIZE = 32  # pixels: 4x4 latents with the tiny VAE (downsample factor 8)
 
 
@@ -265,7 +270,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(calibr
         return loss * (float("nan") if nan_at_step_4.calls == 4 else 1.0), metrics
     nan_at_step_4.calls = 0
     monkeypatch.setattr(dpo, "dpo_train_step", nan_at_step_4)
-    with pytest.raises(SystemExit, match=r"step 4: loss nan.*The last good checkpoint is .*ckpt_00000002"):
+    with pytest.raises(SystemExit, match=r"step 4: loss nan.*the last good checkpoint is .*ckpt_00000002"):
         run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=6", "--save_every=2")
     assert checkpoint.latest(tmp_path).endswith("ckpt_00000002.safetensors")
     assert all(v.isfinite().all() for v in checkpoint_weights(tmp_path, 2).values())
@@ -290,7 +295,7 @@ def ddp_worker(rank, port, argv):
     train.main(argv)
 
 
-def run_two_processes(argv, timeout=120):
+def run_two_processes(argv, timeout=600):
     """train.main(argv) in 2 gloo processes; fails (rather than hangs) if they do not finish in time."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -302,37 +307,99 @@ def run_two_processes(argv, timeout=120):
         assert time.time() < deadline, "DDP processes hang"
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
-def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(calibrated_sd_dir, pairs_dir, parquet_dir,
-                                                                      tmp_path, kind):
-    source = pairs_dir if kind == "jsonl" else parquet_dir
-    common = [f"--model={calibrated_sd_dir}", "--method=dpo", f"--data={source}", f"--resolution={SIZE}",
+def record_first_gradients(monkeypatch, folder):
+    """Each process saves its gradients at its first clip_grad_norm_ (after DDP's all-reduce, before
+    any optimizer step) to folder/grads_<world size>_<rank>.pt. The fork of run_two_processes
+    inherits the patch."""
+    original = torch.nn.utils.clip_grad_norm_
+    done = set()
+
+    def recording(params, *args, **kwargs):
+        params = list(params)
+        key = (os.getpid(), os.environ.get("WORLD_SIZE", "1"))
+        if key not in done:
+            done.add(key)
+            name = f"grads_{os.environ.get('WORLD_SIZE', '1')}_{os.environ.get('RANK', '0')}.pt"
+            torch.save([p.grad.detach().clone() for p in params], os.path.join(folder, name))
+        return original(params, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+
+
+def gradient_gap(folder) -> float:
+    """max |g_one - g_two| / max |g_one| over the first step's gradients of the two runs."""
+    one = torch.load(os.path.join(folder, "grads_1_0.pt"))
+    two = torch.load(os.path.join(folder, "grads_2_0.pt"))
+    scale = max(g.abs().max().item() for g in one)
+    assert scale > 0
+    return max((a - b).abs().max().item() for a, b in zip(one, two)) / scale
+
+
+# The first step's gradients of 1 process x batch 4 and of 2 processes x batch 2 are the same sums of
+# the same per-sample terms in another order (DDP averages two half-batch means; convolutions run at
+# another batch size). Each layer's gradient entry sums n <= 4 * 16 * 64 = 4096 products (batch, 4x4
+# latent positions, 64 channels); rounding errors of such sums grow like sqrt(n) * eps = 64 eps, and
+# through ~10 layers of the tiny UNet (and TailorPO's 3 sampler steps) about 10x that: 1e3 * eps
+# (1.2e-4) of the largest gradient. A wrong normalisation or a repeated sample changes gradients by
+# tens of percent.
+GRADIENT_GAP = 1e3 * torch.finfo(torch.float32).eps
+
+
+def assert_updates_agree(one: dict, two: dict, start: dict):
+    """Adam's first steps are lr * m / (sqrt(v) + eps), nearly lr * sign(g): where |g| is at rounding
+    level the sign is a coin, and any CPU may flip a few weights by a whole step. What holds on every
+    CPU: the updates agree as vectors, ||u_one - u_two|| <= 5% of ||u_one|| (a flipped weight adds
+    2 lr to the gap; 5% allows flipping ~0.06% of the weights; a wrong gradient moves most)."""
+    update_one = torch.cat([(one[k] - start[k]).flatten() for k in one])
+    update_two = torch.cat([(two[k] - start[k]).flatten() for k in one])
+    assert update_one.norm() > 0
+    assert (update_one - update_two).norm() <= 0.05 * update_one.norm()
+
+
+def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(calibrated_sd_dir, pairs_dir,
+                                                                      tmp_path, monkeypatch):
+    common = [f"--model={calibrated_sd_dir}", "--method=dpo", f"--data={pairs_dir}", f"--resolution={SIZE}",
               "--lora_rank=0", "--max_steps=2", "--learning_rate=1e-4", "--beta=500"]
-    # one thread here (conftest) as in the workers: Adam's update of a near-zero gradient is sensitive to the
-    # rounding of the reduction order
+    record_first_gradients(monkeypatch, tmp_path)
     train.main(common + ["--batch_size=4", f"--out_dir={tmp_path / 'one'}"])
     run_two_processes(common + ["--batch_size=2", f"--out_dir={tmp_path / 'two'}"])
+    assert gradient_gap(tmp_path) <= GRADIENT_GAP
     one, two = checkpoint_weights(tmp_path / "one", 2), checkpoint_weights(tmp_path / "two", 2)
     start = {f"model.{k}": v for k, v in weights.load_unet(calibrated_sd_dir / "unet").state_dict().items()}
-    assert_same_weights(one, two, atol=1e-5)  # Adam moves each weight by up to 2e-4: equal to 5%
-    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4
-    for key in ("loss", "grad_norm"):  # the logged metrics are averaged over the ranks
-        assert [r[key] for r in metrics(tmp_path / "one")] == pytest.approx(
-            [r[key] for r in metrics(tmp_path / "two")], rel=1e-4)  # step 2: after the 1e-5 weight gap
+    assert_updates_agree(one, two, start)
+    first = [metrics(tmp_path / name)[0] for name in ("one", "two")]  # averaged over the ranks
+    assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=GRADIENT_GAP)
 
 
-def test_ddp_online_run_with_empty_pair_sets_neither_hangs_nor_diverges(calibrated_sd_dir, tmp_path):
-    """--tailorpo.min_reward_gap drops pairs; a rank left with none still joins every gradient all-reduce,
-    so 2 processes x 1 prompt equal 1 process x 2 prompts whichever pairs each rank kept."""
-    common = [f"--model={calibrated_sd_dir}", "--method=tailorpo", "--reward=brightness", "--max_steps=2",
-              "--tailorpo.num_steps=3", "--tailorpo.min_reward_gap=0.002", "--eval_every=0",
-              "--learning_rate=1e-2"]
-    train.main(common + ["--batch_size=2", f"--out_dir={tmp_path / 'one'}"])
-    run_two_processes(common + ["--batch_size=1", f"--out_dir={tmp_path / 'two'}"])
-    one, two = checkpoint_weights(tmp_path / "one", 2), checkpoint_weights(tmp_path / "two", 2)
-    assert_same_weights(one, two, atol=1e-5)
-    kept = [r["pairs_kept"] for r in metrics(tmp_path / "one")]
-    assert min(kept) < 1.0, kept  # some pairs were dropped (the case under test)
+def record_kept_pairs(monkeypatch, folder):
+    """Each process appends the number of pairs its loss kept at every call to folder/kept_<rank>."""
+    original = tailorpo.dpo_loss
+
+    def recording(*args, mask=None, **kwargs):
+        name = f"kept_{os.environ.get('WORLD_SIZE', '1')}_{os.environ.get('RANK', '0')}"
+        with open(os.path.join(folder, name), "a") as f:
+            f.write(f"{int(mask.sum().item()) if mask is not None else -1}\n")
+        return original(*args, mask=mask, **kwargs)
+    monkeypatch.setattr(tailorpo, "dpo_loss", recording)
+
+
+def test_ddp_online_run_with_unequal_kept_pairs_equals_one_process(calibrated_sd_dir, tmp_path,
+                                                                     monkeypatch):
+    """--tailorpo.min_reward_gap masks pairs; with ranks keeping different numbers of them, 2
+    processes x 2 prompts still equal 1 process x 4 prompts (the loss divides by a count that does
+    not depend on how the batch is split)."""
+    common = [f"--model={calibrated_sd_dir}", "--method=tailorpo", "--reward=brightness",
+              "--max_steps=1", "--tailorpo.num_steps=3", f"--tailorpo.min_reward_gap={ONLINE_GAP}",
+              "--eval_every=0", "--learning_rate=1e-2", "--lora_rank=2"]
+    record_first_gradients(monkeypatch, tmp_path)
+    record_kept_pairs(monkeypatch, tmp_path)
+    train.main(common + ["--batch_size=4", f"--out_dir={tmp_path / 'one'}"])
+    run_two_processes(common + ["--batch_size=2", f"--out_dir={tmp_path / 'two'}"])
+    kept = [int((tmp_path / f"kept_2_{rank}").read_text().split()[0]) for rank in (0, 1)]
+    assert kept[0] != kept[1] and max(kept) > 0, kept  # the case under test
+    assert gradient_gap(tmp_path) <= GRADIENT_GAP
+    one = {k: v for k, v in checkpoint_weights(tmp_path / "one", 1).items() if "lora_B" in k}
+    two = {k: v for k, v in checkpoint_weights(tmp_path / "two", 1).items() if "lora_B" in k}
+    assert_updates_agree(one, two, {k: torch.zeros_like(v) for k, v in one.items()})  # B starts at 0
 
 
 def test_online_method_logs_fresh_sample_rewards_and_the_relabel_count(calibrated_sd_dir, pairs_dir,
@@ -362,13 +429,72 @@ def test_final_report_uses_the_trained_reward_weights(calibrated_sd_dir, pairs_d
     assert "aesthetic" in report["rewards"]
 
 
-def test_config_flags_files_and_help(tmp_path, capsys):
-    cfg = train.parse_config(["--method", "sft", "--data=.", "--tailorpo.beta=10", "--ai-feedback",
+def test_final_report_samples_as_evaluate_py_on_non_empty_captions(calibrated_sd_dir, tmp_path,
+                                                                    monkeypatch):
+    """Diffusion-DPO's report on a real model: DDIM 50 steps, CFG 7.5, eta 0 (evaluate.py's
+    defaults, not TailorPO's 20 steps and CFG 5), and never the empty caption."""
+    folder = bright_dark_pairs(tmp_path / "pairs", 8, seed=3)
+    rows = (folder / "pairs.jsonl").read_text().splitlines()
+    rows[0] = json.dumps({**json.loads(rows[0]), "caption": ""})
+    (folder / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    calls = []
+    signature = inspect.signature(evaluate.compare)
+
+    def recording(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        calls.append(call.arguments)
+        raise Crash("report recorded")
+    monkeypatch.setattr(evaluate, "compare", recording)
+    with pytest.raises(Crash):
+        run(calibrated_sd_dir, folder, tmp_path / "out", "--max_steps=1", "--report_rewards=brightness")
+    sampling = {key: calls[0][key] for key in ("num_steps", "guidance", "eta")}
+    assert sampling == {"num_steps": 50, "guidance": 7.5, "eta": 0.0}
+    assert "" not in calls[0]["prompts"] and len(calls[0]["prompts"]) == 7
+
+
+@pytest.mark.parametrize("precision, tf32", [("no", False), ("bf16", True)])
+def test_tf32_only_under_mixed_precision(monkeypatch, precision, tf32):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not tf32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not tf32)
+    cfg = train.TrainConfig(device="cuda", mixed_precision=precision)
+    train.setup_device(cfg)
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+
+
+def test_a_redirected_run_writes_little_progress_and_lists_its_files(calibrated_sd_dir, pairs_dir,
+                                                                     tmp_path):
+    """stderr to a file: about 20 progress lines whatever the number of steps (issue 21: one run
+    wrote 178 KB); stdout ends with one line per file written, each of which exists."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    argv = [f"--model={calibrated_sd_dir}", "--method=dpo", f"--data={pairs_dir}",
+            f"--resolution={SIZE}", "--batch_size=1", "--lora_rank=2", "--max_steps=60",
+            "--save_every=60", "--learning_rate=1e-4", f"--out_dir={tmp_path / 'out'}"]
+    with open(tmp_path / "stderr", "w") as stderr:
+        result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, stderr=stderr,
+                                stdout=subprocess.PIPE, text=True)
+    assert result.returncode == 0
+    progress_log = (tmp_path / "stderr").read_text()
+    assert len(progress_log.encode()) < 20_000
+    assert len(re.split("[\r\n]+", progress_log.strip())) <= 25  # 60 steps, a line every ~5%
+    listed = result.stdout.split("files:\n")[1].splitlines()
+    paths = [line.split()[0] for line in listed]
+    assert all(os.path.exists(path) for path in paths), listed
+    names = {os.path.basename(path) for path in paths}
+    assert {"lora.safetensors", "metrics.jsonl", "loss.png", "ckpt_00000060.safetensors"} <= names
+    assert "wrote" not in result.stdout.split() and "data: prompts" not in result.stdout
+
+
+def test_config_flags_files_and_help(pairs_dir, tmp_path, capsys):
+    cfg = train.parse_config(["--method", "sft", f"--data={pairs_dir}", "--val_pairs=8", "--tailorpo.beta=10", "--ai-feedback",
                               "--reward=brightness", "--hflip=0"])
     assert (cfg.method, cfg.tailorpo.beta, cfg.ai_feedback, cfg.hflip) == ("sft", 10.0, True, False)
-    (tmp_path / "run.txt").write_text("# comment\n--method=sft --data=.  # trailing comment\n--beta=100\n")
+    (tmp_path / "run.txt").write_text(f"# comment\n--method=sft --data={pairs_dir}  # trailing comment"
+                                      "\n--beta=100 --val_pairs=8\n")
     cfg = train.parse_config([f"@{tmp_path / 'run.txt'}", "--beta=7"])  # the command line wins
-    assert (cfg.method, cfg.data, cfg.beta) == ("sft", ".", 7.0)
+    assert (cfg.method, cfg.data, cfg.beta) == ("sft", str(pairs_dir), 7.0)
     with pytest.raises(SystemExit):
         train.parse_config(["--help"])
     listed = capsys.readouterr().out
@@ -399,20 +525,130 @@ def test_bad_options_are_refused_before_any_model_is_built(argv):
         train.parse_config(list(argv))
 
 
-def test_bad_input_fails_in_seconds_from_the_command_line(tmp_path):
-    """A fresh folder has no toy cache, so a late check would pretrain for minutes first; a pickle that runs
-    code is refused in one line."""
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory) -> dict:
+    """Paths a user may give --data that hold no pairs."""
+    folder = tmp_path_factory.mktemp("bad_data")
+    (folder / "empty").mkdir()
+    (folder / "notes.txt").write_text("not pairs\n")
+    (folder / "fake.parquet").write_bytes(b"PAR1 this is not parquet")
+    return {name: folder / name for name in ("empty", "notes.txt", "fake.parquet")}
+
+
+@pytest.mark.parametrize("name", ["empty", "notes.txt", "fake.parquet"])
+def test_data_without_pairs_is_refused_in_one_line_naming_it(bad_data, name):
+    with pytest.raises(ConfigError) as refusal:
+        train.parse_config(["--method=dpo", f"--data={bad_data[name]}"])
+    assert name in str(refusal.value) and len(str(refusal.value).splitlines()) == 1
+
+
+def test_data_columns_naming_a_missing_column_is_refused_before_any_model(parquet_dir):
+    with pytest.raises(ConfigError, match="jpg_0"):  # the message lists the file's columns
+        train.parse_config(["--method=dpo", f"--data={parquet_dir}", "--data_columns=jpg_0=chosen"])
+
+
+BAD_DATA_OPTIONS = {  # options after --method=dpo --data=PAIRS --model=TINY_SD -> the error
+    ("--resolution=0",): "--resolution must be >= 1",
+    ("--resolution=24",): "--resolution=24: must be a multiple of 16",  # 8x VAE, UNet halves once
+    ("--val_pairs=64",): "--val_pairs=64: must be below the 64 usable pairs",
+    ("--device=cuda",): "--device=cuda: no CUDA device here",
+}
+
+
+@pytest.mark.parametrize("options", list(BAD_DATA_OPTIONS))
+def test_options_that_do_not_fit_the_data_or_the_model_are_refused(calibrated_sd_dir, pairs_dir,
+                                                                   monkeypatch, options):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["--method=dpo", f"--data={pairs_dir}", f"--model={calibrated_sd_dir}", *options]
+    with pytest.raises(ConfigError, match=re.escape(BAD_DATA_OPTIONS[options])):
+        train.parse_config(argv)
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("")
+    with pytest.raises(ConfigError, match="--out_dir=.* is a file"):
+        train.parse_config([f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_each_method_writes_to_its_own_default_folder():
+    """The README's two toy commands: `python train.py` and `python train.py --method=tailorpo`."""
+    dpo_run = train.parse_config([])
+    tailorpo_run = train.parse_config(["--method=tailorpo"])
+    assert dpo_run.out_dir == os.path.join("out", "dpo")
+    assert tailorpo_run.out_dir == os.path.join("out", "tailorpo")
+
+
+def test_a_failing_checkpoint_write_ends_in_one_line_and_resume_continues(calibrated_sd_dir, pairs_dir,
+                                                                          tmp_path, monkeypatch):
+    original, calls = checkpoint.save_file, []
+
+    def disk_full_on_third_write(tensors, path, metadata=None):  # ckpt_2, its UNet export, ckpt_4
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full_on_third_write)
+    with pytest.raises(SystemExit) as stop:
+        run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=4", "--save_every=2")
+    message = str(stop.value)
+    assert len(message.splitlines()) == 1 and "No space left on device" in message
+    assert "ckpt_00000002.safetensors" in message and message.endswith("--resume")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_00000002.safetensors", "metrics.jsonl", "unet"]
+    monkeypatch.setattr(checkpoint, "save_file", original)
+    run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=4", "--save_every=2", "--resume")
+    assert [row["step"] for row in metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_ends_in_one_line_naming_the_checkpoint_and_the_resume_command(calibrated_sd_dir,
+                                                                             pairs_dir, tmp_path,
+                                                                             monkeypatch):
+    original = dpo.dpo_train_step
+    calls = []
+
+    def interrupted_in_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+    monkeypatch.setattr(dpo, "dpo_train_step", interrupted_in_step_3)
+    with pytest.raises(SystemExit) as stop:
+        run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=4", "--save_every=2")
+    message = str(stop.value)
+    assert len(message.splitlines()) == 1 and "interrupted" in message
+    assert "ckpt_00000002.safetensors" in message and message.endswith("--resume")
+
+
+def test_validation_pairs_are_built_on_rank_0_only(calibrated_sd_dir, pairs_dir, tmp_path,
+                                                    monkeypatch):
+    original = data.PreferencePairs.batches
+
+    def recording(self, *args):
+        with open(tmp_path / "built", "a") as f:
+            f.write(os.environ.get("RANK", "0") + "\n")
+        return original(self, *args)
+    monkeypatch.setattr(data.PreferencePairs, "batches", recording)
+    run_two_processes([f"--model={calibrated_sd_dir}", "--method=dpo", f"--data={pairs_dir}",
+                       f"--resolution={SIZE}", "--lora_rank=0", "--batch_size=2", "--max_steps=1",
+                       "--val_pairs=4", "--eval_every=1", f"--out_dir={tmp_path / 'two'}"])
+    assert (tmp_path / "built").read_text().split() == ["0"]
+
+
+def test_bad_input_fails_before_any_model_from_the_command_line(pairs_dir, tmp_path):
+    """A fresh folder has no toy cache, so a late check would pretrain for minutes first (a .cache
+    folder would appear); a pickle that runs code is refused in one line."""
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
     torch.save({"state_dict": Evil()}, tmp_path / "evil.ckpt")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     for argv in (["--method=dpo", "--data=/nonexistent"], ["--tailorpo.log_prob_reduction=Mean"],
-                 ["--tailorpo.next_state=Random"], ["--tailorpo.eta=0"], ["--tailorpo.train_start_step=50"],
-                 ["--method=tailorpo", f"--model={tmp_path}"],
-                 [f"--model={tmp_path / 'evil.ckpt'}", "--data=."]):
-        started = time.time()
-        result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, capture_output=True, text=True)
-        assert result.returncode != 0 and time.time() - started < 10 and "Traceback" not in result.stderr
+                 ["--tailorpo.next_state=Random"], ["--tailorpo.eta=0"],
+                 ["--tailorpo.train_start_step=50"], ["--method=tailorpo", f"--model={tmp_path}"],
+                 [f"--model={tmp_path / 'evil.ckpt'}", f"--data={pairs_dir}"], ["--data=/tmp"],
+                 ["--resolution=0"]):
+        result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, capture_output=True,
+                                text=True)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("train.py: ") and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / ".cache").exists() and not (tmp_path / "pwned").exists()

@@ -1,6 +1,5 @@
 """The one training loop: Diffusion-DPO and SFT on preference pairs; TailorPO, TailorPO-G and the
-trajectory baseline online. It reads top to bottom like nanoGPT's: config -> models -> data -> loop
--> save.
+trajectory baseline online; it reads top to bottom: config -> models -> data -> loop -> save.
 
     python train.py                    # the toy world (toy.py) on a CPU; --method=tailorpo: online
     torchrun --nproc_per_node=8 train.py --method=dpo --model=PATH --data=PICKAPIC @flags.txt
@@ -16,11 +15,9 @@ Deviations from the official Diffusion-DPO train.py (SalesforceAIResearch/Diffus
 2. bf16 by default instead of fp16; the full fine-tune's reference is an fp32 copy under the
    policy's autocast (official: fp16), so step 0 gives loss = log 2 and implicit accuracy 0 exactly.
 3. Warmup counts optimizer steps and starts at lr/warmup_steps, not 0.
-4. Every random draw of a training sample is a pure function of (seed, its stream position): N
-   processes equal one with an N x batch, and a checkpoint (checkpoint.py) holds the number of
-   samples consumed, not RNG states, so a resume continues on any world size, batch or accumulation.
-5. The end-of-run report (base vs aligned on held-out seeds) samples as evaluate.py does (DDIM 50
-   steps, CFG 7.5; the toy world: its own settings) on the data's non-empty captions.
+4. Every draw of a training sample is a pure function of (seed, stream position): N processes
+   equal one with an N x batch; a checkpoint holds the samples consumed, not RNG states.
+5. The end-of-run report samples as evaluate.py does (DDIM 50 steps, CFG 7.5; the toy: its own).
 """
 
 import contextlib
@@ -30,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -40,7 +36,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import checkpoint
 import config
@@ -49,6 +44,7 @@ import dpo
 import evaluate
 import lora
 import plot
+import progress
 import rewards
 import tailorpo
 import toy
@@ -58,8 +54,11 @@ from tailorpo import TailorPOConfig
 
 METHODS = ("dpo", "sft") + tailorpo.METHODS
 PAIR_METHODS = ("dpo", "sft")
-LIVE_METRICS = ("loss", "implicit_accuracy", "val_implicit_accuracy", "eval_reward", "grad_norm")
+LIVE_METRICS = {"loss": "loss", "implicit_accuracy": "acc", "val_implicit_accuracy": "val_acc",
+                "eval_reward": "reward", "grad_norm": "grad"}  # the bar's short names
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+REWARD_CHOICES = ("", *rewards.REWARDS)
 ANIMALS = [f"a photo of a {name}" for name in
            "cat dog horse rabbit fox owl turtle lion panda duck".split()]
 REPORT_SEEDS = [1000, 1001, 1002, 1003]  # held-out seeds: training never samples them
@@ -67,70 +66,50 @@ REPORT_SEEDS = [1000, 1001, 1002, 1003]  # held-out seeds: training never sample
 
 @dataclass
 class TrainConfig:  # each field is a flag --name=value; its help text is the string beside it
-    method: str = opt("dpo", "dpo, sft (pairs) | tailorpo, tailorpo-g, trajectory (online)",
-                      choices=METHODS)
+    method: str = opt("dpo", "dpo, sft (pairs) | tailorpo, tailorpo-g, trajectory", choices=METHODS)
     model: str = opt("toy", "SD1.5 diffusers folder, .safetensors/.ckpt file, hub id, or toy")
-    lora_rank: int = opt(4, "LoRA rank on the attention projections (lora.py); 0 = full fine-tune",
-                         low=0)
+    lora_rank: int = opt(4, "LoRA rank on the attention projections; 0: full fine-tune", low=0)
     lora_alpha: float = opt(4.0, "the LoRA update is scaled by lora_alpha / lora_rank")
     data: str = opt("", "dpo/sft: a pairs.jsonl folder, or Pick-a-Pic parquet (file or folder)")
-    data_columns: str = opt("", "dpo/sft parquet: our fields as the file's columns, e.g. caption="
-                                "prompt,jpg_0=chosen,jpg_1=rejected (no label_0: jpg_0 wins)")
-    val_pairs: int = opt(0, "dpo/sft: pairs held out of training, scored every eval_every steps",
-                         low=0)
-    resolution: int = opt(512, "dpo/sft: images are resized and cropped to this many pixels", low=1)
+    data_columns: str = opt("", "parquet: FIELD=COLUMN,... e.g. caption=prompt,jpg_0=chosen")
+    val_pairs: int = opt(0, "dpo/sft: pairs held out of training, scored every eval_every", low=0)
+    resolution: int = opt(512, "dpo/sft: images are resized and cropped to this size", low=1)
     random_crop: bool = opt(False, "dpo/sft: random instead of center crop (official)")
     hflip: bool = opt(True, "dpo/sft: random horizontal flips (official default)")
-    prompt_dropout: float = opt(0.2, "dpo/sft: fraction of captions replaced by '' (official)",
-                                low=0, high=1)
-    prompts: str = opt("", "online: drawbench, parti, a .txt/.csv file (default: toy, or DDPO's "
-                           "animals)")
-    reward: str = opt("", "the online reward and the --ai_feedback ranker",
-                      choices=("", *rewards.REWARDS))
-    reward_paths: str = opt("", "weight files of the reward as KEY=FILE[,KEY=FILE], e.g. "
-                                "mlp_path=aes.pth")
-    report_rewards: str = opt("", "rewards of the final base-vs-aligned report, A,B (default: "
-                                  "--reward)")
-    ai_feedback: bool = opt(False, "dpo/sft: re-rank every pair with --reward, ignoring the label")
-    beta: float = opt(5000.0, "Diffusion-DPO beta, mean-MSE convention of the official code", low=0)
-    learning_rate: float = opt(1e-4, "peak AdamW LR (official SD1.5 full FT: 2.048e-5, 2048 pairs)",
-                               low=0)
+    prompt_dropout: float = opt(0.2, "dpo/sft: share of captions made ''", low=0, high=1)
+    prompts: str = opt("", "online: drawbench, parti, a .txt/.csv (default: toy or animals)")
+    reward: str = opt("", "the online reward and --ai_feedback ranker", choices=REWARD_CHOICES)
+    reward_paths: str = opt("", "the reward's weight files, KEY=FILE[,KEY=FILE]")
+    report_rewards: str = opt("", "rewards of the final report, A,B (default: --reward)")
+    ai_feedback: bool = opt(False, "dpo/sft: re-rank every pair with --reward, not the label")
+    beta: float = opt(5000.0, "Diffusion-DPO beta, the official code's mean-MSE convention", low=0)
+    learning_rate: float = opt(1e-4, "peak AdamW LR (official SD1.5 full FT: 2.048e-5)", low=0)
     warmup_steps: int = opt(0, "linear warmup, then constant (official SD1.5: 500)", low=0)
     max_steps: int = opt(200, "optimizer steps (official: 2000)", low=1)
-    batch_size: int = opt(4, "pairs (dpo/sft) or prompts (online) per micro-batch per process",
-                          low=1)
-    grad_accum: int = opt(1, "micro-batches per optimizer step (batch_size*grad_accum*processes)",
-                          low=1)
+    batch_size: int = opt(4, "pairs or prompts per micro-batch per process", low=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", low=1)
     grad_clip: float = opt(1.0, "max global gradient norm (official 1.0)")
     weight_decay: float = opt(1e-2, "AdamW weight decay (official 1e-2)")
-    mixed_precision: str = opt("auto", "auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16 (loss "
-                                       "scaling)", choices=("auto", *PRECISIONS))
-    gradient_checkpointing: bool = opt(False, "recompute UNet blocks in backward: less memory, "
-                                              "about 25 percent slower")
-    out_dir: str = opt("", "checkpoints, exports, metrics.jsonl, plots, the report (default: "
-                           "out/METHOD)")
-    save_every: int = opt(100, "steps between checkpoints and weight exports (and the last)", low=1)
-    keep_checkpoints: int = opt(2, "keep the newest N checkpoints, delete older ones", low=1)
-    eval_every: int = opt(50, "steps between validation (dpo/sft) or fresh-sample rewards (0: no)",
-                          low=0)
-    eval_prompts: int = opt(16, "online: the first N prompts, fixed seeds, for the fresh-sample "
-                                "reward")
+    mixed_precision: str = opt("auto", "auto: bf16 on CUDA, no on CPU", choices=PRECISION_CHOICES)
+    gradient_checkpointing: bool = opt(False, "recompute UNet blocks: less memory, ~25% slower")
+    out_dir: str = opt("", "checkpoints, exports, metrics, plots, report (default: out/METHOD)")
+    save_every: int = opt(100, "steps between checkpoints and exports (and the last)", low=1)
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints", low=1)
+    eval_every: int = opt(50, "steps between validations or fresh-sample rewards; 0: none", low=0)
+    eval_prompts: int = opt(16, "online: the first N prompts, fixed seeds, for eval_reward")
     resume: bool = opt(False, "continue from the latest checkpoint in out_dir (fresh if none)")
     seed: int = opt(0, "every random draw derives from it and the sample's stream position")
-    device: str = opt("auto", "auto = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu")
-    num_workers: int = opt(0, "dpo/sft: DataLoader processes decoding images (resume stays exact)",
-                           low=0)
+    device: str = opt("auto", "auto: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    num_workers: int = opt(0, "dpo/sft: DataLoader processes decoding images", low=0)
     tailorpo: TailorPOConfig = field(default_factory=TailorPOConfig)  # online: --tailorpo.KEY
 
 
-def toy_world(model: str) -> toy.World | None:
-    """The toy world when --model selects it (the one place train.py asks), else None."""
+def toy_world(model: str) -> toy.World | None:  # the one place train.py asks about the toy
     return toy.world() if model == toy.MODEL else None
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
-    """TrainConfig from the flags; with --model=toy, the toy world's defaults replace the dataclass
-    defaults. Every option and path is checked here, before any model is built or pretrained."""
+    """TrainConfig from the flags (--model=toy: the toy world's defaults), checked by validate."""
     def toy_defaults(given: dict) -> dict:
         world = toy_world(given.get("model", TrainConfig.model))
         return world.defaults[given.get("method", TrainConfig.method)] if world else {}
@@ -143,15 +122,12 @@ def parse_config(argv: list[str]) -> TrainConfig:
 
 
 def resolution_multiple(model: str) -> int:
-    """What --resolution must be a multiple of, read from the config files without building the
-    model: the VAE's downsampling times 2 for every halving in the UNet (SD1.5: 8 x 2^3 = 64)."""
-    unet_file = Path(model) / "unet" / "config.json"
-    vae_file = Path(model) / "vae" / "config.json"
-    if not (unet_file.is_file() and vae_file.is_file()):
+    """The VAE's downsampling x 2 per UNet halving (SD1.5: 8 x 2^3 = 64), from the config files."""
+    files = [Path(model) / part / "config.json" for part in ("vae", "unet")]
+    if not all(file.is_file() for file in files):
         return 64  # a single SD1.5 file or a hub id
-    unet_levels = len(json.loads(unet_file.read_text())["block_out_channels"])
-    vae_levels = len(json.loads(vae_file.read_text())["block_out_channels"])
-    return 2 ** (vae_levels - 1) * 2 ** (unet_levels - 1)
+    levels = [len(json.loads(file.read_text())["block_out_channels"]) for file in files]
+    return 2 ** (levels[0] - 1) * 2 ** (levels[1] - 1)
 
 
 def validate(cfg: TrainConfig, world):
@@ -164,8 +140,7 @@ def validate(cfg: TrainConfig, world):
     online = cfg.method in tailorpo.METHODS
     names = ", ".join(rewards.REWARDS)
     need(pairs or not (cfg.ai_feedback or cfg.val_pairs or cfg.data or cfg.data_columns),
-         f"--ai_feedback, --val_pairs, --data and --data_columns are for --method=dpo or sft, "
-         f"not {cfg.method}")
+         f"--ai_feedback, --val_pairs, --data, --data_columns are for dpo or sft, not {cfg.method}")
     need(not pairs or cfg.data or world, f"--method={cfg.method} needs --data=FOLDER_OR_PARQUET")
     need(not cfg.data or os.path.exists(cfg.data), f"--data={cfg.data}: no such file or folder")
     need(not cfg.prompts or cfg.prompts in evaluate.PROMPT_SETS or os.path.isfile(cfg.prompts),
@@ -177,21 +152,17 @@ def validate(cfg: TrainConfig, world):
     for name in filter(None, cfg.report_rewards.split(",")):
         need(name in rewards.REWARDS, f"--report_rewards: unknown reward {name!r}; one of {names}")
     for item in filter(None, cfg.reward_paths.split(",")):
-        need(os.path.exists(item.partition("=")[2]),
-             f"--reward_paths: {item!r} is not KEY=EXISTING_FILE")
+        need(os.path.exists(item.partition("=")[2]), f"--reward_paths: {item!r} is not KEY=FILE")
     need(not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir} is a file; give a folder")
     need(not cfg.device.startswith("cuda") or torch.cuda.is_available(),
-         f"--device={cfg.device}: this machine (or this torch build) has no CUDA device; use "
-         "--device=cpu or auto")
-    if pairs and not world:
-        multiple = resolution_multiple(cfg.model)
-        need(cfg.resolution % multiple == 0, f"--resolution={cfg.resolution}: must be a multiple "
-             f"of {multiple} for {cfg.model} (its VAE and UNet halve the image that often)")
+         f"--device={cfg.device}: no CUDA device here (or in this torch build); use cpu or auto")
+    multiple = 1 if world or not pairs else resolution_multiple(cfg.model)
+    need(cfg.resolution % multiple == 0, f"--resolution={cfg.resolution}: must be a multiple of "
+         f"{multiple} for {cfg.model} (its VAE and UNet halve the image that often)")
     if cfg.data:
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
         try:
             columns = data.parse_columns(cfg.data_columns)
-            count = data.check_data(cfg.data, columns, world_size)
+            count = data.check_data(cfg.data, columns, int(os.environ.get("WORLD_SIZE", 1)))
         except data.DataError as error:
             raise config.ConfigError(str(error)) from None
         need(cfg.val_pairs < count, f"--val_pairs={cfg.val_pairs}: must be below the {count} "
@@ -207,10 +178,7 @@ class Precision(torch.nn.Module):
         self.unet = unet
         self.dtype = dtype
         self.device_type = next(unet.parameters()).device.type
-
-    @property
-    def config(self):  # the UNet's architecture, which the samplers read
-        return getattr(self.unet, "module", self.unet).config
+        self.config = getattr(unet, "module", unet).config  # the architecture the samplers read
 
     @property
     def conv_in(self) -> torch.nn.Conv2d:  # where the samplers read the device and dtype
@@ -231,13 +199,9 @@ class ReferenceModel(Precision):
 
 
 def build_models(cfg, world, device, dtype):
-    """(sd, trainable params, reference): sd.unet is the policy with fp32 trainable weights; frozen
-    weights in `dtype`."""
+    """(sd, trainable params, reference): sd.unet, the policy, trains fp32 weights."""
     torch.manual_seed(cfg.seed)  # the LoRA initialisation: the same on every rank
-    if world:
-        sd = world.load_model(device)
-    else:
-        sd = weights.load_stable_diffusion(cfg.model, device)
+    sd = world.load_model(device) if world else weights.load_stable_diffusion(cfg.model, device)
     sd.vae.requires_grad_(False).eval().to(dtype)
     sd.text_encoder.requires_grad_(False).eval().to(dtype)
     unet = sd.unet
@@ -257,56 +221,32 @@ def load_data(cfg, world, rank: int, world_size: int, start_sample: int):
     alone scores them); this rank's endless training batches from stream position start_sample."""
     if cfg.method in PAIR_METHODS:
         folder = cfg.data or world.pairs_folder()
+        columns = data.parse_columns(cfg.data_columns)
         pairs = data.PreferencePairs(folder, cfg.resolution, cfg.random_crop, cfg.hflip,
-                                     cfg.prompt_dropout, cfg.seed,
-                                     columns=data.parse_columns(cfg.data_columns))
-        val = None
-        if cfg.val_pairs:
-            pairs, val = pairs.split_validation(cfg.val_pairs)
+                                     cfg.prompt_dropout, cfg.seed, columns=columns)
+        pairs, val = pairs.split_validation(cfg.val_pairs) if cfg.val_pairs else (pairs, None)
         val_batches = val.batches(cfg.batch_size) if val is not None and rank == 0 else []
         batches = data.PairBatches(pairs, cfg.batch_size, start_sample, rank, world_size,
                                    cfg.num_workers)
         return pairs, val_batches, iter(batches)
-    if cfg.prompts:
-        prompts = evaluate.read_prompts(cfg.prompts).prompts
-    else:
-        prompts = list(world.prompts) if world else ANIMALS
+    default = list(world.prompts) if world else ANIMALS
+    prompts = evaluate.read_prompts(cfg.prompts).prompts if cfg.prompts else default
     batches = prompt_batches(prompts, cfg.batch_size, rank, world_size, cfg.seed, start_sample)
     return prompts, [], batches
-
-
-def data_identity(cfg, items, world_size: int) -> dict:
-    """What defines the order of the training stream, stored in every checkpoint."""
-    if cfg.method in PAIR_METHODS:
-        return items.identity(world_size)
-    return {"prompts": cfg.prompts or "default", "count": len(items), "seed": cfg.seed}
-
-
-def resume_problem(cfg, items, saved_identity: dict, world_size: int) -> str | None:
-    """Why this run cannot continue the checkpoint's data stream, in one line; None if it can."""
-    if cfg.method in PAIR_METHODS:
-        return data.resume_problem(saved_identity, items, world_size)
-    identity = data_identity(cfg, items, world_size)
-    if identity != saved_identity:
-        return f"the checkpoint trained on prompts {saved_identity}, this run on {identity}"
-    return None
 
 
 def prompt_batches(prompts: list[str], batch_size: int, rank: int, world_size: int, seed: int,
                    start_sample: int):
     """Endless {"prompts", "positions"} like data.PairBatches: position p holds
     prompts[order(p // N)[p % N]], order(e) a permutation drawn from seed + e."""
-    orders = {}
-
-    def order(epoch: int) -> torch.Tensor:
-        if epoch not in orders:
-            generator = torch.Generator().manual_seed(seed + epoch)
-            orders[epoch] = torch.randperm(len(prompts), generator=generator)
-        return orders[epoch]
-
+    count = len(prompts)
+    orders = {}  # epoch -> its permutation of the prompts
     for step in itertools.count():
         positions = data.batch_positions(step, batch_size, rank, world_size, start_sample)
-        chosen = [prompts[order(p // len(prompts))[p % len(prompts)]] for p in positions]
+        for epoch in {p // count for p in positions} - orders.keys():
+            generator = torch.Generator().manual_seed(seed + epoch)
+            orders[epoch] = torch.randperm(count, generator=generator)
+        chosen = [prompts[orders[p // count][p % count]] for p in positions]
         yield {"prompts": chosen, "positions": positions}
 
 
@@ -327,8 +267,7 @@ def method_step(cfg, sd, reference_unet, batch, reward_fn):
 
 
 def to_floats(metrics: dict, world_size: int) -> dict[str, float]:
-    """{name: float} averaged over the ranks: stacked and all-reduced where the tensors are (NCCL
-    reduces CUDA tensors only), then ONE device-to-host copy for all metrics."""
+    """{name: float} averaged over ranks: one all-reduce on the device (NCCL), ONE host copy."""
     device = next(v.device for v in metrics.values() if torch.is_tensor(v))
     values = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(())
                           for v in metrics.values()])
@@ -339,8 +278,7 @@ def to_floats(metrics: dict, world_size: int) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluation(cfg, sd, reference, items, val_batches, reward_fn) -> dict:
-    """dpo/sft: held-out pairs' mean metrics (fixed draws); online: mean reward of fixed-seed
-    samples."""
+    """dpo/sft: held-out pairs' mean metrics (fixed draws); online: fixed-seed samples' reward."""
     if val_batches:
         rows = [to_floats(method_step(cfg, sd, reference, batch, reward_fn)[1], 1)
                 for batch in val_batches]
@@ -373,33 +311,16 @@ def final_report(cfg, world, aligned_sd, base_sd, items, reward_fns) -> str:
 
 
 def files_written(cfg, plots: list[str], report_folder: str | None) -> list[str]:
-    """One line per file the run leaves for its user: what it is and where."""
-    out = cfg.out_dir
-    lines = [f"  {checkpoint.latest(out)}  the last checkpoint (--resume continues from it)"]
-    if cfg.lora_rank > 0:
-        lines.append(f"  {os.path.join(out, 'lora.safetensors')}  the LoRA (diffusers "
-                     "load_lora_weights, evaluate.py --lora)")
-    else:
-        lines.append(f"  {os.path.join(out, 'unet')}  the diffusers UNet (evaluate.py --unet)")
-    lines.append(f"  {os.path.join(out, 'metrics.jsonl')}  one JSON row per step (plot.py)")
-    lines += [f"  {path}  plot" for path in plots]
+    """One line per file the run leaves for its user: where it is and what it is."""
+    files = {checkpoint.latest(cfg.out_dir): "the last checkpoint (--resume continues from it)",
+             os.path.join(cfg.out_dir, "lora.safetensors" if cfg.lora_rank else "unet"):
+             "the trained weights (evaluate.py --lora, or --unet for a full fine-tune)",
+             os.path.join(cfg.out_dir, "metrics.jsonl"): "a JSON row per step (plot.py redraws)",
+             **{path: "a plot of the metrics" for path in plots}}
     if report_folder:
-        lines.append(f"  {os.path.join(report_folder, 'grid.png')}  base | aligned, same seeds")
-        lines.append(f"  {os.path.join(report_folder, 'report.md')}  the report above")
-    return lines
-
-
-def resume_command(argv: list[str]) -> str:
-    """The command line that continues this run."""
-    flags = [arg for arg in argv if arg != "--resume"]
-    return shlex.join(["python", "train.py", *flags, "--resume"])
-
-
-def stop_line(cfg, argv: list[str], what: str) -> str:
-    """The one line a run ends with when it cannot go on: what happened, the last good checkpoint,
-    the command that continues from it."""
-    last = checkpoint.latest(cfg.out_dir) or "none (a rerun starts from step 0)"
-    return f"train.py: {what}; the last good checkpoint is {last}; continue: {resume_command(argv)}"
+        files[os.path.join(report_folder, "grid.png")] = "base | aligned on the same seeds"
+        files[os.path.join(report_folder, "report.md")] = "the report above"
+    return [f"  {path}  {what}" for path, what in files.items()]
 
 
 def setup_device(cfg) -> tuple[torch.device, torch.dtype]:
@@ -446,15 +367,10 @@ def main(argv: list[str] | None = None):
 
     # data: pairs or prompts, from the checkpoint's stream position on
     items, val_batches, batches = load_data(cfg, world, rank, world_size, start_sample)
-    identity = data_identity(cfg, items, world_size)
+    identity = checkpoint.data_identity(cfg, items, world_size)
     if resumed:
-        problem = resume_problem(cfg, items, json.loads(resumed["data_identity"]), world_size)
-        if problem:
-            raise checkpoint.CheckpointMismatch(f"--resume: {resumed['path']}: {problem}")
-        checkpoint.restore(resumed["path"], sd.unet, optimizer, scaler)
-        if rank == 0:
-            print(f"resuming from {resumed['path']} (step {start})", file=sys.stderr)
-    samples_per_step = world_size * cfg.batch_size * cfg.grad_accum
+        checkpoint.restore(resumed, cfg, items, world_size, sd.unet, optimizer, scaler, rank == 0)
+    samples_per_step = world_size * cfg.batch_size * cfg.grad_accum  # global: summed over ranks
     log = checkpoint.open_log(cfg.out_dir, start) if rank == 0 else None
     has_evaluation = bool(val_batches) or cfg.method in tailorpo.METHODS
     evaluates = rank == 0 and cfg.eval_every > 0 and has_evaluation
@@ -462,7 +378,8 @@ def main(argv: list[str] | None = None):
         row = evaluation(cfg, eval_sd, reference, items, val_batches, reward_fn)
         log.write(json.dumps({"step": start, **row}) + "\n")
 
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=rank != 0)
+    bar = progress.bar(range(start, cfg.max_steps), desc=f"train {cfg.method}", total=cfg.max_steps,
+                       unit="step", disable=rank != 0, initial=start)
     try:
         for step in bar:
             started = time.time()
@@ -484,10 +401,9 @@ def main(argv: list[str] | None = None):
             diverged = not math.isfinite(row["loss"])
             overflow = not math.isfinite(row["grad_norm"])  # fp16 loss scaling skips such a step
             if diverged or (overflow and dtype != torch.float16):
-                last = checkpoint.latest(cfg.out_dir)
-                raise SystemExit(f"step {step + 1}: loss {row['loss']}, gradient norm "
-                                 f"{row['grad_norm']}: no update. The last good checkpoint is "
-                                 f"{last}: lower --learning_rate, --resume.")
+                what = (f"step {step + 1}: loss {row['loss']}, gradient norm {row['grad_norm']}: "
+                        "no update (lower --learning_rate)")
+                raise SystemExit(checkpoint.stop_line(cfg.out_dir, argv, what))
             scaler.step(optimizer)  # skipped by fp16 loss scaling when the gradients overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -499,15 +415,17 @@ def main(argv: list[str] | None = None):
                 except OSError as error:
                     reason = " ".join(str(error).split())
                     what = f"writing the step-{done} checkpoint failed ({reason})"
-                    raise SystemExit(stop_line(cfg, argv, what)) from None
+                    raise SystemExit(checkpoint.stop_line(cfg.out_dir, argv, what)) from None
             if evaluates and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 row.update(evaluation(cfg, eval_sd, reference, items, val_batches, reward_fn))
             if log:
                 log.write(json.dumps({**row, "seconds": time.time() - started}) + "\n")
                 log.flush()
-                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in LIVE_METRICS})
+                bar.set_postfix({LIVE_METRICS[k]: f"{v:.3g}" for k, v in row.items()
+                                 if k in LIVE_METRICS})
     except KeyboardInterrupt:
-        raise SystemExit(stop_line(cfg, argv, "interrupted") if rank == 0 else 130) from None
+        message = checkpoint.stop_line(cfg.out_dir, argv, "interrupted") if rank == 0 else 130
+        raise SystemExit(message) from None
 
     # save: plots, data counts and the base-vs-aligned report (rank 0)
     if log:
