@@ -74,7 +74,8 @@ def test_sd15_golden_sigma_eta1():
 
 
 def test_schedule_matches_diffusers():
-    schedule, reference = NoiseSchedule.sd15(), diffusers_ddim()
+    schedule = NoiseSchedule.sd15()
+    reference = diffusers_ddim()
     assert (schedule.alphas_cumprod - reference.alphas_cumprod.double()).abs().max() <= 1e-6
     assert (
         schedule.betas - reference.betas.double()

@@ -17,7 +17,8 @@ from testkit import make_tiny_sd
 
 
 def test_policy_equal_to_reference_gives_log2_and_documented_accuracy():
-    err_w, err_l = torch.rand(6), torch.rand(6)
+    err_w = torch.rand(6)
+    err_l = torch.rand(6)
     log_ratio_w = dpo.diffusion_log_ratio(err_w, err_w.clone())  # policy error == reference error
     log_ratio_l = dpo.diffusion_log_ratio(err_l, err_l.clone())
     loss, metrics = dpo.dpo_loss(log_ratio_w, log_ratio_l, beta=5000.0)
@@ -32,8 +33,10 @@ def test_hand_computed_value():
     # pair 1: the policy beats the reference on the winner -> logits*beta = -0.5*100*((0.10-0.12) -
     # 0) = +1 pair 2: the reference prefers the winner, the policy does not -> -0.5*100*(0 + 0.02) =
     # -1
-    model_w, model_l = torch.tensor([0.10, 0.20]), torch.tensor([0.12, 0.20])
-    ref_w, ref_l = torch.tensor([0.11, 0.19]), torch.tensor([0.11, 0.21])
+    model_w = torch.tensor([0.10, 0.20])
+    model_l = torch.tensor([0.12, 0.20])
+    ref_w = torch.tensor([0.11, 0.19])
+    ref_l = torch.tensor([0.11, 0.21])
     log_ratio_w = dpo.diffusion_log_ratio(model_w, ref_w)
     log_ratio_l = dpo.diffusion_log_ratio(model_l, ref_l)
     beta_logits = 100.0 * (log_ratio_w - log_ratio_l)
@@ -52,8 +55,10 @@ def test_dpo_loss_metric_names():
 
 
 def test_gradient_lowers_winner_error_and_raises_loser_error():
-    model_w, model_l = torch.rand(4, requires_grad=True), torch.rand(4, requires_grad=True)
-    ref_w, ref_l = torch.rand(4), torch.rand(4)
+    model_w = torch.rand(4, requires_grad=True)
+    model_l = torch.rand(4, requires_grad=True)
+    ref_w = torch.rand(4)
+    ref_l = torch.rand(4)
     log_ratio_w = dpo.diffusion_log_ratio(model_w, ref_w)
     log_ratio_l = dpo.diffusion_log_ratio(model_l, ref_l)
     loss, _ = dpo.dpo_loss(log_ratio_w, log_ratio_l, 10.0)
@@ -78,7 +83,8 @@ def test_equals_direct_transcription_of_paper_eq14():
         eps + 0.1 * torch.randn(shape, generator=g)  # near-perfect denoisers
         for eps in (eps_w, eps_l, eps_w, eps_l)
     )
-    beta_code, T = 5000.0, 1000
+    beta_code = 5000.0
+    T = 1000
     beta_paper = 2000.0
     omega = 0.5 * beta_code / (D * T * beta_paper)  # a constant weighting omega(lambda_t)
 
@@ -151,7 +157,8 @@ def test_nothing_kept_gives_0_with_a_graph():
 
 
 def test_per_sample_mse():
-    eps_pred, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    eps_pred = torch.randn(3, 4, 2, 2)
+    noise = torch.randn(3, 4, 2, 2)
     expected = torch.stack([((eps_pred[i] - noise[i]) ** 2).mean() for i in range(3)])
     torch.testing.assert_close(dpo.per_sample_mse(eps_pred, noise), expected)
 
@@ -328,7 +335,8 @@ def test_latents_noise_and_x_t_are_float32_under_bf16_autocast():
     sd = make_tiny_sd()
     sd.vae.to(torch.bfloat16)
     sd.text_encoder.to(torch.bfloat16)
-    seen, add_noise = {}, sd.schedule.add_noise
+    seen = {}
+    add_noise = sd.schedule.add_noise
 
     def recording_add_noise(x0, noise, t):
         seen.update(x0=x0, noise=noise, x_t=add_noise(x0, noise, t))

@@ -51,9 +51,11 @@ def test_fused_loop_equals_plain_ddim_loop(eta):
     )
     assert calls == [4] * 10  # ONE UNet call per step on [uncond; cond]
 
-    generator, x_t = torch.Generator().manual_seed(1), latents
+    generator = torch.Generator().manual_seed(1)
+    x_t = latents
     for i, t in enumerate(schedule.ddim_timesteps(10)):
-        eps_uncond, eps_cond = fake_unet(x_t, t, uncond), fake_unet(x_t, t, cond)
+        eps_uncond = fake_unet(x_t, t, uncond)
+        eps_cond = fake_unet(x_t, t, cond)
         eps_pred = eps_uncond + guidance * (eps_cond - eps_uncond)
         assert torch.allclose(
             guided_eps(fake_unet, x_t, t, cond, uncond, guidance), eps_pred, atol=1e-6
@@ -134,7 +136,8 @@ def diffusers_pipe(tiny_sd_dir):
 
 @pytest.mark.parametrize("negative_prompt", [None, "blurry, low quality"])
 def test_images_equal_diffusers(tiny_sd, diffusers_pipe, negative_prompt):
-    prompts, final = ["a red circle on a blue background"] * 2, {}
+    prompts = ["a red circle on a blue background"] * 2
+    final = {}
 
     def keep_latents(pipe, step, t, tensors):
         final["latents"] = tensors["latents"]  # after the last step: x_0
@@ -314,10 +317,12 @@ def test_cli_bad_lora_file_is_one_line_and_runs_no_code(tiny_sd_dir, tmp_path, k
     from test_rewards import RunsCode, write_bad_file
 
     if kind == "not_a_lora":
-        path, reason = tmp_path / "unet.safetensors", "not a LoRA file"
+        path = tmp_path / "unet.safetensors"
+        reason = "not a LoRA file"
         save_file({"conv_in.weight": torch.zeros(2, 2)}, path)
     elif kind == "pickle_with_code":  # torch.save of an object whose __reduce__ runs os.system
-        path, reason = tmp_path / "evil.pt", "refused: this pickle would run code"
+        path = tmp_path / "evil.pt"
+        reason = "refused: this pickle would run code"
         torch.save({"unet.x.lora_A.weight": RunsCode(tmp_path / "pwned")}, path)
     else:
         path, reason = write_bad_file(tmp_path, kind)

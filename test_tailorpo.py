@@ -27,7 +27,8 @@ LATENT = 4  # 4x4 latents -> 32x32 images through the tiny VAE: the rollouts sta
 def rollout(sd, cfg, reward, batch=BATCH, seed=0, method="tailorpo"):
     """(pairs, metrics) of one rollout of `method` on `batch`."""
     with torch.no_grad():
-        cond, uncond = sd.encode_prompts(batch["prompts"]), sd.encode_prompts([""])
+        cond = sd.encode_prompts(batch["prompts"])
+        uncond = sd.encode_prompts([""])
     run = tailorpo.Rollout(sd, reward, batch, cond, uncond, cfg, seed)
     if method == "trajectory":
         return tailorpo.rollout_trajectory(run)
@@ -79,13 +80,15 @@ def test_shared_mean_identity_equals_the_four_log_prob_logit(reduction):
 
 def test_identity_through_eps_with_c_t():
     """mu_theta - mu_ref = c_t (eps_theta - eps_ref) for the DDIM eta=1 step."""
-    schedule, num_steps = NoiseSchedule.sd15(), 20
+    schedule = NoiseSchedule.sd15()
+    num_steps = 20
     t = schedule.ddim_timesteps(num_steps)[[0, 10, 19]]  # 951, 451, 1
     g = torch.Generator().manual_seed(1)
     x_t, eps_theta, eps_ref, x_w, x_l = torch.randn(5, 3, 4, 2, 2, generator=g, dtype=torch.float64)
     _, mean_theta, sigma_t, _ = schedule.ddim_step(eps_theta, t, x_t, num_steps, eta=1.0)
     mean_ref = schedule.ddim_step(eps_ref, t, x_t, num_steps, eta=1.0).mean
-    alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(t - 50)
+    alpha_bar_t = schedule.alpha_bar(t)
+    alpha_bar_prev = schedule.alpha_bar(t - 50)
     c_t = (1 - alpha_bar_prev - sigma_t.flatten() ** 2).sqrt() - (
         alpha_bar_prev / alpha_bar_t
     ).sqrt() * (1 - alpha_bar_t).sqrt()
@@ -179,7 +182,8 @@ def test_step_reward_scores_the_decoded_tweedie_estimate():
     """step_reward(x, eps_pred, t) = r(decode(x0_pred)), x0_pred = (x - sqrt(1 - alpha_bar_t)
     eps_pred) / sqrt(alpha_bar_t) (DDIM Eq. 9), written here from the schedule's alpha_bar_t
     table."""
-    sd, reward = make_tiny_sd(), get_reward("brightness")
+    sd = make_tiny_sd()
+    reward = get_reward("brightness")
     x, eps_pred = torch.randn(2, 3, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(5))
     t = 451
     alpha_bar_t = sd.schedule.alphas_cumprod[t].item()
@@ -193,7 +197,8 @@ def test_step_reward_scores_the_decoded_tweedie_estimate():
 
 
 def test_step_reward_after_the_final_step_scores_the_sample_itself():
-    sd, reward = make_tiny_sd(), get_reward("brightness")
+    sd = make_tiny_sd()
+    reward = get_reward("brightness")
     x = torch.randn(3, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = reward(sd.decode_latents(x), PROMPTS[:3])
@@ -259,11 +264,15 @@ def test_gradient_direction_follows_the_step_wise_reward():
     with torch.no_grad():
         for p in sd.unet.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    reward, schedule, num_steps, pairs = get_reward("brightness"), sd.schedule, 5, 64
+    reward = get_reward("brightness")
+    schedule = sd.schedule
+    num_steps = 5
+    pairs = 64
     t = int(schedule.ddim_timesteps(num_steps)[2])
     t_prev = schedule.prev_timestep(t, num_steps)
     with torch.no_grad():
-        cond, uncond = sd.encode_prompts(["a cat"]).expand(pairs, -1, -1), sd.encode_prompts([""])
+        cond = sd.encode_prompts(["a cat"]).expand(pairs, -1, -1)
+        uncond = sd.encode_prompts([""])
     generator = torch.Generator().manual_seed(0)
     x_t = torch.randn(1, 4, LATENT, LATENT, generator=generator).expand(pairs, -1, -1, -1)
 
@@ -286,7 +295,8 @@ def test_gradient_direction_follows_the_step_wise_reward():
             2, *mean.shape, generator=torch.Generator().manual_seed(1)
         )
         first_wins = (step_wise(x_0) >= step_wise(x_1)).view(-1, 1, 1, 1)
-        x_w, x_l = torch.where(first_wins, x_0, x_1), torch.where(first_wins, x_1, x_0)
+        x_w = torch.where(first_wins, x_0, x_1)
+        x_l = torch.where(first_wins, x_1, x_0)
     params = list(sd.unet.parameters())
     reward_grad = torch.autograd.grad(step_wise(mean_theta()[0][:1]).sum(), params)
 
@@ -313,11 +323,13 @@ def test_gradient_direction_follows_the_step_wise_reward():
 def test_reward_guidance_widens_the_gap(final_step):
     """TailorPO-G: x^+ scores higher than x^w, and the gain grows with the step size (first order:
     step sigma_t ||g||, linear for small steps). At the final step the sample itself is scored."""
-    sd, reward = make_tiny_sd(), get_reward("saturation")
+    sd = make_tiny_sd()
+    reward = get_reward("saturation")
     t_prev = -1 if final_step else int(sd.schedule.ddim_timesteps(5)[1])
     x_w = torch.randn(6, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        cond, uncond = sd.encode_prompts(PROMPTS[:2] * 3), sd.encode_prompts([""])
+        cond = sd.encode_prompts(PROMPTS[:2] * 3)
+        uncond = sd.encode_prompts([""])
         # Held fixed
         eps_w = None if final_step else guided_eps(sd.unet, x_w, t_prev, cond, uncond, 5.0)
     reward_of_x = partial(
@@ -348,9 +360,11 @@ def test_unet_calls_per_trained_step_are_the_floor(method):
     reference = copy.deepcopy(sd.unet).requires_grad_(False)
     # Steps 1, 2, 3 trained
     cfg = TailorPOConfig(num_steps=4, train_start_step=1, latent_size=LATENT)
-    batch, trained = len(PROMPTS), 3
+    batch = len(PROMPTS)
+    trained = 3
     with torch.no_grad():
-        cond, uncond = sd.encode_prompts(PROMPTS), sd.encode_prompts([""])
+        cond = sd.encode_prompts(PROMPTS)
+        uncond = sd.encode_prompts([""])
     with UNetCallCounter(sd.unet) as rollout_calls:
         pairs, _ = rollout(sd, cfg, get_reward("brightness"), method=method)
     guided_calls = trained - 1 if method == "tailorpo-g" else 0  # no call after the final step
@@ -365,7 +379,8 @@ def test_unet_calls_per_trained_step_are_the_floor(method):
 
 
 def test_trained_step_subsets_and_random_next_state():
-    sd, reward = make_tiny_sd(), get_reward("brightness")
+    sd = make_tiny_sd()
+    reward = get_reward("brightness")
     cfg = TailorPOConfig(num_steps=4, steps_per_rollout=2, next_state="random", latent_size=LATENT)
     pairs, metrics = rollout(sd, cfg, reward)
     assert len(pairs["t"]) == 2 * len(PROMPTS)  # each prompt trains its own 2 steps
@@ -442,7 +457,8 @@ def test_rollout_and_rewards_in_float32_under_bf16_autocast():
     step-wise reward sees float32 images with autocast off."""
     sd = make_tiny_sd()
     sd.vae.to(torch.bfloat16)
-    brightness, seen = get_reward("brightness"), []
+    brightness = get_reward("brightness")
+    seen = []
 
     def reward(images, prompts):
         seen.append((images.dtype, torch.is_autocast_enabled("cpu")))

@@ -296,7 +296,8 @@ def check_sampler_sync_free(setup: Setup):
     if not setup.cuda:
         run(4)
         return None, "CPU smoke: set_sync_debug_mode is CUDA-only; the same calls ran"
-    counts, places = {}, set()
+    counts = {}
+    places = set()
     for steps in (2, 4):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -84,17 +84,22 @@ def main():
     save_hf_tokenizer(CLIPTokenizer.default(), folder / "tokenizer")
     pipe.set_progress_bar_config(disable=True)
     sd = load_stable_diffusion(folder)
-    ours_unet, theirs_unet = TimedForward(sd.unet), TimedForward(pipe.unet)
+    ours_unet = TimedForward(sd.unet)
+    theirs_unet = TimedForward(pipe.unet)
 
-    prompts, steps = ["a red circle on a blue background"] * args.batch, args.steps
+    prompts = ["a red circle on a blue background"] * args.batch
+    steps = args.steps
     with torch.no_grad():
-        cond, uncond = sd.encode_prompts(prompts), sd.encode_prompts([""] * len(prompts))
+        cond = sd.encode_prompts(prompts)
+        uncond = sd.encode_prompts([""] * len(prompts))
         prompt_embeds, negative_embeds = pipe.encode_prompt(
             prompts, "cpu", 1, True, [""] * len(prompts)
         )
     embeds = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
     latents = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    x_twice, context, t = torch.cat([latents] * 2), torch.cat([uncond, cond]), torch.tensor(981)
+    x_twice = torch.cat([latents] * 2)
+    context = torch.cat([uncond, cond])
+    t = torch.tensor(981)
 
     runs = {  # name -> (function, timed UNet or None)
         "ours: sampler loop": (
@@ -165,7 +170,8 @@ def main():
         "|---|---|---|---|---|",
     ]
     for name, values in overhead.items():
-        step, extra = median[name] / steps, statistics.median(values) / steps
+        step = median[name] / steps
+        extra = statistics.median(values) / steps
         lines.append(
             f"| {name} | {1e3 * step:.3f} | {1e3 * (step - extra):.3f} | {1e3 * extra:.4f} | "
             f"{100 * extra / step:.2f}% |"

@@ -51,11 +51,14 @@ def log_prob(sd, unet, x, x_t, t, context, uncond, cfg):
 def naive_pair_loss(sd, reference_unet, pairs, cond, uncond, cfg: TailorPOConfig):
     """The loss without the identity: every log-probability gets its own CFG forward, step by
     step."""
-    log_ratios_w, log_ratios_l, keeps = [], [], []
+    log_ratios_w = []
+    log_ratios_l = []
+    keeps = []
     for t in pairs["t"].unique(sorted=True).flip(0).tolist():
         rows = pairs["t"] == t
         state = (pairs["x_t"][rows], t, cond[pairs["prompt_index"][rows]], uncond, cfg)
-        x_w, x_l = pairs["x_w"][rows], pairs["x_l"][rows]
+        x_w = pairs["x_w"][rows]
+        x_l = pairs["x_l"][rows]
         log_p_theta_w, log_p_theta_l = (
             log_prob(sd, sd.unet, x_w, *state),
             log_prob(sd, sd.unet, x_l, *state),
@@ -66,7 +69,8 @@ def naive_pair_loss(sd, reference_unet, pairs, cond, uncond, cfg: TailorPOConfig
         log_ratios_w.append(log_p_theta_w - log_p_ref_w)
         log_ratios_l.append(log_p_theta_l - log_p_ref_l)
         keeps.append(pairs["keep"][rows])
-    log_ratio_w, log_ratio_l = torch.cat(log_ratios_w), torch.cat(log_ratios_l)
+    log_ratio_w = torch.cat(log_ratios_w)
+    log_ratio_l = torch.cat(log_ratios_l)
     # (clip_ratio 0 here)
     return dpo_loss(log_ratio_w, log_ratio_l, cfg.beta, mask=torch.cat(keeps))
 
@@ -108,8 +112,10 @@ def bench_loss(repeats):
                 p.add_(0.01 * torch.randn_like(p))
         cfg = TailorPOConfig(num_steps=10, latent_size=latent)
         with torch.no_grad():
-            cond, uncond = sd.encode_prompts(PROMPTS), sd.encode_prompts([""])
-        reward, rollout_seconds = get_reward("brightness"), math.inf
+            cond = sd.encode_prompts(PROMPTS)
+            uncond = sd.encode_prompts([""])
+        reward = get_reward("brightness")
+        rollout_seconds = math.inf
         batch = {"prompts": PROMPTS, "positions": list(range(len(PROMPTS)))}
         for _ in range(2):  # the faster of two identical rollouts (the same pairs)
             start = time.perf_counter()
