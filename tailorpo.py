@@ -181,7 +181,7 @@ def rank_pairs(reward_0, reward_1, candidate_0: tuple, candidate_1: tuple):
     [n, ...] that belong to candidate k (its sample, its eps_pred, ...).
     Returns (winner, loser), each a tuple (reward [n], *the candidate's tensors, in the same order).
     """
-    first_wins = reward_0 >= reward_1
+    first_wins = reward_0 >= reward_1  # a tie goes to candidate 0
     winner = []
     loser = []
     for value_0, value_1 in zip((reward_0, *candidate_0), (reward_1, *candidate_1)):
