@@ -53,12 +53,11 @@ from config import opt
 from tailorpo import TailorPOConfig
 
 METHODS = ("dpo", "sft") + tailorpo.METHODS
-PAIR_METHODS = ("dpo", "sft")
+PAIRS = ("dpo", "sft")
 LIVE_METRICS = {"loss": "loss", "implicit_accuracy": "acc", "val_implicit_accuracy": "val_acc",
                 "eval_reward": "reward", "grad_norm": "grad"}  # the bar's short names
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)
-REWARD_CHOICES = ("", *rewards.REWARDS)
 ANIMALS = [f"a photo of a {name}" for name in
            "cat dog horse rabbit fox owl turtle lion panda duck".split()]
 REPORT_SEEDS = [1000, 1001, 1002, 1003]  # held-out seeds: training never samples them
@@ -78,7 +77,7 @@ class TrainConfig:  # each field is a flag --name=value; its help text is the st
     hflip: bool = opt(True, "dpo/sft: random horizontal flips (official default)")
     prompt_dropout: float = opt(0.2, "dpo/sft: share of captions made ''", low=0, high=1)
     prompts: str = opt("", "online: drawbench, parti, a .txt/.csv (default: toy or animals)")
-    reward: str = opt("", "the online reward and --ai_feedback ranker", choices=REWARD_CHOICES)
+    reward: str = opt("", "the online reward and --ai_feedback ranker (REWARDS in rewards.py)")
     reward_paths: str = opt("", "the reward's weight files, KEY=FILE[,KEY=FILE]")
     report_rewards: str = opt("", "rewards of the final report, A,B (default: --reward)")
     ai_feedback: bool = opt(False, "dpo/sft: re-rank every pair with --reward, not the label")
@@ -136,9 +135,9 @@ def validate(cfg: TrainConfig, world):
         if not ok:
             raise config.ConfigError(message)
 
-    pairs = cfg.method in PAIR_METHODS
-    online = cfg.method in tailorpo.METHODS
-    names = ", ".join(rewards.REWARDS)
+    pairs = cfg.method in PAIRS
+    known = [*rewards.REWARDS, *([world.reward_name] if world else [])]  # the toy's own reward
+    names = ", ".join(dict.fromkeys(known))
     need(pairs or not (cfg.ai_feedback or cfg.val_pairs or cfg.data or cfg.data_columns),
          f"--ai_feedback, --val_pairs, --data, --data_columns are for dpo or sft, not {cfg.method}")
     need(not pairs or cfg.data or world, f"--method={cfg.method} needs --data=FOLDER_OR_PARQUET")
@@ -147,10 +146,11 @@ def validate(cfg: TrainConfig, world):
          f"--prompts={cfg.prompts}: no such file, nor one of {', '.join(evaluate.PROMPT_SETS)}")
     need(world or os.path.exists(cfg.model) or not cfg.model.endswith(weights.SUFFIXES),
          f"--model={cfg.model}: no such file")
-    need(cfg.reward or not (online or cfg.ai_feedback), f"--method={cfg.method}"
+    need(cfg.reward or (pairs and not cfg.ai_feedback), f"--method={cfg.method}"
          f"{' --ai_feedback' * cfg.ai_feedback} needs --reward, one of {names}")
+    need(cfg.reward in ("", *known), f"--reward: unknown reward {cfg.reward!r}; one of {names}")
     for name in filter(None, cfg.report_rewards.split(",")):
-        need(name in rewards.REWARDS, f"--report_rewards: unknown reward {name!r}; one of {names}")
+        need(name in known, f"--report_rewards: unknown reward {name!r}; one of {names}")
     for item in filter(None, cfg.reward_paths.split(",")):
         need(os.path.exists(item.partition("=")[2]), f"--reward_paths: {item!r} is not KEY=FILE")
     need(not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir} is a file; give a folder")
@@ -219,7 +219,7 @@ def build_models(cfg, world, device, dtype):
 def load_data(cfg, world, rank: int, world_size: int, start_sample: int):
     """(items, val_batches, batches): the pairs or prompts; the validation batches (rank 0 only: it
     alone scores them); this rank's endless training batches from stream position start_sample."""
-    if cfg.method in PAIR_METHODS:
+    if cfg.method in PAIRS:
         folder = cfg.data or world.pairs_folder()
         columns = data.parse_columns(cfg.data_columns)
         pairs = data.PreferencePairs(folder, cfg.resolution, cfg.random_crop, cfg.hflip,
@@ -325,8 +325,8 @@ def files_written(cfg, plots: list[str], report_folder: str | None) -> list[str]
 
 def setup_device(cfg) -> tuple[torch.device, torch.dtype]:
     """The device of this process (cuda:LOCAL_RANK under torchrun) and the compute dtype."""
-    cuda = torch.cuda.is_available()
-    device = torch.device(cfg.device.replace("auto", "cuda" if cuda else "cpu"))
+    automatic = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(cfg.device.replace("auto", automatic))
     precision = cfg.mixed_precision.replace("auto", "bf16" if device.type == "cuda" else "no")
     dtype = PRECISIONS[precision]
     if device.type == "cuda":
@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None):
     eval_sd = dataclasses.replace(sd, unet=Precision(sd.unet, dtype))
     report_names = [name for name in (cfg.report_rewards or cfg.reward).split(",") if name]
     paths = dict(item.split("=", 1) for item in cfg.reward_paths.split(",") if item)
-    reward_fns = evaluate.load_rewards(sorted({cfg.reward, *report_names} - {""}), device, paths)
+    reward_names = sorted({cfg.reward, *report_names} - {""})
+    reward_fns = evaluate.load_rewards(reward_names, device, paths, world)
     reward_fn = reward_fns.get(cfg.reward)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
@@ -372,8 +373,7 @@ def main(argv: list[str] | None = None):
         checkpoint.restore(resumed, cfg, items, world_size, sd.unet, optimizer, scaler, rank == 0)
     samples_per_step = world_size * cfg.batch_size * cfg.grad_accum  # global: summed over ranks
     log = checkpoint.open_log(cfg.out_dir, start) if rank == 0 else None
-    has_evaluation = bool(val_batches) or cfg.method in tailorpo.METHODS
-    evaluates = rank == 0 and cfg.eval_every > 0 and has_evaluation
+    evaluates = rank == 0 and cfg.eval_every > 0 and (bool(val_batches) or cfg.method not in PAIRS)
     if evaluates and start == 0:
         row = evaluation(cfg, eval_sd, reference, items, val_batches, reward_fn)
         log.write(json.dumps({"step": start, **row}) + "\n")
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None):
     # save: plots, data counts and the base-vs-aligned report (rank 0)
     if log:
         log.close()
-        if cfg.method in PAIR_METHODS:
+        if cfg.method in PAIRS:
             print(f"data: {items.stats}")
         plots = plot.plot_metrics(log.name)
         report_folder = None
