@@ -73,7 +73,7 @@ def model_configs(name: str):
     """(UNetConfig, VAEConfig, CLIPTextConfig) of "sd15" or "tiny" (the test presets)."""
     if name == "sd15":
         return UNetConfig.sd15(), VAEConfig.sd15(), CLIPTextConfig.sd15()
-    from conftest import tiny_vae_config  # the test presets
+    from testkit import tiny_vae_config  # the test presets
 
     unet_config = UNetConfig.tiny()
     return (
@@ -123,7 +123,7 @@ def diffusers_models(config: str, device):
     from transformers import CLIPTextConfig as HFTextConfig
     from transformers import CLIPTextModel as HFTextModel
 
-    from conftest import hf_clip_kwargs  # test-only helper: our CLIP config in transformers' names
+    from testkit import hf_clip_kwargs  # test-only helper: our CLIP config in transformers' names
 
     unet_config, vae_config, text_config = model_configs(config)
     with torch.device(device):
@@ -336,9 +336,12 @@ def measure(
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step, _ = dpo_step(implementation, config, mode, device, dtype, optimizer=optimizer)
     batch = make_batch(pairs, latent * 8, device)
-    walls, cpus, loss = [], [], None
+    walls = []
+    cpus = []
+    loss = None
     for rep in range(reps + 1):
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall = time.perf_counter()
+        cpu = time.process_time()
         loss = step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -378,7 +381,8 @@ def report(results: dict, args) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for mode in ("full", "lora"):
-        ours, official = results["ours", mode], results["official", mode]
+        ours = results["ours", mode]
+        official = results["official", mode]
         wall, cpu, mem = (ours[key] / official[key] for key in ("wall", "cpu", "memory_mb"))
         lines.append(
             f"| {mode} | {ours['wall']:.1f} / {official['wall']:.1f} | {wall:.2f}x | "
