@@ -1,15 +1,18 @@
-"""train.py end to end on tiny models (CPU, seconds): DPO learns a preference it was shown, resume is exact,
-a crash while writing a checkpoint leaves no partial file, 2 DDP processes equal one with the doubled batch
-(the real step: every draw is keyed by the sample's stream position), the precision policy's step-0
-identities, a NaN loss stops the run, validation is deterministic, and every bad option is refused early.
+"""train.py end to end on tiny models (CPU, seconds): DPO learns a preference it was shown, resume
+is exact, a crash while writing a checkpoint leaves no partial file, 2 DDP processes equal one with
+the doubled batch (the real step: every draw is keyed by the sample's stream position), the
+precision policy's step-0 identities, a NaN loss stops the run, validation is deterministic, and
+every bad option is refused early.
 
-The tiny SD of conftest (tiny_sd_dir) has a random VAE whose posterior std is ~1, so its latents are mostly
-sampling noise and no preference survives encoding. `calibrated_sd_dir` fixes that as a trained VAE would be:
-logvar = -30 (a deterministic encoder) and a scaling_factor that gives latents about unit variance.
+The tiny SD of conftest (tiny_sd_dir) has a random VAE whose posterior std is ~1, so its latents are
+mostly sampling noise and no preference survives encoding. `calibrated_sd_dir` fixes that as a
+trained VAE would be: logvar = -30 (a deterministic encoder) and a scaling_factor that gives latents
+about unit variance.
 """
 
 import errno
 import inspect
+import io
 import json
 import math
 import os
@@ -22,6 +25,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import checkpoint
@@ -54,14 +58,18 @@ def calibrated_sd_dir(tiny_sd_dir, tmp_path_factory):
 
 
 def bright_dark_pairs(folder, count, seed, labels_0=None):
-    """pairs.jsonl of a bright image (jpg_0) and a dark one (noisy flat colours); by default the bright one is
-    preferred (label_0 = 1)."""
+    """pairs.jsonl of a bright image (jpg_0) and a dark one (noisy flat colours); by default the
+    bright one is preferred (label_0 = 1)."""
     generator = torch.Generator().manual_seed(seed)
-    image = lambda level: (torch.rand(3, 1, 1, generator=generator) * 0.2 + level
-                           + torch.rand(3, SIZE, SIZE, generator=generator) * 0.1)
+
+    def image(level: float) -> torch.Tensor:
+        colour = torch.rand(3, 1, 1, generator=generator) * 0.2 + level
+        return colour + torch.rand(3, SIZE, SIZE, generator=generator) * 0.1
+
     captions = [f"picture {i}" for i in range(count)]
-    data.write_pairs_jsonl(folder, captions, [image(0.65) for _ in captions], [image(0.15) for _ in captions],
-                           labels_0)
+    data.write_pairs_jsonl(
+        folder, captions, [image(0.65) for _ in captions], [image(0.15) for _ in captions], labels_0
+    )
     return folder
 
 
@@ -71,8 +79,18 @@ def pairs_dir(tmp_path_factory):
 
 
 def run(model, pairs, out, *options):
-    train.main([f"--model={model}", "--method=dpo", f"--data={pairs}", f"--resolution={SIZE}",
-                f"--out_dir={out}", "--batch_size=2", "--lora_rank=0", *options])
+    train.main(
+        [
+            f"--model={model}",
+            "--method=dpo",
+            f"--data={pairs}",
+            f"--resolution={SIZE}",
+            f"--out_dir={out}",
+            "--batch_size=2",
+            "--lora_rank=0",
+            *options,
+        ]
+    )
 
 
 def metrics(out) -> list[dict]:
@@ -80,8 +98,11 @@ def metrics(out) -> list[dict]:
 
 
 def checkpoint_weights(out, step):
-    return {k: v for k, v in load_file(os.path.join(out, f"ckpt_{step:08d}.safetensors")).items()
-            if k.startswith("model.")}
+    return {
+        k: v
+        for k, v in load_file(os.path.join(out, f"ckpt_{step:08d}.safetensors")).items()
+        if k.startswith("model.")
+    }
 
 
 def assert_same_weights(a, b, atol):
@@ -92,17 +113,29 @@ def assert_same_weights(a, b, atol):
 
 def test_dpo_learns_the_shown_preference_on_held_out_pairs(calibrated_sd_dir, pairs_dir, tmp_path):
     out = tmp_path / "out"
-    run(calibrated_sd_dir, pairs_dir, out, "--max_steps=120", "--batch_size=4", "--learning_rate=1e-3",
-        "--beta=500", "--save_every=120", "--val_pairs=8", "--eval_every=40")
+    run(
+        calibrated_sd_dir,
+        pairs_dir,
+        out,
+        "--max_steps=120",
+        "--batch_size=4",
+        "--learning_rate=1e-3",
+        "--beta=500",
+        "--save_every=120",
+        "--val_pairs=8",
+        "--eval_every=40",
+    )
     rows = metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 121))
     assert (out / "implicit_accuracy.png").exists() and (out / "loss.png").exists()
     val = [r["val_implicit_accuracy"] for r in rows if "val_implicit_accuracy" in r]
-    assert len(val) == 4 and val[0] == 0.0 and val[-1] > 0.5  # steps 0, 40, 80, 120; ties count as wrong
+    # steps 0, 40, 80, 120; ties count as wrong
+    assert len(val) == 4 and val[0] == 0.0 and val[-1] > 0.5
 
     # held-out pairs (new images and prompts): policy vs the untouched base model, 8 fresh draws
-    held_out = data.PreferencePairs(bright_dark_pairs(tmp_path / "held_out", 32, seed=1), SIZE, hflip=False,
-                                    prompt_dropout=0.0)
+    held_out = data.PreferencePairs(
+        bright_dark_pairs(tmp_path / "held_out", 32, seed=1), SIZE, hflip=False, prompt_dropout=0.0
+    )
     batch = next(iter(data.PairBatches(held_out, 32)))
     policy = weights.load_stable_diffusion(calibrated_sd_dir)
     reference = policy.unet
@@ -116,8 +149,17 @@ def test_dpo_learns_the_shown_preference_on_held_out_pairs(calibrated_sd_dir, pa
 
 def test_validation_is_deterministic(calibrated_sd_dir, pairs_dir, tmp_path):
     for name in ("a", "b"):
-        run(calibrated_sd_dir, pairs_dir, tmp_path / name, "--max_steps=2", "--val_pairs=6", "--eval_every=1")
-    a, b = ([r["val_loss"] for r in metrics(tmp_path / name) if "val_loss" in r] for name in ("a", "b"))
+        run(
+            calibrated_sd_dir,
+            pairs_dir,
+            tmp_path / name,
+            "--max_steps=2",
+            "--val_pairs=6",
+            "--eval_every=1",
+        )
+    a, b = (
+        [r["val_loss"] for r in metrics(tmp_path / name) if "val_loss" in r] for name in ("a", "b")
+    )
     assert len(a) == 3 and a == b  # steps 0, 1, 2; the same numbers on a rerun
     assert a[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
 
@@ -130,7 +172,9 @@ def test_exported_unet_loads_in_diffusers(calibrated_sd_dir, pairs_dir, tmp_path
     theirs = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     x, context = torch.randn(2, 4, 4, 4), torch.randn(2, 77, 32)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, 10, context), theirs(x, 10, context).sample, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            ours(x, 10, context), theirs(x, 10, context).sample, atol=1e-5, rtol=1e-4
+        )
 
 
 class Crash(Exception):
@@ -146,25 +190,29 @@ def crash_at_call(monkeypatch, call_number, function_owner, name):
         if len(calls) == call_number:
             raise Crash(f"simulated crash in {name}")
         return original(*args, **kwargs)
+
     monkeypatch.setattr(function_owner, name, wrapper)
 
 
 @pytest.fixture(scope="module")
 def parquet_dir(tmp_path_factory):
-    """Pick-a-Pic-like parquet shards (bench_data's generator): 80 rows in row groups of 10, ties included."""
+    """Pick-a-Pic-like parquet shards (bench_data's generator): 80 rows in row groups of 10, ties
+    included."""
     folder = tmp_path_factory.mktemp("parquet")
     write_synthetic_pick_a_pic(folder, 80, rows_per_group=10, sizes=(SIZE, 40), distinct_images=8)
     return folder
 
 
 @pytest.mark.parametrize("lora_rank, kind", [(0, "jsonl"), (2, "jsonl"), (2, "parquet")])
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(calibrated_sd_dir, pairs_dir, parquet_dir,
-                                                                  tmp_path, monkeypatch, lora_rank, kind):
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(
+    calibrated_sd_dir, pairs_dir, parquet_dir, tmp_path, monkeypatch, lora_rank, kind
+):
     pairs_dir = parquet_dir if kind == "parquet" else pairs_dir
     options = ["--max_steps=6", "--save_every=3", "--grad_accum=2", f"--lora_rank={lora_rank}"]
     run(calibrated_sd_dir, pairs_dir, tmp_path / "straight", *options)
     with monkeypatch.context() as patch:
-        crash_at_call(patch, 2 * 4 + 1, dpo, "dpo_train_step")  # inside step 5, after the step-3 checkpoint
+        # inside step 5, after the step-3 checkpoint
+        crash_at_call(patch, 2 * 4 + 1, dpo, "dpo_train_step")
         with pytest.raises(Crash):
             run(calibrated_sd_dir, pairs_dir, tmp_path / "resumed", *options)
     assert checkpoint.latest(tmp_path / "resumed").endswith("ckpt_00000003.safetensors")
@@ -174,13 +222,16 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(calibrated_sd_
     rows = [metrics(tmp_path / name) for name in ("straight", "resumed")]
     assert [r["step"] for r in rows[1]] == list(range(1, 7))
     assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
-    exported = weights.load_unet(calibrated_sd_dir / "unet")  # the exported weights are the checkpoint's
+    # the exported weights are the checkpoint's
+    exported = weights.load_unet(calibrated_sd_dir / "unet")
     if lora_rank:
         lora.inject_lora(exported, lora_rank, alpha=4.0)  # train.py's default lora_alpha
         lora.load_lora(exported, tmp_path / "resumed" / "lora.safetensors")
     else:
         exported = weights.load_unet(tmp_path / "resumed" / "unet")
-    assert_same_weights({f"model.{k}": v for k, v in checkpoint.trainable(exported).items()}, resumed, 1e-6)
+    assert_same_weights(
+        {f"model.{k}": v for k, v in checkpoint.trainable(exported).items()}, resumed, 1e-6
+    )
 
 
 def trained_positions(monkeypatch) -> list[list[int]]:
@@ -190,44 +241,60 @@ def trained_positions(monkeypatch) -> list[list[int]]:
     def recording(sd, reference_unet, batch, *args):
         seen.append(list(batch["positions"]))
         return original(sd, reference_unet, batch, *args)
+
     monkeypatch.setattr(dpo, "dpo_train_step", recording)
     return seen
 
 
-def test_resume_with_a_smaller_batch_continues_after_the_samples_consumed(calibrated_sd_dir, pairs_dir,
-                                                                         tmp_path, monkeypatch):
+def test_resume_with_a_smaller_batch_continues_after_the_samples_consumed(
+    calibrated_sd_dir, pairs_dir, tmp_path, monkeypatch
+):
     run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=2", "--batch_size=4")  # positions 0-7
     seen = trained_positions(monkeypatch)
     run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=4", "--batch_size=2", "--resume")
     assert seen == [[8, 9], [10, 11]]
 
 
-def test_checkpoint_records_the_samples_consumed_and_the_configuration(calibrated_sd_dir, pairs_dir,
-                                                                       tmp_path):
+def test_checkpoint_records_the_samples_consumed_and_the_configuration(
+    calibrated_sd_dir, pairs_dir, tmp_path
+):
     run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=3", "--batch_size=2", "--grad_accum=2")
     metadata = checkpoint.read_metadata(checkpoint.latest(tmp_path))
-    assert int(metadata["samples_consumed"]) == 3 * 2 * 2  # steps x batch x accumulation (one process)
+    # steps x batch x accumulation (one process)
+    assert int(metadata["samples_consumed"]) == 3 * 2 * 2
     assert json.loads(metadata["config"])["batch_size"] == 2
     assert json.loads(metadata["data_identity"])
 
 
-@pytest.mark.parametrize("option, saved", [("--method=sft", "dpo"), ("--lora_rank=4", "2"),
-                                           ("--seed=1", "0")])
-def test_resume_refuses_a_checkpoint_of_another_run_in_one_line(calibrated_sd_dir, pairs_dir, tmp_path,
-                                                                monkeypatch, option, saved):
+@pytest.mark.parametrize(
+    "option, saved", [("--method=sft", "dpo"), ("--lora_rank=4", "2"), ("--seed=1", "0")]
+)
+def test_resume_refuses_a_checkpoint_of_another_run_in_one_line(
+    calibrated_sd_dir, pairs_dir, tmp_path, monkeypatch, option, saved
+):
     run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=1", "--lora_rank=2")
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the refusal")
+
     monkeypatch.setattr(weights, "load_stable_diffusion", no_model)
     with pytest.raises(checkpoint.CheckpointMismatch) as refusal:
-        run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=2", "--lora_rank=2", option, "--resume")
+        run(
+            calibrated_sd_dir,
+            pairs_dir,
+            tmp_path,
+            "--max_steps=2",
+            "--lora_rank=2",
+            option,
+            "--resume",
+        )
     name = option.split("=")[0]
     assert f"{name}={saved}" in str(refusal.value) and len(str(refusal.value).splitlines()) == 1
 
 
-def test_resume_says_where_it_continues_from_or_that_it_starts_fresh(calibrated_sd_dir, pairs_dir, tmp_path,
-                                                                      capsys):
+def test_resume_says_where_it_continues_from_or_that_it_starts_fresh(
+    calibrated_sd_dir, pairs_dir, tmp_path, capsys
+):
     run(calibrated_sd_dir, pairs_dir, tmp_path / "missing", "--max_steps=1", "--resume")
     assert f"no folder {tmp_path / 'missing'}" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -238,11 +305,14 @@ def test_resume_says_where_it_continues_from_or_that_it_starts_fresh(calibrated_
     assert expected in capsys.readouterr().err
 
 
-def test_crash_while_writing_a_checkpoint_leaves_no_partial_file(calibrated_sd_dir, pairs_dir, tmp_path,
-                                                                 monkeypatch):
+def test_crash_while_writing_a_checkpoint_leaves_no_partial_file(
+    calibrated_sd_dir, pairs_dir, tmp_path, monkeypatch
+):
     original, calls = checkpoint.save_file, []
 
-    def dies_on_third_write(tensors, path, metadata=None):  # writes: ckpt_2, its UNet export, ckpt_4
+    def dies_on_third_write(
+        tensors, path, metadata=None
+    ):  # writes: ckpt_2, its UNet export, ckpt_4
         calls.append(path)
         if len(calls) < 3:
             return original(tensors, path, metadata=metadata)
@@ -256,21 +326,26 @@ def test_crash_while_writing_a_checkpoint_leaves_no_partial_file(calibrated_sd_d
     assert calls[-1].endswith(f"ckpt_00000004.safetensors.tmp{os.getpid()}")
     assert sorted(os.listdir(tmp_path)) == ["ckpt_00000002.safetensors", "metrics.jsonl", "unet"]
     monkeypatch.setattr(checkpoint, "save_file", original)
-    run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=4", "--save_every=2", "--resume")  # it loads
+    # it loads
+    run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=4", "--save_every=2", "--resume")
     assert [row["step"] for row in metrics(tmp_path)] == [1, 2, 3, 4]
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(calibrated_sd_dir, pairs_dir,
-                                                                          tmp_path, monkeypatch):
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
+    calibrated_sd_dir, pairs_dir, tmp_path, monkeypatch
+):
     original = dpo.dpo_train_step
 
     def nan_at_step_4(*args):
         loss, metrics = original(*args)
         nan_at_step_4.calls += 1
         return loss * (float("nan") if nan_at_step_4.calls == 4 else 1.0), metrics
+
     nan_at_step_4.calls = 0
     monkeypatch.setattr(dpo, "dpo_train_step", nan_at_step_4)
-    with pytest.raises(SystemExit, match=r"step 4: loss nan.*the last good checkpoint is .*ckpt_00000002"):
+    with pytest.raises(
+        SystemExit, match=r"step 4: loss nan.*the last good checkpoint is .*ckpt_00000002"
+    ):
         run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=6", "--save_every=2")
     assert checkpoint.latest(tmp_path).endswith("ckpt_00000002.safetensors")
     assert all(v.isfinite().all() for v in checkpoint_weights(tmp_path, 2).values())
@@ -278,30 +353,49 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(calibr
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("lora_rank", [0, 2])
-def test_step_zero_is_log_2_under_mixed_precision(calibrated_sd_dir, pairs_dir, tmp_path, precision,
-                                                  lora_rank):
-    """The policy equals its reference at step 0 under the same autocast: loss log 2, implicit accuracy 0."""
-    run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=2", f"--lora_rank={lora_rank}",
-        f"--mixed_precision={precision}", "--learning_rate=1e-3")
+def test_step_zero_is_log_2_under_mixed_precision(
+    calibrated_sd_dir, pairs_dir, tmp_path, precision, lora_rank
+):
+    """The policy equals its reference at step 0 under the same autocast: loss log 2, implicit
+    accuracy 0."""
+    run(
+        calibrated_sd_dir,
+        pairs_dir,
+        tmp_path,
+        "--max_steps=2",
+        f"--lora_rank={lora_rank}",
+        f"--mixed_precision={precision}",
+        "--learning_rate=1e-3",
+    )
     first = metrics(tmp_path)[0]
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7) and first["implicit_accuracy"] == 0.0
-    assert all(v.dtype == torch.float32 for v in checkpoint_weights(tmp_path, 2).values())  # fp32 trainables
+    assert (
+        first["loss"] == pytest.approx(math.log(2), abs=1e-7) and first["implicit_accuracy"] == 0.0
+    )
+    # fp32 trainables
+    assert all(v.dtype == torch.float32 for v in checkpoint_weights(tmp_path, 2).values())
 
 
 def ddp_worker(rank, port, argv):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )
     torch.set_num_threads(1)
     train.main(argv)
 
 
 def run_two_processes(argv, timeout=600):
-    """train.main(argv) in 2 gloo processes; fails (rather than hangs) if they do not finish in time."""
+    """train.main(argv) in 2 gloo processes; fails (rather than hangs) if they do not finish in
+    time."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    context = torch.multiprocessing.start_processes(ddp_worker, args=(port, argv), nprocs=2, join=False,
-                                                    start_method="fork")
+    context = torch.multiprocessing.start_processes(
+        ddp_worker, args=(port, argv), nprocs=2, join=False, start_method="fork"
+    )
     deadline = time.time() + timeout
     while not context.join(timeout=1):
         assert time.time() < deadline, "DDP processes hang"
@@ -322,6 +416,7 @@ def record_first_gradients(monkeypatch, folder):
             name = f"grads_{os.environ.get('WORLD_SIZE', '1')}_{os.environ.get('RANK', '0')}.pt"
             torch.save([p.grad.detach().clone() for p in params], os.path.join(folder, name))
         return original(params, *args, **kwargs)
+
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
 
 
@@ -334,20 +429,21 @@ def gradient_gap(folder) -> float:
     return max((a - b).abs().max().item() for a, b in zip(one, two)) / scale
 
 
-# The first step's gradients of 1 process x batch 4 and of 2 processes x batch 2 are the same sums of
-# the same per-sample terms in another order (DDP averages two half-batch means; convolutions run at
-# another batch size). Each layer's gradient entry sums n <= 4 * 16 * 64 = 4096 products (batch, 4x4
-# latent positions, 64 channels); rounding errors of such sums grow like sqrt(n) * eps = 64 eps, and
-# through ~10 layers of the tiny UNet (and TailorPO's 3 sampler steps) about 10x that: 1e3 * eps
+# The first step's gradients of 1 process x batch 4 and of 2 processes x batch 2 are the same sums
+# of the same per-sample terms in another order (DDP averages two half-batch means; convolutions run
+# at another batch size). Each layer's gradient entry sums n <= 4 * 16 * 64 = 4096 products (batch,
+# 4x4 latent positions, 64 channels); rounding errors of such sums grow like sqrt(n) * eps = 64 eps,
+# and through ~10 layers of the tiny UNet (and TailorPO's 3 sampler steps) about 10x that: 1e3 * eps
 # (1.2e-4) of the largest gradient. A wrong normalisation or a repeated sample changes gradients by
 # tens of percent.
 GRADIENT_GAP = 1e3 * torch.finfo(torch.float32).eps
 
 
 def assert_updates_agree(one: dict, two: dict, start: dict):
-    """Adam's first steps are lr * m / (sqrt(v) + eps), nearly lr * sign(g): where |g| is at rounding
-    level the sign is a coin, and any CPU may flip a few weights by a whole step. What holds on every
-    CPU: the updates agree as vectors, ||u_one - u_two|| <= 5% of ||u_one|| (a flipped weight adds
+    """Adam's first steps are lr * m / (sqrt(v) + eps), nearly lr * sign(g): where |g| is at
+    rounding level the sign is a coin, and any CPU may flip a few weights by a whole step. What
+    holds on every CPU: the updates agree as vectors, ||u_one - u_two|| <= 5% of ||u_one|| (a
+    flipped weight adds
     2 lr to the gap; 5% allows flipping ~0.06% of the weights; a wrong gradient moves most)."""
     update_one = torch.cat([(one[k] - start[k]).flatten() for k in one])
     update_two = torch.cat([(two[k] - start[k]).flatten() for k in one])
@@ -355,23 +451,36 @@ def assert_updates_agree(one: dict, two: dict, start: dict):
     assert (update_one - update_two).norm() <= 0.05 * update_one.norm()
 
 
-def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(calibrated_sd_dir, pairs_dir,
-                                                                      tmp_path, monkeypatch):
-    common = [f"--model={calibrated_sd_dir}", "--method=dpo", f"--data={pairs_dir}", f"--resolution={SIZE}",
-              "--lora_rank=0", "--max_steps=2", "--learning_rate=1e-4", "--beta=500"]
+def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(
+    calibrated_sd_dir, pairs_dir, tmp_path, monkeypatch
+):
+    common = [
+        f"--model={calibrated_sd_dir}",
+        "--method=dpo",
+        f"--data={pairs_dir}",
+        f"--resolution={SIZE}",
+        "--lora_rank=0",
+        "--max_steps=2",
+        "--learning_rate=1e-4",
+        "--beta=500",
+    ]
     record_first_gradients(monkeypatch, tmp_path)
     train.main(common + ["--batch_size=4", f"--out_dir={tmp_path / 'one'}"])
     run_two_processes(common + ["--batch_size=2", f"--out_dir={tmp_path / 'two'}"])
     assert gradient_gap(tmp_path) <= GRADIENT_GAP
     one, two = checkpoint_weights(tmp_path / "one", 2), checkpoint_weights(tmp_path / "two", 2)
-    start = {f"model.{k}": v for k, v in weights.load_unet(calibrated_sd_dir / "unet").state_dict().items()}
+    start = {
+        f"model.{k}": v
+        for k, v in weights.load_unet(calibrated_sd_dir / "unet").state_dict().items()
+    }
     assert_updates_agree(one, two, start)
     first = [metrics(tmp_path / name)[0] for name in ("one", "two")]  # averaged over the ranks
     assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=GRADIENT_GAP)
 
 
 def record_kept_pairs(monkeypatch, folder):
-    """Each process appends the number of pairs its loss kept at every call to folder/kept_<rank>."""
+    """Each process appends the number of pairs its loss kept at every call to
+    folder/kept_<rank>."""
     original = tailorpo.dpo_loss
 
     def recording(*args, mask=None, **kwargs):
@@ -379,17 +488,27 @@ def record_kept_pairs(monkeypatch, folder):
         with open(os.path.join(folder, name), "a") as f:
             f.write(f"{int(mask.sum().item()) if mask is not None else -1}\n")
         return original(*args, mask=mask, **kwargs)
+
     monkeypatch.setattr(tailorpo, "dpo_loss", recording)
 
 
-def test_ddp_online_run_with_unequal_kept_pairs_equals_one_process(calibrated_sd_dir, tmp_path,
-                                                                     monkeypatch):
+def test_ddp_online_run_with_unequal_kept_pairs_equals_one_process(
+    calibrated_sd_dir, tmp_path, monkeypatch
+):
     """--tailorpo.min_reward_gap masks pairs; with ranks keeping different numbers of them, 2
     processes x 2 prompts still equal 1 process x 4 prompts (the loss divides by a count that does
     not depend on how the batch is split)."""
-    common = [f"--model={calibrated_sd_dir}", "--method=tailorpo", "--reward=brightness",
-              "--max_steps=1", "--tailorpo.num_steps=3", f"--tailorpo.min_reward_gap={ONLINE_GAP}",
-              "--eval_every=0", "--learning_rate=1e-2", "--lora_rank=2"]
+    common = [
+        f"--model={calibrated_sd_dir}",
+        "--method=tailorpo",
+        "--reward=brightness",
+        "--max_steps=1",
+        "--tailorpo.num_steps=3",
+        f"--tailorpo.min_reward_gap={ONLINE_GAP}",
+        "--eval_every=0",
+        "--learning_rate=1e-2",
+        "--lora_rank=2",
+    ]
     record_first_gradients(monkeypatch, tmp_path)
     record_kept_pairs(monkeypatch, tmp_path)
     train.main(common + ["--batch_size=4", f"--out_dir={tmp_path / 'one'}"])
@@ -399,21 +518,40 @@ def test_ddp_online_run_with_unequal_kept_pairs_equals_one_process(calibrated_sd
     assert gradient_gap(tmp_path) <= GRADIENT_GAP
     one = {k: v for k, v in checkpoint_weights(tmp_path / "one", 1).items() if "lora_B" in k}
     two = {k: v for k, v in checkpoint_weights(tmp_path / "two", 1).items() if "lora_B" in k}
-    assert_updates_agree(one, two, {k: torch.zeros_like(v) for k, v in one.items()})  # B starts at 0
+    # LoRA's B starts at 0
+    assert_updates_agree(one, two, {k: torch.zeros_like(v) for k, v in one.items()})
 
 
-def test_online_method_logs_fresh_sample_rewards_and_the_relabel_count(calibrated_sd_dir, pairs_dir,
-                                                                        tmp_path):
-    train.main([f"--model={calibrated_sd_dir}", "--method=tailorpo", "--reward=brightness", "--max_steps=2",
-                "--batch_size=2", "--tailorpo.num_steps=2", "--eval_every=1", "--eval_prompts=2",
-                f"--out_dir={tmp_path / 'online'}"])
+def test_online_method_logs_fresh_sample_rewards_and_the_relabel_count(
+    calibrated_sd_dir, pairs_dir, tmp_path
+):
+    train.main(
+        [
+            f"--model={calibrated_sd_dir}",
+            "--method=tailorpo",
+            "--reward=brightness",
+            "--max_steps=2",
+            "--batch_size=2",
+            "--tailorpo.num_steps=2",
+            "--eval_every=1",
+            "--eval_prompts=2",
+            f"--out_dir={tmp_path / 'online'}",
+        ]
+    )
     rows = metrics(tmp_path / "online")
     assert [r["step"] for r in rows if "eval_reward" in r] == [0, 1, 2]
     assert all((tmp_path / "online" / name).exists() for name in ("reward.png", "lora.safetensors"))
     dark_preferred = bright_dark_pairs(tmp_path / "dark", 8, seed=2, labels_0=[0.0] * 8)
-    run(calibrated_sd_dir, dark_preferred, tmp_path / "ai", "--max_steps=2", "--ai_feedback",
-        "--reward=brightness")
-    assert all(r["pairs_relabelled"] == 2 for r in metrics(tmp_path / "ai"))  # brightness flips every label
+    run(
+        calibrated_sd_dir,
+        dark_preferred,
+        tmp_path / "ai",
+        "--max_steps=2",
+        "--ai_feedback",
+        "--reward=brightness",
+    )
+    # brightness flips every label
+    assert all(r["pairs_relabelled"] == 2 for r in metrics(tmp_path / "ai"))
 
 
 def test_final_report_uses_the_trained_reward_weights(calibrated_sd_dir, pairs_dir, tmp_path):
@@ -422,15 +560,22 @@ def test_final_report_uses_the_trained_reward_weights(calibrated_sd_dir, pairs_d
     hf_clip(*L14).save_pretrained(tmp_path / "clip")
     write_aesthetic_pth(tmp_path / "mlp.pth", L14[0].projection_dim)
     paths = {"clip_path": tmp_path / "clip", "mlp_path": tmp_path / "mlp.pth"}
-    run(calibrated_sd_dir, pairs_dir, tmp_path / "out", "--max_steps=1", "--ai_feedback",
+    run(
+        calibrated_sd_dir,
+        pairs_dir,
+        tmp_path / "out",
+        "--max_steps=1",
+        "--ai_feedback",
         "--reward=aesthetic",
-        "--reward_paths=" + ",".join(f"{key}={path}" for key, path in paths.items()))
+        "--reward_paths=" + ",".join(f"{key}={path}" for key, path in paths.items()),
+    )
     report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
     assert "aesthetic" in report["rewards"]
 
 
-def test_final_report_samples_as_evaluate_py_on_non_empty_captions(calibrated_sd_dir, tmp_path,
-                                                                    monkeypatch):
+def test_final_report_samples_as_evaluate_py_on_non_empty_captions(
+    calibrated_sd_dir, tmp_path, monkeypatch
+):
     """Diffusion-DPO's report on a real model: DDIM 50 steps, CFG 7.5, eta 0 (evaluate.py's
     defaults, not TailorPO's 20 steps and CFG 5), and never the empty caption."""
     folder = bright_dark_pairs(tmp_path / "pairs", 8, seed=3)
@@ -445,9 +590,16 @@ def test_final_report_samples_as_evaluate_py_on_non_empty_captions(calibrated_sd
         call.apply_defaults()
         calls.append(call.arguments)
         raise Crash("report recorded")
+
     monkeypatch.setattr(evaluate, "compare", recording)
     with pytest.raises(Crash):
-        run(calibrated_sd_dir, folder, tmp_path / "out", "--max_steps=1", "--report_rewards=brightness")
+        run(
+            calibrated_sd_dir,
+            folder,
+            tmp_path / "out",
+            "--max_steps=1",
+            "--report_rewards=brightness",
+        )
     sampling = {key: calls[0][key] for key in ("num_steps", "guidance", "eta")}
     assert sampling == {"num_steps": 50, "guidance": 7.5, "eta": 0.0}
     assert "" not in calls[0]["prompts"] and len(calls[0]["prompts"]) == 7
@@ -464,17 +616,32 @@ def test_tf32_only_under_mixed_precision(monkeypatch, precision, tf32):
     assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
 
 
-def test_a_redirected_run_writes_little_progress_and_lists_its_files(calibrated_sd_dir, pairs_dir,
-                                                                     tmp_path):
+def test_a_redirected_run_writes_little_progress_and_lists_its_files(
+    calibrated_sd_dir, pairs_dir, tmp_path
+):
     """stderr to a file: about 20 progress lines whatever the number of steps (issue 21: one run
     wrote 178 KB); stdout ends with one line per file written, each of which exists."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    argv = [f"--model={calibrated_sd_dir}", "--method=dpo", f"--data={pairs_dir}",
-            f"--resolution={SIZE}", "--batch_size=1", "--lora_rank=2", "--max_steps=60",
-            "--save_every=60", "--learning_rate=1e-4", f"--out_dir={tmp_path / 'out'}"]
+    argv = [
+        f"--model={calibrated_sd_dir}",
+        "--method=dpo",
+        f"--data={pairs_dir}",
+        f"--resolution={SIZE}",
+        "--batch_size=1",
+        "--lora_rank=2",
+        "--max_steps=60",
+        "--save_every=60",
+        "--learning_rate=1e-4",
+        f"--out_dir={tmp_path / 'out'}",
+    ]
     with open(tmp_path / "stderr", "w") as stderr:
-        result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, stderr=stderr,
-                                stdout=subprocess.PIPE, text=True)
+        result = subprocess.run(
+            [sys.executable, script, *argv],
+            cwd=tmp_path,
+            stderr=stderr,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
     assert result.returncode == 0
     progress_log = (tmp_path / "stderr").read_text()
     assert len(progress_log.encode()) < 20_000
@@ -488,11 +655,23 @@ def test_a_redirected_run_writes_little_progress_and_lists_its_files(calibrated_
 
 
 def test_config_flags_files_and_help(pairs_dir, tmp_path, capsys):
-    cfg = train.parse_config(["--method", "sft", f"--data={pairs_dir}", "--val_pairs=8", "--tailorpo.beta=10", "--ai-feedback",
-                              "--reward=brightness", "--hflip=0"])
+    cfg = train.parse_config(
+        [
+            "--method",
+            "sft",
+            f"--data={pairs_dir}",
+            "--val_pairs=8",
+            "--tailorpo.beta=10",
+            "--ai-feedback",
+            "--reward=brightness",
+            "--hflip=0",
+        ]
+    )
     assert (cfg.method, cfg.tailorpo.beta, cfg.ai_feedback, cfg.hflip) == ("sft", 10.0, True, False)
-    (tmp_path / "run.txt").write_text(f"# comment\n--method=sft --data={pairs_dir}  # trailing comment"
-                                      "\n--beta=100 --val_pairs=8\n")
+    (tmp_path / "run.txt").write_text(
+        f"# comment\n--method=sft --data={pairs_dir}  # trailing comment"
+        "\n--beta=100 --val_pairs=8\n"
+    )
     cfg = train.parse_config([f"@{tmp_path / 'run.txt'}", "--beta=7"])  # the command line wins
     assert (cfg.method, cfg.data, cfg.beta) == ("sft", str(pairs_dir), 7.0)
     with pytest.raises(SystemExit):
@@ -555,9 +734,42 @@ BAD_DATA_OPTIONS = {  # options after --method=dpo --data=PAIRS --model=TINY_SD 
 }
 
 
+def jpeg(level: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), (level, level, level)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def chosen_rejected_parquet(tmp_path_factory):
+    """A binarized preference set as the hub's `datasets` writes it (issue 22): prompt, chosen,
+    rejected (the winner first, no label), images as {bytes, path} structs, one image null."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("chosen_rejected")
+    cell = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    chosen = [{"bytes": jpeg(220), "path": None}] * 7 + [None]
+    rejected = [{"bytes": jpeg(30), "path": None}] * 8
+    table = pa.table({"prompt": [f"picture {i}" for i in range(8)],
+                      "chosen": pa.array(chosen, cell), "rejected": pa.array(rejected, cell)})
+    pq.write_table(table, folder / "train-0.parquet", row_group_size=4)
+    return folder
+
+
+def test_a_chosen_rejected_parquet_trains_with_data_columns(calibrated_sd_dir,
+                                                            chosen_rejected_parquet, tmp_path):
+    run(calibrated_sd_dir, chosen_rejected_parquet, tmp_path, "--max_steps=2",
+        "--data_columns=caption=prompt,jpg_0=chosen,jpg_1=rejected")
+    assert [row["step"] for row in metrics(tmp_path)] == [1, 2]
+    saved = json.loads(checkpoint.read_metadata(checkpoint.latest(tmp_path))["config"])
+    assert saved["data_columns"] == "caption=prompt,jpg_0=chosen,jpg_1=rejected"
+
+
 @pytest.mark.parametrize("options", list(BAD_DATA_OPTIONS))
-def test_options_that_do_not_fit_the_data_or_the_model_are_refused(calibrated_sd_dir, pairs_dir,
-                                                                   monkeypatch, options):
+def test_options_that_do_not_fit_the_data_or_the_model_are_refused(
+    calibrated_sd_dir, pairs_dir, monkeypatch, options
+):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     argv = ["--method=dpo", f"--data={pairs_dir}", f"--model={calibrated_sd_dir}", *options]
     with pytest.raises(ConfigError, match=re.escape(BAD_DATA_OPTIONS[options])):
@@ -578,8 +790,9 @@ def test_each_method_writes_to_its_own_default_folder():
     assert tailorpo_run.out_dir == os.path.join("out", "tailorpo")
 
 
-def test_a_failing_checkpoint_write_ends_in_one_line_and_resume_continues(calibrated_sd_dir, pairs_dir,
-                                                                          tmp_path, monkeypatch):
+def test_a_failing_checkpoint_write_ends_in_one_line_and_resume_continues(
+    calibrated_sd_dir, pairs_dir, tmp_path, monkeypatch
+):
     original, calls = checkpoint.save_file, []
 
     def disk_full_on_third_write(tensors, path, metadata=None):  # ckpt_2, its UNet export, ckpt_4
@@ -600,9 +813,9 @@ def test_a_failing_checkpoint_write_ends_in_one_line_and_resume_continues(calibr
     assert [row["step"] for row in metrics(tmp_path)] == [1, 2, 3, 4]
 
 
-def test_ctrl_c_ends_in_one_line_naming_the_checkpoint_and_the_resume_command(calibrated_sd_dir,
-                                                                             pairs_dir, tmp_path,
-                                                                             monkeypatch):
+def test_ctrl_c_ends_in_one_line_naming_the_checkpoint_and_the_resume_command(
+    calibrated_sd_dir, pairs_dir, tmp_path, monkeypatch
+):
     original = dpo.dpo_train_step
     calls = []
 
@@ -611,6 +824,7 @@ def test_ctrl_c_ends_in_one_line_naming_the_checkpoint_and_the_resume_command(ca
         if len(calls) == 3:
             raise KeyboardInterrupt
         return original(*args)
+
     monkeypatch.setattr(dpo, "dpo_train_step", interrupted_in_step_3)
     with pytest.raises(SystemExit) as stop:
         run(calibrated_sd_dir, pairs_dir, tmp_path, "--max_steps=4", "--save_every=2")
@@ -619,36 +833,60 @@ def test_ctrl_c_ends_in_one_line_naming_the_checkpoint_and_the_resume_command(ca
     assert "ckpt_00000002.safetensors" in message and message.endswith("--resume")
 
 
-def test_validation_pairs_are_built_on_rank_0_only(calibrated_sd_dir, pairs_dir, tmp_path,
-                                                    monkeypatch):
+def test_validation_pairs_are_built_on_rank_0_only(
+    calibrated_sd_dir, pairs_dir, tmp_path, monkeypatch
+):
     original = data.PreferencePairs.batches
 
     def recording(self, *args):
         with open(tmp_path / "built", "a") as f:
             f.write(os.environ.get("RANK", "0") + "\n")
         return original(self, *args)
+
     monkeypatch.setattr(data.PreferencePairs, "batches", recording)
-    run_two_processes([f"--model={calibrated_sd_dir}", "--method=dpo", f"--data={pairs_dir}",
-                       f"--resolution={SIZE}", "--lora_rank=0", "--batch_size=2", "--max_steps=1",
-                       "--val_pairs=4", "--eval_every=1", f"--out_dir={tmp_path / 'two'}"])
+    run_two_processes(
+        [
+            f"--model={calibrated_sd_dir}",
+            "--method=dpo",
+            f"--data={pairs_dir}",
+            f"--resolution={SIZE}",
+            "--lora_rank=0",
+            "--batch_size=2",
+            "--max_steps=1",
+            "--val_pairs=4",
+            "--eval_every=1",
+            f"--out_dir={tmp_path / 'two'}",
+        ]
+    )
     assert (tmp_path / "built").read_text().split() == ["0"]
 
 
 def test_bad_input_fails_before_any_model_from_the_command_line(pairs_dir, tmp_path):
     """A fresh folder has no toy cache, so a late check would pretrain for minutes first (a .cache
     folder would appear); a pickle that runs code is refused in one line."""
+
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
     torch.save({"state_dict": Evil()}, tmp_path / "evil.ckpt")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    for argv in (["--method=dpo", "--data=/nonexistent"], ["--tailorpo.log_prob_reduction=Mean"],
-                 ["--tailorpo.next_state=Random"], ["--tailorpo.eta=0"],
-                 ["--tailorpo.train_start_step=50"], ["--method=tailorpo", f"--model={tmp_path}"],
-                 [f"--model={tmp_path / 'evil.ckpt'}", f"--data={pairs_dir}"], ["--data=/tmp"],
-                 ["--resolution=0"]):
-        result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, capture_output=True,
-                                text=True)
+    for argv in (
+        ["--method=dpo", "--data=/nonexistent"],
+        ["--tailorpo.log_prob_reduction=Mean"],
+        ["--tailorpo.next_state=Random"],
+        ["--tailorpo.eta=0"],
+        ["--tailorpo.train_start_step=50"],
+        ["--method=tailorpo", f"--model={tmp_path}"],
+        [f"--model={tmp_path / 'evil.ckpt'}", f"--data={pairs_dir}"],
+        ["--data=/tmp"],
+        ["--resolution=0"],
+    ):
+        result = subprocess.run(
+            [sys.executable, script, *argv], cwd=tmp_path, capture_output=True, text=True
+        )
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-        assert result.stderr.startswith("train.py: ") and len(result.stderr.strip().splitlines()) == 1
+        assert (
+            result.stderr.startswith("train.py: ") and len(result.stderr.strip().splitlines()) == 1
+        )
     assert not (tmp_path / ".cache").exists() and not (tmp_path / "pwned").exists()
