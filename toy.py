@@ -224,13 +224,12 @@ _COMMON = {
     "reward": "toy",  # the learned toy reward model: online methods, --ai_feedback, the report
     "tailorpo.num_steps": SAMPLING["num_steps"], "tailorpo.guidance_scale": SAMPLING["guidance"],  # + report
 }
-_PAIRS = {  # Diffusion-DPO and SFT on make_pairs()
-    **_COMMON, "max_steps": 150,
-    "batch_size": 32,  # pairs per step; with 4-8 the gradient noise undid the gains (measured)
+_PAIRS = {  # Diffusion-DPO and SFT on make_pairs(); steps, batch and lr: bench/results/toy_sweep.md
+    **_COMMON, "max_steps": 300, "batch_size": 16, "learning_rate": 5e-3,
     "beta": 250.0,  # the official 5000 is for SD latents, D = 4*64*64 elements: the mean-MSE convention
     #   divides the paper's beta by D, and 5000 * 768 / 16384 ~ 250 is the same paper beta for D = 3*16*16
     "prompt_dropout": 0.2,  # official
-    "val_pairs": 256, "eval_every": 25,  # the held-out validation curve (fixed noise and t)
+    "val_pairs": 256, "eval_every": 50,  # the held-out validation curve (fixed noise and t)
 }
 _ONLINE = {**_COMMON, "max_steps": 100, "batch_size": 4}  # 4 prompts per step from TRAIN_PROMPTS; beta 10
 TRAIN_DEFAULTS = {"dpo": _PAIRS, "sft": _PAIRS, "tailorpo": _ONLINE, "tailorpo-g": _ONLINE,
