@@ -4,26 +4,26 @@ r(aligned) - r(base) +- its stderr in the reward's own units; then the win rate 
 r(base)) +- its binomial stderr with near-ties counted as ties (choice 6); then the means; overall
 and per category; a picture grid.
 
-    python evaluate.py --model path/to/stable-diffusion-v1-5 --lora out/lora.safetensors \\
-        --prompts drawbench --rewards aesthetic,hpsv2,pickscore,clipscore --seeds 0-3 --out out/eval
+    python evaluate.py --model path/to/stable-diffusion-v1-5 --lora out/dpo/lora.safetensors \\
+        --prompts drawbench --rewards aesthetic,hpsv2,pickscore,clipscore --seeds 0-3 \\
+        --out_dir out/eval-drawbench
 
 Choices where the papers are silent:
 1. Ties count 1/2 in the win rate (e.g. a saturated reward), as the Diffusion-DPO paper's human
-study.
-2. The standard errors treat the prompt x seed pairs as independent draws (no clustering by prompt).
+   study.
+2. The standard errors treat the prompt x seed pairs as independent draws (no clustering by
+   prompt).
 3. Sampling: DDIM, 50 steps, guidance 7.5, eta 0 (the DPO paper's quick_samples); the toy: its
-world's.
+   world's.
 4. x_T of image (i, s) is torch.randn with torch.Generator("cpu").manual_seed(s) for every prompt:
-what
-   diffusers' pipeline gives for (prompt i, seed s), whatever the batching or reuse (at eta > 0: the
-   batch's).
+   what diffusers' pipeline gives for (prompt i, seed s), whatever the batching or reuse (at
+   eta > 0: the batch's).
 5. Rewards score the saved PNGs (uint8): a reused image scores as when it was made, as other tools
-see it.
+   see it.
 6. A near-tie is a tie: |r(aligned) - r(base)| <= TIE_FRACTION x the base's seed-to-seed std of r
-(the
-   spread of one prompt's images over seeds, pooled over prompts). A shift ten times smaller than
-   what a new seed changes is no preference a viewer would state, yet a tiny consistent shift would
-   win nearly every exact comparison (one DPO step: +0.001 +- 0.002 utility "won" 0.64).
+   (the spread of one prompt's images over seeds, pooled over prompts). A shift ten times smaller
+   than what a new seed changes is no preference a viewer would state, yet a tiny consistent shift
+   would win nearly every exact comparison (one DPO step: +0.001 +- 0.002 utility "won" 0.64).
 """
 
 import contextlib

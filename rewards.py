@@ -1,42 +1,38 @@
-"""Reward models behind one signature: reward(images, prompts) -> scores; get_reward(name, device,
-**paths).
+"""Reward models behind one signature: reward(images, prompts) -> scores;
+get_reward(name, device, **paths).
 
     images  float [B, 3, H, W] in [0, 1], any device      prompts  list[str] of length B
     scores  float [B] on images.device; differentiable w.r.t. images when reward.differentiable
 
-    aesthetic    LAION improved aesthetic predictor v2: MLP(normalize(CLIP ViT-L/14 image
-    embedding)) pickscore    PickScore v1 (Kirstain et al. 2023): logit_scale.exp() * cos(image,
-    text), CLIP ViT-H/14 hpsv2        HPS v2 / v2.1 (Wu et al. 2023): cos(image, text) of a
-    fine-tuned OpenCLIP ViT-H-14 clipscore    CLIPScore (Hessel et al. 2021) as torchmetrics: 100 *
-    max(cos(image, text), 0), CLIP ViT-L/14 jpeg_compressibility / jpeg_incompressibility   DDPO
-    (Black et al. 2023): -/+ JPEG size in kB brightness, saturation   weight-free and differentiable
-    (tests, the CPU toy world); toy: toy.py's model
+    aesthetic    LAION improved aesthetic predictor v2: MLP(normalize(CLIP ViT-L/14 image emb.))
+    pickscore    PickScore v1 (Kirstain et al. 2023): logit_scale.exp() * cos(image, text), ViT-H/14
+    hpsv2        HPS v2 / v2.1 (Wu et al. 2023): cos(image, text) of a fine-tuned OpenCLIP ViT-H-14
+    clipscore    CLIPScore (Hessel et al. 2021) as torchmetrics: 100 * max(cos(image, text), 0),
+                 CLIP ViT-L/14
+    jpeg_compressibility / jpeg_incompressibility   DDPO (Black et al. 2023): -/+ JPEG size in kB
+    brightness, saturation   weight-free and differentiable (tests, the CPU toy world)
+    ModelReward  a reward model from elsewhere behind these checks (the toy world's, via its door)
 
 Deviations from the official code:
 1. Preprocessing in torch on the float images (antialiased bicubic resize, clamp, center crop), so
-gradients
-   reach the pixels; the originals resize uint8 with PIL: ~1/255 per pixel apart (i.i.d. noise:
-   4/255).
+   gradients reach the pixels; the originals resize uint8 with PIL: ~1/255 per pixel apart (i.i.d.
+   noise: 4/255).
 2. hpsv2.score resizes the longer side to 224 and pads to a square; we crop as the others: same on
-squares.
+   squares.
 3. Prompts are eos-padded to 77, where PickScore pads to the longest prompt and open_clip with 0:
-the causal
-   text towers pool at the first <|endoftext|>, so padding cannot change a score.
+   the causal text towers pool at the first <|endoftext|>, so padding cannot change a score.
 4. Weights: weights.read_state_dict (no pickled code runs); `python rewards.py convert IN OUT` ->
-safetensors.
+   safetensors.
 5. Rewards score in float32 (float64 for gradcheck) with autocast off, whatever the caller runs
-under: in
-   bf16 the aesthetic score has a resolution of 1/32 in [4, 8), so close candidates and pairs became
-   ties.
+   under: in bf16 the aesthetic score has a resolution of 1/32 in [4, 8), so close candidates and
+   pairs became ties.
 6. clipscore clamps each image's score at 0 (torchmetrics' documentation; Hessel et al., w = 100);
-its code
-   clamps the batch mean: the same when every cosine is >= 0, as CLIP gives for images and their
-   prompts.
+   its code clamps the batch mean: the same when every cosine is >= 0, as CLIP gives for images and
+   their prompts.
 7. clipscore cuts a prompt as torchmetrics does, at the first 77 ids ([bos] + 76 tokens, no eos),
-where the
-   others keep 75 tokens and the eos (CLIP's training rule): with no eos, the text is pooled at
-   position 0 (ours, and transformers' legacy argmax of the ids alike), so such a prompt's text
-   embedding is the bos's.
+   where the others keep 75 tokens and the eos (CLIP's training rule): with no eos, the text is
+   pooled at position 0 (ours, and transformers' legacy argmax of the ids alike), so such a
+   prompt's text embedding is the bos's.
 """
 
 import argparse
@@ -50,7 +46,6 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-import toy
 from clip import CLIPModel, CLIPTextConfig, CLIPVisionConfig, convert_hf_clip_keys
 from tokenizer import CLIPTokenizer
 from weights import CheckpointError, load_strict, read_json, read_state_dict
@@ -367,17 +362,11 @@ class ModelReward(Reward):
         return self.model(images, prompts)
 
 
-def load_toy_reward() -> Reward:
-    """The toy world's learned reward model (toy.py), trained and cached on first use."""
-    return ModelReward("toy", toy.world().reward())
-
-
 REWARDS = {  # name -> loader(**paths)
     "aesthetic": load_aesthetic,
     "pickscore": load_pickscore,
     "hpsv2": load_hpsv2,
     "clipscore": load_clipscore,
-    "toy": load_toy_reward,
     "jpeg_compressibility": lambda: PixelReward(jpeg_compressibility, differentiable=False),
     "jpeg_incompressibility": lambda: PixelReward(jpeg_incompressibility, differentiable=False),
     "brightness": lambda: PixelReward(brightness),

@@ -68,7 +68,7 @@ def tiny_toy(tmp_path_factory, request):
     """The toy world at test size in a temporary cache: load_base_model at TINY (4 pretraining
     steps), make_pairs with 3 samples per prompt and 2-step sampling, a 20-step reward model;
     patched into toy, so that the door (toy.world()) and through it train.py, evaluate.py and
-    rewards.get_reward("toy") use these."""
+    evaluate.load_rewards(["toy"], ..., world) use these."""
     cache = tmp_path_factory.mktemp("toy_cache")
     load_base_model, make_pairs = toy.load_base_model, toy.make_pairs
     load_reward_model = toy.load_reward_model
@@ -338,7 +338,7 @@ def test_the_door_builds_nothing_until_asked(monkeypatch):
 
 def test_the_door_reaches_the_cached_models(tiny_toy):
     """load_model, pairs_folder and reward go to the (here: test-size) caches;
-    rewards.get_reward("toy") is the door's reward model behind rewards.Reward's checks (the same
+    evaluate.load_rewards gives the door's reward model behind rewards.Reward's checks (the same
     scores)."""
     import rewards
 
@@ -347,7 +347,7 @@ def test_the_door_reaches_the_cached_models(tiny_toy):
     assert sd.unet.config.sample_size == 16
     assert world.pairs_folder().startswith(str(tiny_toy))
     images, prompts = torch.rand(2, 3, 16, 16), list(toy.PROMPTS[:2])
-    reward = rewards.get_reward("toy")
+    (reward,) = evaluate.load_rewards([world.reward_name], "cpu", {}, world).values()
     assert isinstance(reward, rewards.Reward)
     assert torch.equal(reward(images, prompts), world.reward()(images, prompts))
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
@@ -355,8 +355,8 @@ def test_the_door_reaches_the_cached_models(tiny_toy):
 
 
 def test_the_toy_modules_import_without_a_circle():
-    """toy_reward.py imports neither toy.py nor rewards.py nor checkpoint.py, and toy.py not
-    rewards.py: rewards -> toy -> toy_reward is one way."""
+    """toy_reward.py imports neither toy.py nor rewards.py nor checkpoint.py, toy.py not
+    rewards.py, and rewards.py knows nothing of the toy: evaluate -> toy -> toy_reward, one way."""
     import ast
     from pathlib import Path
 
@@ -368,6 +368,7 @@ def test_the_toy_modules_import_without_a_circle():
 
     assert not {"toy", "rewards", "checkpoint"} & imports("toy_reward")
     assert not {"rewards", "checkpoint"} & imports("toy")
+    assert not {"toy", "toy_reward"} & imports("rewards")
 
 
 def test_evaluate_defaults_never_collide_with_the_readme_training_runs(

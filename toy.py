@@ -13,7 +13,7 @@ A 16x16 picture shows a shape (circle, square, triangle) of one colour on a back
 3. A toy Pick-a-Pic (make_pairs) for --method=dpo|sft: two base-model samples of one prompt labelled by noisy
    Bradley-Terry preferences P(A > B) = sigmoid((u_A - u_B) / tau), near-equal pairs ties. The 12
    HELD_OUT_PROMPTS appear in no pair: new combinations of the words and word pairs of the other 48.
-4. The toy reward model (toy_reward.py, rewards.get_reward("toy")): learned from the pairs, not u.
+4. The toy reward model (toy_reward.py, World.reward, --reward=toy): learned from the pairs, not u.
 5. The door (MODEL, world(), World): all that train.py, evaluate.py and rewards.py know of the toy.
 
 Deviations from Stable Diffusion (numbered):

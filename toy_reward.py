@@ -12,7 +12,7 @@ prompts; u 0.91).
 
 Imports run one way, toy -> toy_reward -> data, dpo, weights: the door (toy.World.reward) hands this
 file the world's prompt-aware feature maps (toy.reward_features), the pairs folder and the cache
-path, and rewards.get_reward("toy") reaches the model through the door.
+path; evaluate.load_rewards wraps it in rewards.ModelReward for --reward=toy.
 """
 
 import math

@@ -1,37 +1,37 @@
 """Both papers' claims on the toy world, at an equal UNet budget, judged by the hidden utility
 (toy.py).
 
-    python -m bench.bench_methods                       # ~15 min on the 2-core CPU
-    python -m bench.bench_methods --seeds 0,1 --budget 3000 --betas 250 --out /tmp/quick   # a quick
-    look
+    python -m bench.bench_methods                 # ~15 min on the 2-core CPU
+    python -m bench.bench_methods --seeds 0,1 --budget 3000 --betas 250 --out /tmp/quick  # a look
 
-Every run starts from the toy base model with a fresh LoRA (rank 4, AdamW lr 3e-3) and trains until
-it has spent the same number of UNet forward rows (policy and reference forwards, rollouts; no CFG
-in the toy, so one row per image per step):
+Every run starts from the toy base model with a fresh LoRA (rank 4, the method's toy.TRAIN_DEFAULTS
+learning rate) and trains until it has spent the same number of UNet forward rows (policy and
+reference forwards, rollouts; no CFG in the toy, so one row per image per step):
   sft         eps-MSE on the preferred image of each human pair (the Diffusion-DPO paper's SFT
-  baseline) dpo         Diffusion-DPO on the human pairs (toy.make_pairs), toy.TRAIN_DEFAULTS dpo-ai
-  Diffusion-DPO on the same pairs, each batch relabelled by the toy reward model (AI feedback)
+              baseline)
+  dpo         Diffusion-DPO on the human pairs (toy.make_pairs), toy.TRAIN_DEFAULTS
+  dpo-ai      Diffusion-DPO on the same pairs, each batch relabelled by the toy reward model (AI
+              feedback)
   trajectory  two rollouts from one x_T whose final rewards label every step (D3PO; TailorPO's
-  baseline) tailorpo    TailorPO: step-wise pairs from the same x_t, ranked by the reward model on
-  x0_pred tailorpo-g  TailorPO-G: TailorPO plus reward-gradient guidance of the preferred sample
+              baseline)
+  tailorpo    TailorPO: step-wise pairs from the same x_t, ranked by the reward model on x0_pred
+  tailorpo-g  TailorPO-G: TailorPO plus reward-gradient guidance of the preferred sample
 Each run is judged on fresh samples (toy.SAMPLING) from the same x_T as the base: the hidden
 utility, prompt fidelity, the reward model's score, and the utility win rate over the base
-(near-ties 1/2, as evaluate.py:
-|change| <= TIE_FRACTION x the base's seed-to-seed std of u), on the 48 training prompts x seed 1000
-and the
-12 held-out prompts x seeds 1000-1003 (96 images). The table leads with the effect sizes, the mean
-changes of u and fidelity from the base; mean +- stderr over run seeds. Each claim is a line with
-its separation z = (a - b) / sqrt(se_a^2 + se_b^2) of the mean utility. Then the Figure 2 curve of
-the TailorPO paper (how often the order of two samples by the reward of x0_pred at step t disagrees
-with the order of their final images) and a beta sweep of Diffusion-DPO (utility and reward against
-the distance from the base, the mean squared pixel difference of same-x_T samples).
+(near-ties 1/2, as evaluate.py: |change| <= TIE_FRACTION x the base's seed-to-seed std of u), on
+the 48 training prompts x seed 1000 and the 12 held-out prompts x seeds 1000-1003 (96 images). The
+table leads with the effect sizes, the mean changes of u and fidelity from the base; mean +- stderr
+over run seeds. Each claim is a line with its separation z = (a - b) / sqrt(se_a^2 + se_b^2) of the
+mean utility. Then the Figure 2 curve of the TailorPO paper (how often the order of two samples by
+the reward of x0_pred at step t disagrees with the order of their final images) and a beta sweep of
+Diffusion-DPO (utility and reward against the distance from the base, the mean squared pixel
+difference of same-x_T samples).
 
 Choices (numbered; neither paper gives toy settings):
-1. The budget counts UNet forward rows of training only; evaluation is outside it. The reward model
-is not a
-   UNet and is not counted. Wall time per run is reported beside it.
+1. The budget counts UNet forward rows of training only; evaluation is outside it. The reward
+   model is not a UNet and is not counted. Wall time per run is reported beside it.
 2. Each method uses its toy.TRAIN_DEFAULTS (online: 4 prompts per step from TRAIN_PROMPTS; TailorPO
-beta 10).
+   beta 10).
 """
 
 import argparse
@@ -326,7 +326,7 @@ def report(
     lines = [
         "# Method comparison on the toy world (bench_methods.py)",
         "",
-        f"Equal budget: {cfg.budget} UNet forward rows of training per run; LoRA rank 4, lr 3e-3; "
+        f"Equal budget: {cfg.budget} UNet forward rows of training per run; LoRA rank 4; "
         f"seeds {list(cfg.seeds)}; sampling {toy.SAMPLING}. Judged by the hidden utility u "
         "(toy.utility, in [0, 4]) on 96 fresh images per run (48 training prompts x 1 seed, 12 "
         "held-out prompts x 4 seeds), the same x_T as the base. Total wall time "
@@ -484,7 +484,8 @@ def main(argv=None):
     started = time.time()
     torch.set_num_threads(1)
     pairs_folder = toy.make_pairs()
-    reward_fn = rewards.get_reward("toy")
+    world = toy.world()
+    reward_fn = rewards.ModelReward(world.reward_name, world.reward())
     base_sd = toy.load_base_model(progress=False)
     base_images, prompts = sample_eval(base_sd, cfg)
     base = judge(base_images, prompts, base_images, reward_fn)
