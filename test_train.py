@@ -33,6 +33,7 @@ import data
 import dpo
 import evaluate
 import lora
+import rewards
 import tailorpo
 import train
 import weights
@@ -554,23 +555,27 @@ def test_online_method_logs_fresh_sample_rewards_and_the_relabel_count(
     assert all(r["pairs_relabelled"] == 2 for r in metrics(tmp_path / "ai"))
 
 
-def test_final_report_uses_the_trained_reward_weights(calibrated_sd_dir, pairs_dir, tmp_path):
+def test_final_report_scores_with_the_reward_weights_it_was_given(calibrated_sd_dir, tmp_path):
+    """--reward_paths reach the report: its aesthetic means are those of the reward built from the
+    given CLIP folder and MLP file, rescored here on the images it saved."""
     from test_rewards import L14, hf_clip, write_aesthetic_pth
 
     hf_clip(*L14).save_pretrained(tmp_path / "clip")
     write_aesthetic_pth(tmp_path / "mlp.pth", L14[0].projection_dim)
     paths = {"clip_path": tmp_path / "clip", "mlp_path": tmp_path / "mlp.pth"}
-    run(
-        calibrated_sd_dir,
-        pairs_dir,
-        tmp_path / "out",
-        "--max_steps=1",
-        "--ai_feedback",
-        "--reward=aesthetic",
-        "--reward_paths=" + ",".join(f"{key}={path}" for key, path in paths.items()),
-    )
+    folder = bright_dark_pairs(tmp_path / "pairs", 4, seed=4)
+    reward_paths = ",".join(f"{key}={path}" for key, path in paths.items())
+    run(calibrated_sd_dir, folder, tmp_path / "out", "--max_steps=1", "--ai_feedback",
+        "--reward=aesthetic", f"--reward_paths={reward_paths}")
     report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
-    assert "aesthetic" in report["rewards"]
+    reward = rewards.get_reward("aesthetic", **paths)
+    for kind in ("base", "aligned"):
+        files = sorted((tmp_path / "out" / "eval" / "images" / kind).glob("p*_s*.png"))
+        images = torch.stack([rewards.read_image(path) for path in files])
+        captions = [f"picture {int(path.name[1:4])}" for path in files]
+        expected = reward(images, captions).double().mean().item()
+        # float32 scores of batches of another size: rounding, 100 float32 eps
+        assert report["rewards"]["aesthetic"][kind]["mean"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_final_report_samples_as_evaluate_py_on_non_empty_captions(
