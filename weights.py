@@ -17,85 +17,18 @@ import dataclasses
 import itertools
 import json
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from clip import CLIPTextConfig, CLIPTextModel, convert_hf_clip_keys
+from lora import SUFFIXES, CheckpointError, load_lora, read_state_dict
 from scheduler import NoiseSchedule
 from tokenizer import CLIPTokenizer
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig, convert_legacy_vae_keys
-
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-
-
-class CheckpointError(ValueError):
-    """A weights file or folder that cannot be loaded; its one-line message names the file and the
-    reason."""
-
-
-def _reason(error: Exception) -> str:
-    """The informative line of a torch.load / safetensors error (torch.load adds lines of
-    boilerplate)."""
-    boilerplate = ("Weights only load failed", "Check the doc", "Please file an issue")
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(boilerplate)] or [""]
-    return f"{type(error).__name__}: {lines[-1]}"[:300]
-
-
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file, or of a pickle read with
-    torch.load(weights_only=True)."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(
-            f"{path} is a folder; expected a weights file ({', '.join(SUFFIXES)})"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except Exception as error:  # safetensors has its own error types.
-            raise CheckpointError(
-                f"{path} is not a safetensors checkpoint ({_reason(error)})"
-            ) from None
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"{path}: unknown weights format; expected one of {', '.join(SUFFIXES)}"
-        )
-    # weights_only=True unpickles tensors and plain containers only, never arbitrary code.
-    try:
-        # The warnings are silenced so that the error is one line.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        code = re.search(r"GLOBAL (\S+)", str(error))
-        # The pickle names a callable to run when unpickled (os.system, a class constructor, ...).
-        if code:
-            raise CheckpointError(
-                f"{path}: refused: this pickle would run code ({code[1]}); pickled code, "
-                "which is refused by torch.load(weights_only=True), never runs"
-            ) from None
-        raise CheckpointError(
-            f"{path} cannot be read by torch.load(weights_only=True): corrupt or not a "
-            f"PyTorch checkpoint ({_reason(error)})"
-        ) from None
-    if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
-        # Lightning .ckpt files (the original SD release) wrap the weights.
-        content = content["state_dict"]
-    content = content if isinstance(content, dict) else {}
-    tensors = {key: value for key, value in content.items() if isinstance(value, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path} is not a checkpoint: it holds no named tensors")
-    return tensors
 
 
 def load_strict(module: nn.Module, state_dict: dict, source: str) -> nn.Module:
@@ -247,8 +180,6 @@ def load_models(model, unet=None, lora_path=None, device="cpu", dtype=torch.floa
     adapters stay float32 (lora.py deviation 3); a LoRA that does not fit the model raises
     CheckpointError.
     """
-    import lora  # Imported here because lora.py reads its files with this module's read_state_dict.
-
     if isinstance(model, StableDiffusion):
         base = model
     else:
@@ -260,7 +191,7 @@ def load_models(model, unet=None, lora_path=None, device="cpu", dtype=torch.floa
         aligned.unet = build(type(base.unet), base.unet.config, read_state_dict(unet), unet)
     aligned.unet.to(device, dtype)
     if lora_path:
-        lora.load_lora(aligned.unet, lora_path)
+        load_lora(aligned.unet, lora_path)
     if unet:
         return base, aligned
     return None, aligned
