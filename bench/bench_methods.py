@@ -426,9 +426,8 @@ def report(
             "trajectory pairs": (figure["t"], figure["trajectory"]),
             "same-x_t pairs": (figure["t"], figure["same_x_t"]),
         },
-        title="Figure 2: step-wise vs final order disagreement",
+        title="Figure 2: step-wise vs final order disagreement (y: disagreement)",
         xlabel="timestep t",
-        ylabel="disagreement",
     )
     betas = list(sweep)
     beta_plot = plot.save_line_plot(
@@ -439,9 +438,8 @@ def report(
                 [sweep[b]["utility"].mean().item() for b in betas],
             )
         },
-        title="DPO beta sweep: " + ", ".join(f"{b:g}" for b in betas),
+        title="DPO beta sweep (y: utility): " + ", ".join(f"{b:g}" for b in betas),
         xlabel="distance from base",
-        ylabel="utility",
     )
     pictures = [Image.open(p) for p in (bars, curves, beta_plot)]
     canvas = Image.new(
