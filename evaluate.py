@@ -46,7 +46,7 @@ import sampler
 import toy
 import weights
 from pair_files import to_pil
-from weights import CheckpointError
+from state_dicts import CheckpointError
 
 PROMPTS_DIR = Path(__file__).with_name("assets") / "prompts"  # sources and licences: its README.md
 PROMPT_SETS = {"drawbench": PROMPTS_DIR / "drawbench.csv", "parti": PROMPTS_DIR / "parti.tsv"}

@@ -19,90 +19,18 @@ Deviations / implementation notes:
      layer's dtype.
   4. merge_lora folds B A into W in float32, rounded once to W's dtype (in bf16 a 1e-4 update loses
      much).
-
-Reading a weights file (read_state_dict, CheckpointError) lives here, in the lowest module that
-needs it: safetensors, or a pickle through torch.load(weights_only=True), which refuses a pickle
-that would run code. weights.py reads Stable Diffusion checkpoints through it.
 """
 
-import re
-import warnings
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from state_dicts import CheckpointError, read_state_dict
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-
-
-class CheckpointError(ValueError):
-    """A weights file or folder that cannot be loaded; its one-line message names the file and the
-    reason."""
-
-
-def _reason(error: Exception) -> str:
-    """The informative line of a torch.load / safetensors error (torch.load adds lines of
-    boilerplate)."""
-    boilerplate = ("Weights only load failed", "Check the doc", "Please file an issue")
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(boilerplate)] or [""]
-    return f"{type(error).__name__}: {lines[-1]}"[:300]
-
-
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file, or of a pickle read with
-    torch.load(weights_only=True)."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(
-            f"{path} is a folder; expected a weights file ({', '.join(SUFFIXES)})"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except Exception as error:  # safetensors has its own error types.
-            raise CheckpointError(
-                f"{path} is not a safetensors checkpoint ({_reason(error)})"
-            ) from None
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"{path}: unknown weights format; expected one of {', '.join(SUFFIXES)}"
-        )
-    # weights_only=True unpickles tensors and plain containers only, never arbitrary code.
-    try:
-        # The warnings are silenced so that the error is one line.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        code = re.search(r"GLOBAL (\S+)", str(error))
-        # The pickle names a callable to run when unpickled (os.system, a class constructor, ...).
-        if code:
-            raise CheckpointError(
-                f"{path}: refused: this pickle would run code ({code[1]}); pickled code, "
-                "which is refused by torch.load(weights_only=True), never runs"
-            ) from None
-        raise CheckpointError(
-            f"{path} cannot be read by torch.load(weights_only=True): corrupt or not a "
-            f"PyTorch checkpoint ({_reason(error)})"
-        ) from None
-    if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
-        # Lightning .ckpt files (the original SD release) wrap the weights.
-        content = content["state_dict"]
-    content = content if isinstance(content, dict) else {}
-    tensors = {key: value for key, value in content.items() if isinstance(value, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path} is not a checkpoint: it holds no named tensors")
-    return tensors
 
 
 class LoRALinear(nn.Linear):

@@ -23,7 +23,8 @@ from config import ConfigError, Parser
 from lora import merge_lora
 from pair_files import to_pil
 from sampler import generate, image_size
-from weights import CheckpointError, load_models
+from state_dicts import CheckpointError
+from weights import load_models
 
 SIZE_MULTIPLE = 8  # The VAE of SD1.x halves the resolution three times.
 DEFAULT_STEPS = 50

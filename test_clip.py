@@ -22,7 +22,8 @@ from conftest import (
     tiny_vision_config,
 )
 from rewards import load_clip
-from weights import load_strict, read_state_dict
+from state_dicts import read_state_dict
+from weights import load_strict
 
 
 def reference_config(text: CLIPTextConfig, vision: CLIPVisionConfig):

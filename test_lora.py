@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import lora
+from state_dicts import CheckpointError
 from unet import UNet2DConditionModel, UNetConfig
-from weights import CheckpointError
 
 
 def tiny_unet(seed=0):

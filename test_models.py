@@ -23,10 +23,10 @@ import lora
 from clip import CLIPTextConfig
 from conftest import diffusers_to_ldm, max_err, perturb_norms, shapes, tiny_vae_config
 from lora import LoRALinear
+from state_dicts import CheckpointError, read_state_dict
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig, convert_legacy_vae_keys
 from weights import (
-    CheckpointError,
     StableDiffusion,
     ldm_to_diffusers,
     load_models,
@@ -34,7 +34,6 @@ from weights import (
     load_stable_diffusion,
     load_strict,
     load_unet,
-    read_state_dict,
 )
 
 # a second UNet shape: 3 levels, 2 layers per block, attention only at the low resolutions, 4 heads

@@ -32,8 +32,8 @@ from conftest import (
     tokenizer_golden,
 )
 from rewards import clip_preprocess, get_reward
+from state_dicts import CheckpointError
 from tokenizer import CLIPTokenizer
-from weights import CheckpointError
 
 PROMPTS = [
     "a photo of a cat",

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from clip import CLIPTextConfig, CLIPTextModel, convert_hf_clip_keys
-from lora import SUFFIXES, CheckpointError, load_lora, read_state_dict
+from lora import load_lora
 from scheduler import NoiseSchedule
+from state_dicts import SUFFIXES, CheckpointError, read_state_dict
 from tokenizer import CLIPTokenizer
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig, convert_legacy_vae_keys
