@@ -57,7 +57,6 @@ PAIRS = ("dpo", "sft")
 LIVE_METRICS = {"loss": "loss", "implicit_accuracy": "acc", "val_implicit_accuracy": "val_acc",
                 "eval_reward": "reward", "grad_norm": "grad"}  # the bar's short names
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISION_CHOICES = ("auto", *PRECISIONS)
 ANIMALS = [f"a photo of a {name}" for name in
            "cat dog horse rabbit fox owl turtle lion panda duck".split()]
 REPORT_SEEDS = [1000, 1001, 1002, 1003]  # held-out seeds: training never samples them
@@ -89,7 +88,7 @@ class TrainConfig:  # each field is a flag --name=value; its help text is the st
     grad_accum: int = opt(1, "micro-batches per optimizer step", low=1)
     grad_clip: float = opt(1.0, "max global gradient norm (official 1.0)")
     weight_decay: float = opt(1e-2, "AdamW weight decay (official 1e-2)")
-    mixed_precision: str = opt("auto", "auto: bf16 on CUDA, no on CPU", choices=PRECISION_CHOICES)
+    mixed_precision: str = opt("auto", "auto: bf16 on CUDA, else no", choices=("auto", *PRECISIONS))
     gradient_checkpointing: bool = opt(False, "recompute UNet blocks: less memory, ~25% slower")
     out_dir: str = opt("", "checkpoints, exports, metrics, plots, report (default: out/METHOD)")
     save_every: int = opt(100, "steps between checkpoints and exports (and the last)", low=1)
@@ -312,9 +311,10 @@ def final_report(cfg, world, aligned_sd, base_sd, items, reward_fns) -> str:
 
 def files_written(cfg, plots: list[str], report_folder: str | None) -> list[str]:
     """One line per file the run leaves for its user: where it is and what it is."""
+    weights_file = "lora.safetensors" if cfg.lora_rank else "unet"
+    weights_use = "the LoRA (evaluate.py --lora)" if cfg.lora_rank else "the UNet (--unet)"
     files = {checkpoint.latest(cfg.out_dir): "the last checkpoint (--resume continues from it)",
-             os.path.join(cfg.out_dir, "lora.safetensors" if cfg.lora_rank else "unet"):
-             "the trained weights (evaluate.py --lora, or --unet for a full fine-tune)",
+             os.path.join(cfg.out_dir, weights_file): weights_use,
              os.path.join(cfg.out_dir, "metrics.jsonl"): "a JSON row per step (plot.py redraws)",
              **{path: "a plot of the metrics" for path in plots}}
     if report_folder:
