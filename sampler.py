@@ -84,7 +84,7 @@ def sample(
         noise_device = generator.device
     trajectory = {"x_t": [], "x_prev": [], "log_prob": [], "x0_pred": []}
     x_t = latents
-    for i in progress_bar(range(num_steps), desc="sampling", disable=not progress):
+    for i in progress_bar(range(num_steps), desc="sample", disable=not progress):
         eps_pred = guided_eps(unet, x_t, timesteps[i], cond, uncond, guidance)
         noise = None
         if eta > 0:
