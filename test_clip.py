@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from clip import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, convert_hf_clip_keys
-from conftest import (
+from rewards import load_clip
+from state_dicts import read_state_dict
+from testkit import (
     clip_tokenizer,
     hf_clip_kwargs,
     max_err,
@@ -21,8 +23,6 @@ from conftest import (
     shapes,
     tiny_vision_config,
 )
-from rewards import load_clip
-from state_dicts import read_state_dict
 from weights import load_strict
 
 

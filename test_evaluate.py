@@ -15,7 +15,7 @@ import evaluate
 import lora
 import rewards
 from sampler import generate
-from test_rewards import hf_clip, write_aesthetic_pth
+from testkit import hf_clip, write_aesthetic_pth
 from weights import load_stable_diffusion
 
 DRAWBENCH_COUNTS = {
@@ -121,7 +121,7 @@ def tiny_files(tiny_sd_dir, tmp_path_factory):
     and aligned UNets for tiny_sd_dir: an exact copy, a perturbed one, and a LoRA file."""
     from safetensors.torch import save_file
 
-    from test_rewards import L14
+    from testkit import L14
 
     folder = tmp_path_factory.mktemp("eval_files")
     hf_clip(*L14).save_pretrained(folder / "clip")
@@ -364,7 +364,7 @@ def test_bad_weight_files_and_options_give_one_line_errors(
 ):
     """Issue 10 item 12 at evaluate.py's entry points: exit with one line naming the file and the
     reason, before any image is generated."""
-    from test_rewards import write_bad_file
+    from testkit import write_bad_file
 
     for kind in ("pickle_with_code", "corrupt_safetensors", "missing"):
         path, reason = write_bad_file(tmp_path, kind)

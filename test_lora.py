@@ -95,7 +95,7 @@ def test_merge_equals_unmerged_and_round_trip(tmp_path):
 
 @torch.no_grad()
 def test_saved_file_loads_in_diffusers(tmp_path):
-    from conftest import build_tiny_pipeline
+    from testkit import build_tiny_pipeline
 
     pipeline = build_tiny_pipeline()  # a diffusers StableDiffusionPipeline with our tiny presets
     ours = UNet2DConditionModel(UNetConfig.tiny()).eval()

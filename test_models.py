@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 import lora
 from clip import CLIPTextConfig
-from conftest import diffusers_to_ldm, max_err, perturb_norms, shapes, tiny_vae_config
 from lora import LoRALinear
 from state_dicts import CheckpointError, read_state_dict
+from testkit import diffusers_to_ldm, max_err, perturb_norms, shapes, tiny_vae_config
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig, convert_legacy_vae_keys
 from weights import (

@@ -12,7 +12,6 @@ import os
 import pickle
 import re
 import sys
-from collections import OrderedDict
 from dataclasses import replace
 
 import numpy as np
@@ -20,50 +19,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 import rewards
 from clip import CLIPTextConfig, CLIPVisionConfig
-from conftest import (
-    hf_clip_kwargs,
+from rewards import clip_preprocess, get_reward
+from state_dicts import CheckpointError
+from testkit import (
+    L14,
+    hf_clip,
     hf_clip_tokenizer,
     save_hf_tokenizer,
     tiny_vision_config,
     tokenizer_golden,
+    write_aesthetic_pth,
+    write_bad_file,
 )
-from rewards import clip_preprocess, get_reward
-from state_dicts import CheckpointError
 from tokenizer import CLIPTokenizer
 
 PROMPTS = [
     "a photo of a cat",
     "an astronaut riding a horse on mars & a dog " * 12,
 ]  # the 2nd is > 77 tokens
-# Tiny towers in the two published layouts: OpenAI ViT-L/14 (quick_gelu) and OpenCLIP ViT-H/14
-# (exact gelu).
-L14 = (CLIPTextConfig.tiny(), tiny_vision_config())
 H14 = (
     replace(CLIPTextConfig.tiny(), hidden_act="gelu"),
     replace(tiny_vision_config(), hidden_act="gelu", patch_size=14, image_size=28),
 )
-
-
-def hf_clip(text_config, vision_config, seed=0):
-    """A transformers CLIPModel with random weights (LayerNorms and logit_scale randomised too)."""
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.CLIPConfig(
-        text_config=hf_clip_kwargs(text_config),
-        vision_config=hf_clip_kwargs(vision_config),
-        projection_dim=text_config.projection_dim,
-    )
-    model = transformers.CLIPModel(config).eval()
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if "norm" in name or name == "logit_scale":
-                tensor.add_(0.3 * torch.randn_like(tensor))
-    return model
 
 
 def images(batch=2, height=40, width=52, seed=0):
@@ -79,25 +59,6 @@ def hf_image_features(model, pixels):
 def hf_text_features(model, ids, attention_mask=None):
     out = model.get_text_features(input_ids=ids, attention_mask=attention_mask).pooler_output
     return F.normalize(out, dim=-1)
-
-
-def write_aesthetic_pth(path, embed_dim, seed=0):
-    """The upstream MLP class (Linear/Dropout Sequential, ReLUs commented out) saved as upstream
-    does."""
-    torch.manual_seed(seed)
-    layers = nn.Sequential(
-        nn.Linear(embed_dim, 1024),
-        nn.Dropout(0.2),
-        nn.Linear(1024, 128),
-        nn.Dropout(0.2),
-        nn.Linear(128, 64),
-        nn.Dropout(0.1),
-        nn.Linear(64, 16),
-        nn.Linear(16, 1),
-    )
-    state = OrderedDict((f"layers.{k}", v) for k, v in layers.state_dict().items())
-    torch.save(state, path)
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -534,33 +495,6 @@ def test_other_rewards_ignore_the_callers_autocast(aesthetic_files, name):
     assert fp32.shape == (3,)
     with pytest.raises(ValueError, match="float32"):
         get_reward(name, dtype=torch.bfloat16, **paths)
-
-
-class RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def write_bad_file(tmp_path, kind):
-    """A bad weight file of each kind users meet, and the reason its error must give."""
-    if kind == "pickle_with_code":
-        path = tmp_path / "evil.pth"
-        path.write_bytes(
-            pickle.dumps({"layers.0.weight": RunsCode(tmp_path / "pwned")}, protocol=2)
-        )
-        return path, "refused: this pickle would run code"
-    if kind == "corrupt_safetensors":  # a huge header length: safetensors' "header too large"
-        path = tmp_path / "broken.safetensors"
-        path.write_bytes(b"\xff" * 64)
-        return path, "is not a safetensors checkpoint .*header too large"
-    if kind == "corrupt_pickle":
-        path = tmp_path / "truncated.pt"
-        path.write_bytes(b"\x80\x02}q\x00(X")
-        return path, "cannot be read by torch.load\\(weights_only=True\\)"
-    return tmp_path / "missing.pth", "missing.pth: no such file"
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_clip_tokenizer, save_hf_tokenizer, tokenizer_golden
+from testkit import hf_clip_tokenizer, save_hf_tokenizer, tokenizer_golden
 from tokenizer import CLIPTokenizer, clean_text, pretokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"

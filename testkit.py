@@ -11,10 +11,14 @@ imported inside functions.
 
 import functools
 import json
+import os
+import pickle
+from collections import OrderedDict
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from clip import HF_NAMES, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from scheduler import NoiseSchedule
@@ -289,3 +293,75 @@ class UNetCallCounter:
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
+
+
+# ---- Reward-model files (the tiny CLIP of the reward tests, the aesthetic MLP, bad weight files)
+
+
+# Tiny towers in the two published layouts: OpenAI ViT-L/14 (quick_gelu) and OpenCLIP ViT-H/14
+# (exact gelu).
+L14 = (CLIPTextConfig.tiny(), tiny_vision_config())
+
+
+def hf_clip(text_config, vision_config, seed=0):
+    """A transformers CLIPModel with random weights (LayerNorms and logit_scale randomised too)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(
+        text_config=hf_clip_kwargs(text_config),
+        vision_config=hf_clip_kwargs(vision_config),
+        projection_dim=text_config.projection_dim,
+    )
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if "norm" in name or name == "logit_scale":
+                tensor.add_(0.3 * torch.randn_like(tensor))
+    return model
+
+
+def write_aesthetic_pth(path, embed_dim, seed=0):
+    """The upstream MLP class (Linear/Dropout Sequential, ReLUs commented out) saved as upstream
+    does."""
+    torch.manual_seed(seed)
+    layers = nn.Sequential(
+        nn.Linear(embed_dim, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+    state = OrderedDict((f"layers.{k}", v) for k, v in layers.state_dict().items())
+    torch.save(state, path)
+    return state
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_bad_file(tmp_path, kind):
+    """A bad weight file of each kind users meet, and the reason its error must give."""
+    if kind == "pickle_with_code":
+        path = tmp_path / "evil.pth"
+        path.write_bytes(
+            pickle.dumps({"layers.0.weight": RunsCode(tmp_path / "pwned")}, protocol=2)
+        )
+        return path, "refused: this pickle would run code"
+    if kind == "corrupt_safetensors":  # a huge header length: safetensors' "header too large"
+        path = tmp_path / "broken.safetensors"
+        path.write_bytes(b"\xff" * 64)
+        return path, "is not a safetensors checkpoint .*header too large"
+    if kind == "corrupt_pickle":
+        path = tmp_path / "truncated.pt"
+        path.write_bytes(b"\x80\x02}q\x00(X")
+        return path, "cannot be read by torch.load\\(weights_only=True\\)"
+    return tmp_path / "missing.pth", "missing.pth: no such file"
