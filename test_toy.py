@@ -12,6 +12,7 @@ from PIL import Image
 
 import evaluate
 import toy
+import toy_model
 import toy_reward
 
 
@@ -41,7 +42,8 @@ def test_identity_vae_has_the_autoencoder_interface():
     noise."""
     from weights import StableDiffusion
 
-    vae, x = toy.IdentityVAE(), torch.rand(2, 3, 16, 16) * 2 - 1
+    vae = toy_model.IdentityVAE()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
     posterior = vae.encode(x)
     assert torch.equal(posterior.mean, x) and torch.equal(posterior.std, torch.zeros_like(x))
     assert torch.equal(posterior.logvar, torch.full_like(x, -30.0))
@@ -58,9 +60,8 @@ def test_identity_vae_has_the_autoencoder_interface():
     assert torch.equal(sd.decode_latents(x), x / 2 + 0.5)
 
 
-TINY = toy.ToyConfig(
-    pretrain_steps=4, batch_size=8
-)  # seconds instead of minutes: the same shapes, few steps
+# Seconds instead of minutes: the same shapes, few steps.
+TINY = toy_model.ToyConfig(pretrain_steps=4, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,18 @@ def tiny_toy(tmp_path_factory, request):
     return cache
 
 
+def base_model_key(config: toy_model.ToyConfig) -> str:
+    """The name of the base model's cache folder for `config` in this world."""
+    return toy_model.hash_key({"world": toy.TOY_WORLD_VERSION, **asdict(config)})
+
+
+def test_the_default_base_model_keeps_its_cache_name():
+    """The default base model's cache folder name is a golden value: a change to the world's
+    version, ToyConfig's fields or hash_key renames it, and every run then pretrains for minutes
+    again. Change it here only on purpose."""
+    assert base_model_key(toy_model.ToyConfig()) == "1055ac3be9b8"
+
+
 def test_base_model_is_cached_and_reloads_identically(tiny_toy):
     """First call pretrains and writes the cache folder (keyed by the config hash); the second loads
     the same weights; another config gets another key. The returned sd generates 16x16 images
@@ -102,8 +115,7 @@ def test_base_model_is_cached_and_reloads_identically(tiny_toy):
 
     first = toy.load_base_model()
     (folder,) = list(tiny_toy.iterdir())
-    key = lambda config: toy.hash_key({"world": toy.TOY_WORLD_VERSION, **asdict(config)})
-    assert folder.name == key(TINY) != key(toy.ToyConfig())
+    assert folder.name == base_model_key(TINY) != base_model_key(toy_model.ToyConfig())
     files = {p.name for p in folder.iterdir()}
     assert files >= {"unet.safetensors", "text_encoder.safetensors", "config.json"}
     second = toy.load_base_model()
@@ -355,8 +367,9 @@ def test_the_door_reaches_the_cached_models(tiny_toy):
 
 
 def test_the_toy_modules_import_without_a_circle():
-    """toy_reward.py imports neither toy.py nor rewards.py nor checkpoint.py, toy.py not
-    rewards.py, and rewards.py knows nothing of the toy: evaluate -> toy -> toy_reward, one way."""
+    """toy_reward.py imports neither toy.py nor rewards.py nor checkpoint.py, toy_model.py neither
+    toy.py nor toy_reward.py, toy.py not rewards.py, and rewards.py knows nothing of the toy:
+    evaluate -> toy -> toy_model, toy_reward, one way."""
     import ast
     from pathlib import Path
 
@@ -367,8 +380,9 @@ def test_the_toy_modules_import_without_a_circle():
         }
 
     assert not {"toy", "rewards", "checkpoint"} & imports("toy_reward")
+    assert not {"toy", "toy_reward", "rewards", "checkpoint"} & imports("toy_model")
     assert not {"rewards", "checkpoint"} & imports("toy")
-    assert not {"toy", "toy_reward"} & imports("rewards")
+    assert not {"toy", "toy_model", "toy_reward"} & imports("rewards")
 
 
 def test_evaluate_defaults_never_collide_with_the_readme_training_runs(
