@@ -314,7 +314,7 @@ def test_cli_bad_lora_file_is_one_line_and_runs_no_code(tiny_sd_dir, tmp_path, k
 
     from safetensors.torch import save_file
 
-    from test_rewards import RunsCode, write_bad_file
+    from testkit import RunsCode, write_bad_file
 
     if kind == "not_a_lora":
         path = tmp_path / "unet.safetensors"
