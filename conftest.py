@@ -11,23 +11,13 @@ import shutil
 import pytest
 import torch
 
-from testkit import (  # noqa: F401 (tests importing these from conftest move to testkit)
+from testkit import (
     LEGACY_VAE_ATTENTION,
-    SD15_SCHEDULER_CONFIG,
-    UNetCallCounter,
     build_tiny_pipeline,
     clip_tokenizer,
     diffusers_to_ldm,
-    hf_clip_kwargs,
-    hf_clip_tokenizer,
-    make_tiny_sd,
-    max_err,
-    perturb_norms,
     save_hf_tokenizer,
-    shapes,
     tiny_vae_config,
-    tiny_vision_config,
-    tokenizer_golden,
     with_text_model_prefix,
 )
 from unet import UNetConfig

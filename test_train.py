@@ -558,7 +558,7 @@ def test_online_method_logs_fresh_sample_rewards_and_the_relabel_count(
 def test_final_report_scores_with_the_reward_weights_it_was_given(calibrated_sd_dir, tmp_path):
     """--reward_paths reach the report: its aesthetic means are those of the reward built from the
     given CLIP folder and MLP file, rescored here on the images it saved."""
-    from test_rewards import L14, hf_clip, write_aesthetic_pth
+    from testkit import L14, hf_clip, write_aesthetic_pth
 
     hf_clip(*L14).save_pretrained(tmp_path / "clip")
     write_aesthetic_pth(tmp_path / "mlp.pth", L14[0].projection_dim)
