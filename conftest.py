@@ -93,6 +93,6 @@ def tiny_ldm_file(tiny_sd_dir, tmp_path_factory):
 
 @pytest.fixture
 def tiny_sd(tiny_sd_dir):
-    """A fresh weights.StableDiffusion loaded from tiny_sd_dir (function scope: tests may train
-    it)."""
+    """A fresh stable_diffusion.StableDiffusion loaded from tiny_sd_dir (function scope: tests may
+    train it)."""
     return load_stable_diffusion(tiny_sd_dir)

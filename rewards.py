@@ -47,9 +47,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from clip import CLIPModel, CLIPTextConfig, CLIPVisionConfig, convert_hf_clip_keys
-from state_dicts import CheckpointError, read_state_dict
+from state_dicts import CheckpointError, load_strict, read_state_dict
 from tokenizer import CLIPTokenizer
-from weights import load_strict, read_json
+from weights import read_json
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -102,7 +102,7 @@ def sample(
     return SampleResult(latents=x_t, trajectory={"timesteps": timesteps, **stacked})
 
 
-# ---- Text-to-image with a weights.StableDiffusion
+# ---- Text-to-image with a stable_diffusion.StableDiffusion
 
 
 def image_size(sd, height: int | None = None, width: int | None = None) -> tuple[int, int]:

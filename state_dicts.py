@@ -4,7 +4,8 @@ Pickles are read with torch.load(weights_only=True), which unpickles tensors and
 only: a pickle that would run code (os.system, a class constructor) is refused, and the refusal
 names the callable. Every failure is a CheckpointError whose one-line message names the file and
 the reason. weights.py (Stable Diffusion checkpoints), lora.py (LoRA files) and rewards.py (reward
-weights) read through here.
+weights) read through here, and `load_strict` fills a module with what was read, naming the
+first missing, unexpected or mis-shaped key.
 """
 
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -79,3 +81,25 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CheckpointError(f"{path} is not a checkpoint: it holds no named tensors")
     return tensors
+
+
+def load_strict(module: nn.Module, state_dict: dict, source: str) -> nn.Module:
+    """load_state_dict(strict=True) naming `source` and the first bad key; a meta module takes the
+    tensors."""
+    expected = module.state_dict()
+    name = type(module).__name__
+    for kind, keys in (("missing", [k for k in expected if k not in state_dict]),
+                       ("unexpected", [k for k in state_dict if k not in expected])):
+        if keys:
+            raise CheckpointError(
+                f"{source}: {len(keys)} {kind} key(s) for {name}, first: '{keys[0]}'"
+            )
+    for key, tensor in expected.items():
+        if state_dict[key].shape != tensor.shape:
+            file_shape, model_shape = list(state_dict[key].shape), list(tensor.shape)
+            raise CheckpointError(f"{source}: mis-shaped key '{key}' for {name}: "
+                                  f"{file_shape} in the file, {model_shape} in the model")
+    module.load_state_dict(
+        state_dict, strict=True, assign=any(t.is_meta for t in expected.values())
+    )
+    return module

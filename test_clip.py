@@ -14,7 +14,7 @@ import torch
 
 from clip import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, convert_hf_clip_keys
 from rewards import load_clip
-from state_dicts import read_state_dict
+from state_dicts import load_strict, read_state_dict
 from testkit import (
     clip_tokenizer,
     hf_clip_kwargs,
@@ -23,7 +23,6 @@ from testkit import (
     shapes,
     tiny_vision_config,
 )
-from weights import load_strict
 
 
 def reference_config(text: CLIPTextConfig, vision: CLIPVisionConfig):

@@ -40,7 +40,7 @@ def test_identity_vae_has_the_autoencoder_interface():
     """The posterior is N(x, 0) with vae.DiagonalGaussian's fields; StableDiffusion.encode_images /
     decode_latents are the identity (up to [-1, 1] -> [0, 1]) on it, with or without posterior
     noise."""
-    from weights import StableDiffusion
+    from stable_diffusion import StableDiffusion
 
     vae = toy_model.IdentityVAE()
     x = torch.rand(2, 3, 16, 16) * 2 - 1

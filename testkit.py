@@ -22,10 +22,10 @@ from torch import nn
 
 from clip import HF_NAMES, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from scheduler import NoiseSchedule
+from stable_diffusion import StableDiffusion
 from tokenizer import BOS, EOS, CLIPTokenizer
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig
-from weights import StableDiffusion
 
 # The SD1.5 scheduler/scheduler_config.json values (DDIMScheduler's own defaults differ).
 SD15_SCHEDULER_CONFIG = dict(

@@ -35,7 +35,7 @@ import toy_model
 import toy_reward
 from pair_files import write_pairs_jsonl
 from sampler import generate
-from weights import StableDiffusion
+from stable_diffusion import StableDiffusion
 
 # The world: prompts and procedurally drawn images -------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The toy world's base model: the repository's modules at tiny size, pretrained on its pictures.
 
 toy.py hands this file its world (the prompts, draw() and the world's version) and gets back a
-weights.StableDiffusion; this file knows nothing else of the world, so imports run one way,
+stable_diffusion.StableDiffusion; this file knows nothing else of the world, so imports run one way,
 toy -> toy_model. The UNet and the text encoder are fitted together with L_simple,
 
     L = E_{x_0, t ~ U{0..999}, eps ~ N(0,I)} || eps - eps_pred(x_t, t, c) ||^2   (Ho et al. 2020,
@@ -36,9 +36,10 @@ from safetensors.torch import load_file, save_file
 from clip import CLIPTextConfig, CLIPTextModel
 from progress import bar
 from scheduler import NoiseSchedule
+from stable_diffusion import StableDiffusion
+from state_dicts import load_strict
 from tokenizer import CLIPTokenizer
 from unet import UNet2DConditionModel, UNetConfig
-from weights import StableDiffusion, load_strict
 
 # The toy caches: named by a hash of what made them, published atomically --------------------------
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from data import PreferencePairs, unit_pixels
 from dpo import dpo_loss
 from progress import bar
-from weights import load_strict
+from state_dicts import load_strict
 
 
 class ToyRewardModel(nn.Module):

@@ -14,44 +14,20 @@ Deviations from diffusers' loaders:
 """
 
 import dataclasses
-import itertools
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from clip import CLIPTextConfig, CLIPTextModel, convert_hf_clip_keys
 from lora import load_lora
 from scheduler import NoiseSchedule
-from state_dicts import SUFFIXES, CheckpointError, read_state_dict
+from stable_diffusion import StableDiffusion
+from state_dicts import SUFFIXES, CheckpointError, load_strict, read_state_dict
 from tokenizer import CLIPTokenizer
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig, convert_legacy_vae_keys
-
-
-def load_strict(module: nn.Module, state_dict: dict, source: str) -> nn.Module:
-    """load_state_dict(strict=True) naming `source` and the first bad key; a meta module takes the
-    tensors."""
-    expected = module.state_dict()
-    name = type(module).__name__
-    for kind, keys in (("missing", [k for k in expected if k not in state_dict]),
-                       ("unexpected", [k for k in state_dict if k not in expected])):
-        if keys:
-            raise CheckpointError(
-                f"{source}: {len(keys)} {kind} key(s) for {name}, first: '{keys[0]}'"
-            )
-    for key, tensor in expected.items():
-        if state_dict[key].shape != tensor.shape:
-            file_shape, model_shape = list(state_dict[key].shape), list(tensor.shape)
-            raise CheckpointError(f"{source}: mis-shaped key '{key}' for {name}: "
-                                  f"{file_shape} in the file, {model_shape} in the model")
-    module.load_state_dict(
-        state_dict, strict=True, assign=any(t.is_meta for t in expected.values())
-    )
-    return module
 
 
 def build(model_class, config, state_dict, source):
@@ -60,61 +36,6 @@ def build(model_class, config, state_dict, source):
     with torch.device("meta"):
         model = model_class(config)
     return load_strict(model, state_dict, source).eval()
-
-
-@dataclass
-class StableDiffusion:
-    """The frozen models run in their own parameter dtype with autocast off and return float32
-    (train.py's precision policy); a model without weights (the toy's identity VAE) carries its
-    dtype in a buffer."""
-
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    schedule: NoiseSchedule
-
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text conditioning: CLIP's last hidden state for the 77 padded tokens, [B, 77, D]
-        float32."""
-        device = self.text_encoder.text_model.embeddings.token_embedding.weight.device
-        with torch.autocast(device.type, enabled=False):
-            return self.text_encoder(self.tokenizer(prompts).to(device))[0].float()
-
-    def encode_images(
-        self, pixels: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """pixels [N, 3, H, W] in [-1, 1] -> latents [N, C, H/f, W/f] float32 scaled by
-        scaling_factor: the posterior sample mean + std * noise (AEVB's reparameterisation trick);
-        the mean if noise is None."""
-        device, dtype = _device_dtype(self.vae)
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            posterior = self.vae.encode(pixels.to(device, dtype))
-            latents = posterior.mean.float()
-            if noise is not None:
-                # The reparameterisation trick, AEVB Sec. 2.4.
-                latents = latents + posterior.std.float() * noise.to(device, torch.float32)
-        return latents * self.vae.config.scaling_factor
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [N, C, h, w] -> images [N, 3, H, W] in [0, 1] fp32, differentiable
-        (TailorPO-G)."""
-        device, dtype = _device_dtype(self.vae)
-        with torch.autocast(device.type, enabled=False):
-            images = self.vae.decode(
-                (latents.float() / self.vae.config.scaling_factor).to(device, dtype)
-            )
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def to(self, device=None, dtype=None):
-        for model in (self.unet, self.vae, self.text_encoder):
-            model.to(device=device, dtype=dtype)
-        return self
-
-
-def _device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    tensor = next(itertools.chain(module.parameters(), module.buffers()))
-    return tensor.device, tensor.dtype
 
 
 def load_stable_diffusion(path_or_hub_id, device="cpu", dtype=torch.float32) -> StableDiffusion:
