@@ -34,15 +34,6 @@ from typing import NamedTuple
 
 import torch
 
-SD15_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    set_alpha_to_one=False,
-    steps_offset=1,
-    clip_sample=False,
-)
 # diffusers' DDIMScheduler defaults: what a scheduler config means by an absent key.
 DIFFUSERS_DEFAULTS = dict(
     num_train_timesteps=1000,
@@ -57,6 +48,14 @@ DIFFUSERS_DEFAULTS = dict(
     thresholding=False,
     rescale_betas_zero_snr=False,
     trained_betas=None,
+)
+# SD1.5's scheduler/scheduler_config.json: where it differs from those defaults.
+SD15_CONFIG = DIFFUSERS_DEFAULTS | dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    steps_offset=1,
 )
 # The config keys that would change the math, and the only value implemented here.
 _REQUIRED = dict(
