@@ -278,10 +278,11 @@ def pm(stats: dict, sign: str = "") -> str:
 
 
 def legend(name: str, reward_fn) -> str:
-    """A metric's one-line legend: rewards.LEGENDS, else the first line of the docstring of its
-    function (or of the model a rewards.ModelReward wraps)."""
-    doc = (getattr(reward_fn, "model", reward_fn).__doc__ or "").strip().split("\n")[0]
-    return rewards.LEGENDS.get(name, doc)
+    """A metric's one-line legend: rewards.LEGENDS, else the first paragraph of the docstring of
+    its function (or of the model a rewards.ModelReward wraps), on one line."""
+    doc = getattr(reward_fn, "model", reward_fn).__doc__ or ""
+    first_paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    return rewards.LEGENDS.get(name, first_paragraph)
 
 
 def format_markdown(report: dict) -> str:
