@@ -186,7 +186,9 @@ def save_grid(folders: dict[str, Path], prompts: list[str], seeds: list[int], pa
               cell: int = 96):
     """Per prompt a caption line, then its base images | a gap | its aligned images (a column per
     seed)."""
-    columns, gap, caption = len(seeds), cell // 4, 14
+    columns = len(seeds)
+    gap = cell // 4
+    caption = 14
     width = 2 * columns * cell + gap
     grid = Image.new("RGB", (width, len(prompts) * (cell + caption) + caption), "white")
     draw = ImageDraw.Draw(grid)
@@ -217,10 +219,12 @@ def compare(aligned_sd, prompts: list[str], reward_fns: dict, seeds: list[int], 
     if base_sd is None and not has_lora:
         raise ValueError("compare: base_sd=None, but aligned_sd has no LoRA layers to switch off "
                          "(the base)")
-    out, sampler = Path(out_dir), {"num_steps": num_steps, "guidance": guidance, "eta": eta}
+    out = Path(out_dir)
+    sampler = {"num_steps": num_steps, "guidance": guidance, "eta": eta}
     folders = {kind: out / "images" / kind for kind in ("base", "aligned")}
     pairs = [(i, seed) for i in range(len(prompts)) for seed in seeds]
-    generated, scores = {}, {}
+    generated = {}
+    scores = {}
     for kind, folder in folders.items():
         sd = aligned_sd if kind == "aligned" or base_sd is None else base_sd
         # images of other settings (sampler, model, prompts) are refused
@@ -289,7 +293,8 @@ def format_markdown(report: dict) -> str:
     """The report as Markdown: effect sizes first (the mean change in each metric's units, then the
     win rate with near-ties as ties), the means, a legend line per metric; the published reference;
     per category."""
-    sampler, title = report["sampler"], report["prompt_set"] or "custom prompts"
+    sampler = report["sampler"]
+    title = report["prompt_set"] or "custom prompts"
     lines = [f"## {title}: {report['num_prompts']} prompts x {len(report['seeds'])} seeds = "
              f"{report['num_pairs']} pairs (DDIM {sampler['num_steps']} steps, guidance "
              f"{sampler['guidance']}, eta {sampler['eta']})", ""]

@@ -38,8 +38,10 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         nn.Module.__init__(self)  # nn.Linear.__init__ would allocate a second weight.
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
         self.scale = alpha / rank
         float32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # Deviation 3.
         self.lora_A = nn.Linear(base.in_features, rank, **float32)
@@ -152,6 +154,7 @@ def merge_lora(unet: nn.Module) -> nn.Module:
         plain = nn.Linear(
             module.in_features, module.out_features, module.bias is not None, device="meta"
         )
-        plain.weight, plain.bias = module.weight, module.bias  # The same Parameters, no copy.
+        plain.weight = module.weight
+        plain.bias = module.bias  # The same Parameters, no copy.
         unet.set_submodule(name, plain)
     return unet

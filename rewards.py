@@ -240,7 +240,9 @@ class PixelReward(Reward):
 
     def __init__(self, fn, differentiable: bool = True):
         super().__init__()
-        self.fn, self.name, self.differentiable = fn, fn.__name__, differentiable
+        self.fn = fn
+        self.name = fn.__name__
+        self.differentiable = differentiable
 
     def score(self, images, prompts):
         return self.fn(images)
@@ -271,7 +273,10 @@ class CLIPReward(Reward):
         mlp: nn.Module | None = None,
     ):
         super().__init__()
-        self.name, self.clip, self.tokenizer, self.mlp = name, clip, tokenizer, mlp
+        self.name = name
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.mlp = mlp
         self.requires_grad_(False).eval()
 
     def score(self, images, prompts):
@@ -357,7 +362,8 @@ class ModelReward(Reward):
 
     def __init__(self, name: str, model: nn.Module):
         super().__init__()
-        self.name, self.model = name, model
+        self.name = name
+        self.model = model
 
     def score(self, images, prompts):
         return self.model(images, prompts)

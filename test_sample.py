@@ -310,7 +310,6 @@ def test_cli_bad_lora_file_is_one_line_and_runs_no_code(tiny_sd_dir, tmp_path, k
     ran."""
     import subprocess
     import sys
-    import time
 
     from safetensors.torch import save_file
 
@@ -326,7 +325,6 @@ def test_cli_bad_lora_file_is_one_line_and_runs_no_code(tiny_sd_dir, tmp_path, k
         torch.save({"unet.x.lora_A.weight": RunsCode(tmp_path / "pwned")}, path)
     else:
         path, reason = write_bad_file(tmp_path, kind)
-    start = time.monotonic()
     done = subprocess.run(
         [
             sys.executable,
@@ -347,7 +345,7 @@ def test_cli_bad_lora_file_is_one_line_and_runs_no_code(tiny_sd_dir, tmp_path, k
         cwd=Path(sample_cli.__file__).parent,
         timeout=120,
     )
-    assert done.returncode != 0 and time.monotonic() - start < 60
+    assert done.returncode != 0 and not (tmp_path / "g.png").exists()
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"sample.py: {path}")
     assert re.search(reason, done.stderr), done.stderr
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "g.png").exists()

@@ -196,14 +196,16 @@ def diffusers_to_ldm(unet, vae, text, unet_layers, vae_levels):
     for key, tensor in unet.items():
         parts = key.split(".")
         if parts[0] == "down_blocks":
-            level, kind = int(parts[1]), parts[2]
+            level = int(parts[1])
+            kind = parts[2]
             if kind == "downsamplers":
                 parts = ["input_blocks", str(1 + level * n + unet_layers), "0", "op"] + parts[5:]
             else:
                 index = 1 + level * n + int(parts[3])
                 parts = ["input_blocks", str(index), "0" if kind == "resnets" else "1"] + parts[4:]
         elif parts[0] == "up_blocks":
-            level, kind = int(parts[1]), parts[2]
+            level = int(parts[1])
+            kind = parts[2]
             if (
                 kind == "upsamplers"
             ):  # sits after the ResNet, and after the attention if the level has one
@@ -278,7 +280,10 @@ class UNetCallCounter:
     """
 
     def __init__(self, *modules):
-        self.modules, self.handles, self.calls, self.rows = modules, [], 0, 0
+        self.modules = modules
+        self.handles = []
+        self.calls = 0
+        self.rows = 0
 
     def _count(self, module, args, kwargs):
         self.calls += 1

@@ -106,7 +106,8 @@ class CLIPTokenizer:
         text_cleaning: str = "hf",
         max_length: int = 77,
     ):
-        self.vocab, self.merges = vocab, merges
+        self.vocab = vocab
+        self.merges = merges
         self.text_cleaning = text_cleaning
         self.max_length = max_length
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}

@@ -5,7 +5,7 @@
 Each block prints an equation as its paper writes it (scheduler.py's notation) and its source; the
 code line implementing it, read live from the source (by its `# Eq.` tag or a marker) so the walk
 cannot drift from the code; the values on this step, from the library's own functions; the papers'
-identities with residuals within float32 bounds (Higham's gamma_n = n u / (1 - n u), u = 2^-24).
+identities with residuals within float32 bounds (walkthrough_blocks.py shows a walk).
 Choices where the papers and the issue are silent:
 1. The policy is the model with fresh LoRA adapters (B = 0, as training starts), the reference the
    same UNet with them off: at step 0 both agree bit for bit, so the DPO loss is exactly log 2.
@@ -14,14 +14,11 @@ Choices where the papers and the issue are silent:
 """
 
 import functools
-import inspect
 import math
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 import dpo
 import lora
@@ -33,107 +30,11 @@ import weights
 from config import ConfigError, Parser
 from data import PreferencePairs, collate
 from scheduler import NoiseSchedule, gaussian_log_prob, keyed_randn
+from walkthrough_blocks import Walk, counted_calls, gamma, save_strip
 
 PAIRS = 16  # candidate pairs from one x_t for the direction argument (test_tailorpo.py uses 64)
-UNIT_ROUNDOFF = torch.finfo(torch.float32).eps / 2  # u = 2^-24
 SD15_DPO = {"beta": 5000.0, "learning_rate": 1e-5, "lora_rank": 8, "lora_alpha": 8.0}  # README
 SD15_ONLINE = {"learning_rate": 3e-5, "lora_rank": 8, "lora_alpha": 8.0}  # README's TailorPO-G
-
-
-def gamma(n: int) -> float:
-    """Higham's bound on the relative error of n float32 roundings in a row."""
-    return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
-
-
-def code_line(function, marker: str) -> tuple[str, int, str] | None:
-    """(file, line number, text) of the first line of `function`'s source containing `marker`."""
-    function = inspect.unwrap(function)
-    lines, start = inspect.getsourcelines(function)
-    name = Path(inspect.getsourcefile(function)).name  # the library is one folder
-    found = [(start + offset, text.strip()) for offset, text in enumerate(lines) if marker in text]
-    return (name, *found[0]) if found else None
-
-
-def describe(value) -> str:
-    """A tensor's shape and norm (values if at most 4); a float's 6 digits; a tuple side by side."""
-    if isinstance(value, tuple):
-        return " | ".join(describe(item) for item in value)
-    if torch.is_tensor(value):
-        value = value.detach().float().cpu()
-        if value.numel() <= 4:
-            return ", ".join(f"{v:.6g}" for v in value.flatten().tolist())
-        return f"{list(value.shape)} norm {value.norm():.5g}"
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-class Block:
-    """One numbered step of a walk: its equation and source, code lines, values and checks."""
-
-    def __init__(self, number: str, title: str, source: str, equation: str, code):
-        self.number, self.title, self.source, self.equation = number, title, source, equation
-        self.code = [(marker, code_line(function, marker)) for function, marker in code]
-        self.values, self.checks = [], []
-
-    def value(self, name: str, value) -> "Block":
-        self.values.append((name, describe(value)))
-        return self
-
-    def check(self, claim: str, residual, tolerance: float) -> "Block":
-        residual = abs(float(residual))
-        self.checks.append((claim, residual, tolerance, residual <= tolerance))
-        return self
-
-    def show(self):
-        equation = self.equation.replace("\n", "\n      ")
-        print(f"\n{self.number} {self.title}   [{self.source}]\n      {equation}")
-        for marker, found in self.code:
-            print("    code  {}:{}  {}".format(*found) if found else f"    NO CODE {marker}")
-        for name, text in self.values:
-            print(f"    {name:<29}  {text}")
-        for claim, residual, tolerance, ok in self.checks:
-            print(f"    {'PASS' if ok else 'FAIL'}  {claim}: {residual:.3g} <= {tolerance:.3g}")
-
-
-class Walk(list):
-    """The blocks of one walk, numbered "1.1", "1.2", ... as they are added, and its pictures."""
-
-    def __init__(self, number: int, title: str):
-        super().__init__()
-        self.number, self.title, self.pictures = number, title, []
-
-    def block(self, title: str, source: str, equation: str, *code) -> Block:
-        self.append(Block(f"{self.number}.{len(self) + 1}", title, source, equation, code))
-        return self[-1]
-
-    def show(self):
-        print(f"\n==== {self.number}. {self.title}")
-        for block in self:
-            block.show()
-        print("".join(f"\n    picture: {path}" for path in self.pictures))
-
-
-@contextmanager
-def counted_calls(module):
-    """`with counted_calls(sd.unet) as calls:` ... len(calls): the number of forward calls."""
-    calls = []
-    handle = module.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
-
-
-def save_strip(path: Path, tiles: list[tuple[str, torch.Tensor]], size: int = 128) -> Path:
-    """Labelled square images [3 or 1, h, w] in [0, 1], upscaled (nearest) to `size`, in a row."""
-    strip = Image.new("RGB", (len(tiles) * (size + 8), size + 16), "white")
-    for index, (label, image) in enumerate(tiles):
-        pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-        picture = Image.fromarray(pixels.expand(3, -1, -1).permute(1, 2, 0).numpy())
-        strip.paste(picture.resize((size, size), Image.NEAREST), (index * (size + 8), 0))
-        ImageDraw.Draw(strip).text((index * (size + 8), size + 2), label, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    strip.save(path)
-    return path
 
 
 def lora_policy(s, rank: int, alpha: float):
@@ -153,14 +54,19 @@ def lora_policy(s, rank: int, alpha: float):
 
 
 def walk_ddim(s) -> Walk:
-    sd, schedule, steps, eta = s.sd, s.sd.schedule, s.tailorpo.num_steps, s.tailorpo.eta
+    sd = s.sd
+    schedule = s.sd.schedule
+    steps = s.tailorpo.num_steps
+    eta = s.tailorpo.eta
     walk = Walk(1, f"DDIM: step {s.step} of {steps}, prompt {s.prompt!r}")
-    cond, uncond = sd.encode_prompts([s.prompt]), sd.encode_prompts([""])
+    cond = sd.encode_prompts([s.prompt])
+    uncond = sd.encode_prompts([""])
     x_T = keyed_randn(s.seed, [0], (sd.unet.config.in_channels, *[sd.unet.config.sample_size] * 2),
                       "walk_x_T")
     sampled = sampler.sample(sd.unet, schedule, cond, uncond, x_T, steps, s.guidance, record=True,
                              progress=False)  # DDIM with eta = 0, every step recorded
-    x_t, t = sampled.trajectory["x_t"][s.step], int(sampled.trajectory["timesteps"][s.step])
+    x_t = sampled.trajectory["x_t"][s.step]
+    t = int(sampled.trajectory["timesteps"][s.step])
     eps_pred = sampler.guided_eps(sd.unet, x_t, t, cond, uncond, s.guidance)
     noise, other_noise = keyed_randn(s.seed, [0, 1], x_t.shape[1:], "walk_z").chunk(2)
     step = schedule.ddim_step(eps_pred, t, x_t, steps, eta, noise)
@@ -201,7 +107,10 @@ def walk_ddim(s) -> Walk:
 
 
 def walk_dpo(s) -> Walk:
-    sd, beta, seed, positions = s.sd, s.dpo["beta"], s.seed, [0]
+    sd = s.sd
+    beta = s.dpo["beta"]
+    seed = s.seed
+    positions = [0]
     params, reference = lora_policy(s, s.dpo["lora_rank"], s.dpo["lora_alpha"])
     if s.toy:  # the toy's first pair, as data.py's batches carry it (uint8 pixels)
         batch = collate([PreferencePairs(s.world.pairs_folder(), s.dpo["resolution"], hflip=False,
@@ -222,8 +131,10 @@ def walk_dpo(s) -> Walk:
         .value("prompt c", repr(batch["prompts"][0])) \
         .value("pixels_w (uint8) | x_0^w | x_0^l", (batch["pixels_w"], *x_0.chunk(2)))
     t, eps = dpo.keyed_t_and_eps(sd, x_0[:1], seed, positions)
-    t, eps = t.repeat(2), eps.repeat(2, 1, 1, 1)  # one draw for the winner and the loser
-    x_t, alpha_bar_t = sd.schedule.add_noise(x_0, eps, t), sd.schedule.alpha_bar(t[0]).item()
+    t = t.repeat(2)
+    eps = eps.repeat(2, 1, 1, 1)  # one draw for the winner and the loser
+    x_t = sd.schedule.add_noise(x_0, eps, t)
+    alpha_bar_t = sd.schedule.alpha_bar(t[0]).item()
     walk.block("shared t and eps; x_t of winner and loser", "DDPM Eq. 4; dpo.py deviation 3",
                "t ~ U{0..T-1}, eps ~ N(0, I): one draw for both\n"
                "x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps",
@@ -282,18 +193,25 @@ def log_ratio_tolerance(x, mean_theta, mean_ref, sigma_t) -> float:
 
 
 def walk_tailorpo(s) -> Walk:
-    sd, schedule, cfg, i, rows = s.sd, s.sd.schedule, s.tailorpo, s.step, [0]
+    sd = s.sd
+    schedule = s.sd.schedule
+    cfg = s.tailorpo
+    i = s.step
+    rows = [0]
     params, reference = lora_policy(s, s.online["lora_rank"], s.online["lora_alpha"])
     walk = Walk(3, f"TailorPO and TailorPO-G: step {i} of {cfg.num_steps}, prompt {s.prompt!r}")
-    cond, uncond = sd.encode_prompts([s.prompt]), sd.encode_prompts([""])
+    cond = sd.encode_prompts([s.prompt])
+    uncond = sd.encode_prompts([""])
     run = tailorpo.Rollout(sd, s.reward, {"prompts": [s.prompt], "positions": [0]}, cond, uncond,
                            cfg, s.seed)
     with counted_calls(sd.unet) as rollout_calls:  # the library's rollout, all steps trained
         pairs, _ = tailorpo.rollout_tailorpo(run, guided=False)
-    x_t, t = pairs["x_t"][pairs["t"] == run.timesteps[i]], run.timesteps[i]  # one row per step
+    x_t = pairs["x_t"][pairs["t"] == run.timesteps[i]]
+    t = run.timesteps[i]  # one row per step
     eps_pred = run.eps(x_t, t, rows)
     step = schedule.ddim_step(eps_pred, t, x_t, cfg.num_steps, cfg.eta)
-    t_prev, sigma_t = schedule.prev_timestep(t, cfg.num_steps), step.sigma_t
+    t_prev = schedule.prev_timestep(t, cfg.num_steps)
+    sigma_t = step.sigma_t
     x_0, x_1 = (step.mean + sigma_t * run.noise(f"step{i}/{k}") for k in (0, 1))
     walk.block("x_t on a rollout, and two candidates from the same mean", "TailorPO Fig. 3",
                "x_T ~ N(0, I), DDIM steps (Eq. 12) down to x_t, then\n"
@@ -370,9 +288,11 @@ def walk_tailorpo(s) -> Walk:
         .check("closed form = difference of scheduler.gaussian_log_prob",
                (ratios - torch.cat(log_probs[::2]) + torch.cat(log_probs[1::2])).abs().max(),
                max(log_ratio_tolerance(x, *means) for x in (x_w, x_l)))
-    x, eps = torch.cat([x_w, x_l]), torch.cat([eps_w, eps_l])
+    x = torch.cat([x_w, x_l])
+    eps = torch.cat([eps_w, eps_l])
     for j in range(i + 1, cfg.num_steps):  # both to x_0 with the same noise (common random numbers)
-        t_j, noise = run.timesteps[j], run.noise(f"step{j}/0").repeat(2, 1, 1, 1)
+        t_j = run.timesteps[j]
+        noise = run.noise(f"step{j}/0").repeat(2, 1, 1, 1)
         x = schedule.ddim_step(eps, t_j, x, cfg.num_steps, cfg.eta, noise).x_prev
         eps = run.eps(x, schedule.prev_timestep(t_j, cfg.num_steps), rows * 2)
     final = run.reward(x, None, -1, rows * 2)
@@ -408,10 +328,14 @@ def settings(argv: list[str]):
     parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale of the DDIM walk")
     parser.add_argument("--out", default="out/walkthrough", help="the pictures' folder")
     s = parser.parse_args(argv)
-    s.toy, s.out, s.dpo, s.online = s.model == toy.MODEL, Path(s.out), SD15_DPO, SD15_ONLINE
+    s.toy = s.model == toy.MODEL
+    s.out = Path(s.out)
+    s.dpo = SD15_DPO
+    s.online = SD15_ONLINE
     if s.toy:  # the toy door: its train.py defaults are the walks' settings
         s.world = toy.world()
-        s.dpo, s.online = s.world.defaults["dpo"], s.world.defaults["tailorpo"]
+        s.dpo = s.world.defaults["dpo"]
+        s.online = s.world.defaults["tailorpo"]
     s.prompt = s.prompt or (s.world.prompts[0] if s.toy else "a photo of a cat")
     fields = {key.split(".")[1]: v for key, v in s.online.items() if key.startswith("tailorpo.")}
     s.tailorpo = tailorpo.TailorPOConfig(**fields)

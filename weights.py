@@ -133,7 +133,8 @@ def load_diffusers_folder(folder: Path) -> StableDiffusion:
                                   convert_hf_clip_keys, "model")
 
     tokenizer_folder = folder / "tokenizer"
-    vocab, merges = tokenizer_folder / "vocab.json", tokenizer_folder / "merges.txt"
+    vocab = tokenizer_folder / "vocab.json"
+    merges = tokenizer_folder / "merges.txt"
     if vocab.is_file() and merges.is_file():  # SD1.5's files.
         tokenizer = CLIPTokenizer.from_files(vocab, merges)
     elif (tokenizer_folder / "tokenizer.json").is_file():  # transformers >= 5 writes only this.
