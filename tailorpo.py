@@ -33,6 +33,7 @@ Deviations from the paper and peer code (hyperparameter choices: beside each Tai
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -42,6 +43,7 @@ from config import opt
 from dpo import dpo_loss
 from sampler import guided_eps
 from scheduler import keyed_generator, keyed_randn
+from stable_diffusion import StableDiffusion
 
 METHODS = ("tailorpo", "tailorpo-g", "trajectory")
 
@@ -205,24 +207,27 @@ def trained_rows(cfg: TailorPOConfig, seed: int, positions) -> list[list[int]]:
     return [[row for row, mine in enumerate(chosen) if i in mine] for i in range(cfg.num_steps)]
 
 
+@dataclass(eq=False)
 class Rollout:
     """What both rollouts share: the timesteps, the trained rows, keyed noise, the policy's
     eps_pred and the step-wise rewards of a batch of prompts."""
 
-    def __init__(self, sd, reward_fn, batch: dict, cond, uncond, cfg: TailorPOConfig, seed: int):
-        self.sd = sd
-        self.reward_fn = reward_fn
-        self.cond = cond
-        self.uncond = uncond
-        self.cfg = cfg
-        self.seed = seed
-        self.prompts = batch["prompts"]
-        self.positions = batch["positions"]
-        self.rows = list(range(len(cond)))  # every prompt of the batch
-        size = cfg.latent_size or sd.unet.config.sample_size
-        self.shape = (sd.unet.config.in_channels, size, size)
-        self.timesteps = sd.schedule.ddim_timesteps(cfg.num_steps).tolist()
-        self.trained = trained_rows(cfg, seed, self.positions)
+    sd: StableDiffusion
+    reward_fn: Callable  # reward_fn(images [B, 3, H, W] in [0, 1], prompts) -> [B]
+    batch: dict  # {"prompts": list[str], "positions": list[int]}
+    cond: torch.Tensor  # the prompts' text conditioning [B, 77, D]
+    uncond: torch.Tensor  # the empty prompt's [1, 77, D]
+    cfg: TailorPOConfig
+    seed: int
+
+    def __post_init__(self):
+        self.prompts = self.batch["prompts"]
+        self.positions = self.batch["positions"]
+        self.rows = list(range(len(self.cond)))  # every prompt of the batch
+        size = self.cfg.latent_size or self.sd.unet.config.sample_size
+        self.shape = (self.sd.unet.config.in_channels, size, size)
+        self.timesteps = self.sd.schedule.ddim_timesteps(self.cfg.num_steps).tolist()
+        self.trained = trained_rows(self.cfg, self.seed, self.positions)
 
     def noise(self, stream: str, rows=None) -> torch.Tensor:
         """N(0, I) [len(rows), C, h, w] (every row by default), keyed by (seed, position,
