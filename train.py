@@ -52,8 +52,8 @@ import weights
 from config import opt
 from tailorpo import TailorPOConfig
 
-METHODS = ("dpo", "sft") + tailorpo.METHODS
 PAIRS = ("dpo", "sft")
+METHODS = PAIRS + tailorpo.METHODS
 LIVE_METRICS = {"loss": "loss", "implicit_accuracy": "acc", "val_implicit_accuracy": "val_acc",
                 "eval_reward": "reward", "grad_norm": "grad"}  # the bar's short names
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -169,8 +169,7 @@ def validate(cfg: TrainConfig, world):
 
 
 class Precision(torch.nn.Module):
-    """The precision policy's autocast region around a UNet (or its DDP wrapper): the forward runs
-    in `dtype` and returns float32."""
+    """The precision policy's autocast around a UNet (or DDP): runs in `dtype`, returns float32."""
 
     def __init__(self, unet: torch.nn.Module, dtype: torch.dtype):
         super().__init__()
@@ -440,6 +439,7 @@ def main(argv: list[str] | None = None):
             report_folder = final_report(cfg, world, eval_sd, base_sd, items, chosen)
         print("files:", *files_written(cfg, plots, report_folder), sep="\n")
     if world_size > 1:
+        del train_sd, ddp_unet  # DDP's reducer holds the group: freed after it, gloo hangs
         dist.destroy_process_group()
 
 
