@@ -373,8 +373,10 @@ def main(argv=None) -> dict:
     p.add_argument("--out_dir", default="out/evaluate",
                    help="folder for images/, report.md, report.json and grid.png (train.py's runs "
                    "write to out/<method>, their reports to OUT_DIR/eval)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the frozen weights")
     try:  # every option and file is checked before a model is loaded; each error is one line
         return evaluate_main(p.parse_args(argv))
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:

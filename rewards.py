@@ -421,7 +421,7 @@ def main():
     score.add_argument(
         "--path", action="append", default=[], metavar="KEY=FILE", help="e.g. mlp_path=a.pth"
     )
-    score.add_argument("--device", default="cpu")
+    score.add_argument("--device", default="cpu", help="torch device")
     args = parser.parse_args()
     try:  # a missing or bad weight file: one line, no traceback
         if args.command == "convert":

@@ -223,3 +223,23 @@ def test_a_redirected_progress_bar_writes_a_line_every_five_percent(tmp_path):
     assert all(line.startswith("pretraining: ") for line in lines)
     assert max(len(line) for line in lines) <= 80
     assert "1000/1000" in lines[-1]
+
+
+def options_without_help(help_text: str) -> list[str]:
+    """The options whose --help line has no explanation: argparse writes an explanation on the
+    option's own line after a gap of two spaces, or on the next line, indented past the options."""
+    lines = help_text.splitlines() + [""]
+    bare = []
+    for line, next_line in zip(lines, lines[1:]):
+        if not re.match(r"^  -", line):
+            continue
+        explained_here = re.search(r"\S {2,}\S", line.strip())
+        explained_below = re.match(r"^ {8,}[^\s-]", next_line)
+        if not (explained_here or explained_below):
+            bare.append(line.strip())
+    return bare
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_help_explains_every_option(helps, name):
+    assert options_without_help(helps[name].stdout) == []
