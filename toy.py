@@ -265,15 +265,15 @@ _COMMON = {
 }
 _PAIRS = {  # Diffusion-DPO and SFT on make_pairs(); steps, batch and lr: bench/results/toy_sweep.md
     **_COMMON,
-    "max_steps": 300,
+    "max_steps": 600,
     "batch_size": 16,
-    "learning_rate": 5e-3,
+    "learning_rate": 4e-3,
     # The official 5000 is for SD latents, D = 4*64*64 elements: the mean-MSE convention divides the
     # paper's beta by D, and 5000 * 768 / 16384 ~ 250 is the same paper beta for D = 3*16*16.
     "beta": 250.0,
     "prompt_dropout": 0.2,  # official
     "val_pairs": 256,
-    "eval_every": 50,  # the held-out validation curve (fixed noise and t)
+    "eval_every": 100,  # the held-out validation curve (fixed noise and t)
 }
 # The online methods: 4 prompts per step from TRAIN_PROMPTS; beta 10.
 _ONLINE = {**_COMMON, "max_steps": 100, "batch_size": 4}
