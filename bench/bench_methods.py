@@ -287,11 +287,13 @@ def bar_chart(path: str, groups: dict[str, dict[str, tuple[float, float]]], titl
     for p, (metric, bars) in enumerate(panels):
         left = p * width + margin
         low = min(0.0, min(m - s for m, s in bars.values()))
-        high = max(m + s for m, s in bars.values())
-        high = high + 0.05 * (high - low)
+        high = max(0.0, max(m + s for m, s in bars.values()))
+        span = high - low
+        low = low - 0.1 * span * (low < 0)  # room for the values' labels
+        high = high + 0.12 * span
         y = lambda v, low=low, high=high: height - 30 - (v - low) / (high - low) * (height - 60)
         draw.text((left, 16), metric, fill="black", font=font)
-        draw.line([(left, y(low)), (left + width - margin - 10, y(low))], fill="black")
+        draw.line([(left, y(0.0)), (left + width - margin - 10, y(0.0))], fill="black")
         slot = (width - margin - 10) / len(bars)
         for i, (name, (mean, se)) in enumerate(bars.items()):
             x0 = left + i * slot + 3
@@ -304,7 +306,14 @@ def bar_chart(path: str, groups: dict[str, dict[str, tuple[float, float]]], titl
                 draw.line([(centre - 4, y(mean + se)), (centre + 4, y(mean + se))], fill="black")
                 draw.line([(centre - 4, y(mean - se)), (centre + 4, y(mean - se))], fill="black")
             draw.text((centre, height - 26), name[:10], fill="black", font=font, anchor="ma")
-            draw.text((centre, y(mean) - 12), f"{mean:.3g}", fill="black", font=font, anchor="ma")
+            # The value sits past the end of its error bar: above a positive bar, below a negative.
+            reach = se if math.isfinite(se) else 0.0
+            if mean >= 0:
+                draw.text((centre, y(mean + reach) - 3), f"{mean:.2g}", fill="black", font=font,
+                          anchor="md")
+            else:
+                draw.text((centre, y(mean - reach) + 3), f"{mean:.2g}", fill="black", font=font,
+                          anchor="ma")
     image.save(path)
     return path
 
