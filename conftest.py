@@ -39,9 +39,8 @@ def tiny_sd_dir(tmp_path_factory):
     scheduler/."""
     folder = tmp_path_factory.mktemp("tiny_sd")
     build_tiny_pipeline().save_pretrained(folder, safe_serialization=True)
-    shutil.rmtree(
-        folder / "tokenizer"
-    )  # the tokenizer files are exactly those our tokenizer writes
+    # The tokenizer files are exactly those our tokenizer writes.
+    shutil.rmtree(folder / "tokenizer")
     save_hf_tokenizer(clip_tokenizer(), folder / "tokenizer")
     return folder
 

@@ -292,9 +292,9 @@ class CLIPReward(Reward):
         cosine = (image_features * text_features).sum(dim=-1)
         if self.name == "pickscore":
             return self.clip.logit_scale.exp() * cosine
-        return (
-            100 * cosine.clamp(min=0) if self.name == "clipscore" else cosine
-        )  # hpsv2: the cosine
+        if self.name == "clipscore":
+            return 100 * cosine.clamp(min=0)
+        return cosine  # HPSv2's score is the cosine itself.
 
 
 def load_aesthetic(
@@ -305,9 +305,8 @@ def load_aesthetic(
     clip = load_clip(
         clip_path, CLIPTextConfig.sd15(), CLIPVisionConfig.vit_l14(), f"aesthetic {VIT_L14}"
     )
-    mlp = (
-        nn.Sequential()
-    )  # named as in the .pth: layers.{0,2,4,6,7}; no ReLUs (commented out upstream)
+    # Named as in the .pth: layers.{0,2,4,6,7}; no ReLUs (they are commented out upstream).
+    mlp = nn.Sequential()
     mlp.layers = nn.Sequential(
         nn.Linear(clip.visual_projection.out_features, 1024),
         nn.Dropout(0.2),
@@ -324,25 +323,21 @@ def load_aesthetic(
     return CLIPReward("aesthetic", clip, mlp=mlp)
 
 
+def load_vit_h14(path, what: str, convert=convert_hf_clip_keys) -> CLIPModel:
+    """The OpenCLIP ViT-H/14 that PickScore and HPSv2 fine-tune, read as load_clip reads it."""
+    return load_clip(path, CLIPTextConfig.vit_h14_text(), CLIPVisionConfig.vit_h14(), what, convert)
+
+
 def load_pickscore(path="weights/PickScore_v1") -> CLIPReward:
     """path: the HF yuvalkirstain/PickScore_v1 folder (or its model.safetensors)."""
-    clip = load_clip(
-        path,
-        CLIPTextConfig.vit_h14_text(),
-        CLIPVisionConfig.vit_h14(),
-        "PickScore (HF yuvalkirstain/PickScore_v1)",
-    )
+    clip = load_vit_h14(path, "PickScore (HF yuvalkirstain/PickScore_v1)")
     return CLIPReward("pickscore", clip, CLIPTokenizer.default())
 
 
 def load_hpsv2(path="weights/HPS_v2.1_compressed.pt") -> CLIPReward:
     """path: HPS_v2(.1)_compressed.pt (HF xswu/HPSv2): an OpenCLIP ViT-H-14 in open_clip names."""
-    clip = load_clip(
-        path,
-        CLIPTextConfig.vit_h14_text(),
-        CLIPVisionConfig.vit_h14(),
-        "HPSv2 (HPS_v2.1_compressed.pt, HF xswu/HPSv2)",
-        convert_open_clip_keys,
+    clip = load_vit_h14(
+        path, "HPSv2 (HPS_v2.1_compressed.pt, HF xswu/HPSv2)", convert_open_clip_keys
     )
     return CLIPReward("hpsv2", clip, CLIPTokenizer.default(text_cleaning="openai"))
 

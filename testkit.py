@@ -181,9 +181,8 @@ def diffusers_to_ldm(unet, vae, text, unet_layers, vae_levels):
 
     unet_layers = layers_per_block of the UNet; vae_levels = len(vae block_out_channels).
     """
-    n = (
-        unet_layers + 1
-    )  # LDM numbers every (ResNet[, attention]) pair and every resampler in one list
+    # LDM numbers every (ResNet[, attention]) pair and every resampler in one list.
+    n = unet_layers + 1
     resnet_names = {
         "norm1": "in_layers.0",
         "conv1": "in_layers.2",
@@ -250,9 +249,8 @@ def diffusers_to_ldm(unet, vae, text, unet_layers, vae_levels):
         parts = new.split(".")
         if parts[1] in ("down_blocks", "up_blocks"):
             down = parts[1] == "down_blocks"
-            level = (
-                int(parts[2]) if down else vae_levels - 1 - int(parts[2])
-            )  # LDM decoder levels count up
+            # LDM numbers the decoder's levels from the image end, diffusers' from the latent end.
+            level = int(parts[2]) if down else vae_levels - 1 - int(parts[2])
             kind = {
                 "resnets": ["block", parts[4]],
                 "downsamplers": ["downsample"],
