@@ -348,6 +348,17 @@ def test_the_door_builds_nothing_until_asked(monkeypatch):
     assert set(world.sampling) == {"num_steps", "guidance", "eta"}
 
 
+def test_a_new_reward_model_version_trains_a_new_cached_model(tiny_toy, monkeypatch):
+    """toy_reward.VERSION is part of the reward model's cache name: once it is bumped for a change
+    in what the training learns, a cache written by the old code no longer serves the old model."""
+    toy.load_reward_model()
+    before = set(tiny_toy.glob("pairs-*/reward-*.safetensors"))
+    monkeypatch.setattr(toy_reward, "VERSION", toy_reward.VERSION + 1)
+    toy.load_reward_model()
+    after = set(tiny_toy.glob("pairs-*/reward-*.safetensors"))
+    assert before and len(after - before) == 1
+
+
 def test_the_door_reaches_the_cached_models(tiny_toy):
     """load_model, pairs_folder and reward go to the (here: test-size) caches;
     evaluate.load_rewards gives the door's reward model behind rewards.Reward's checks (the same

@@ -367,7 +367,7 @@ def load_reward_model(
     config = config or toy_reward.RewardModelConfig()
     pairs_folder = pairs_folder or make_pairs(cache_dir, progress=progress)
     pairs_name = os.path.basename(os.path.normpath(pairs_folder))
-    key = toy_model.hash_key({"pairs": pairs_name, **asdict(config)})
+    key = toy_model.hash_key({"pairs": pairs_name, "version": toy_reward.VERSION, **asdict(config)})
     path = os.path.join(pairs_folder, f"reward-{key}.safetensors")
     channels = 5 + len(SHAPES)  # reward_features' maps
     return toy_reward.load_reward_model(

@@ -54,6 +54,11 @@ class ToyRewardModel(nn.Module):
         return self.head(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)).squeeze(1)
 
 
+# Part of the cache key (toy.load_reward_model): bump it when train_reward_model learns other
+# weights from the same pairs and config, or every existing cache keeps serving the old model.
+VERSION = 2
+
+
 @dataclass
 class RewardModelConfig:
     width: int = 16  # ToyRewardModel channels
