@@ -127,6 +127,17 @@ def test_readme_paper_to_code_table_names_code_that_exists():
     assert unresolved == []
 
 
+def test_readme_excerpt_shows_todays_code_lines():
+    """The README's walkthrough excerpt says its line numbers are those of the code today: each
+    `code  file.py:N  text` line there is line N of that file."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = re.findall(r"^ +code  (\w+\.py):(\d+)  (.+)$", text, flags=re.MULTILINE)
+    assert len(shown) >= 4, shown
+    for name, number, line in shown:
+        source = (ROOT / name).read_text(encoding="utf-8").splitlines()
+        assert source[int(number) - 1].strip() == line
+
+
 def refuse_to_build(*args, **kwargs):
     raise AssertionError("a model was built before the options were checked")
 

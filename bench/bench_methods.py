@@ -1,7 +1,7 @@
 """Both papers' claims on the toy world, at an equal UNet budget, judged by the hidden utility
 (toy.py).
 
-    python -m bench.bench_methods                 # ~15 min on the 2-core CPU
+    python -m bench.bench_methods                 # ~8 min on the 2-core CPU
     python -m bench.bench_methods --seeds 0,1 --budget 3000 --betas 250 --out /tmp/quick  # a look
 
 Every run starts from the toy base model with a fresh LoRA (rank 4, the method's toy.TRAIN_DEFAULTS
@@ -388,9 +388,9 @@ def report(
         z = (mean_a - mean_b) / math.sqrt(se_a**2 + se_b**2)
         holds = abs(z) < 2 if relation == "~" else z >= 2
         lines.append(
-            f"- {claim}: {mean_a:.3f} vs {mean_b:.3f}, z = {z:+.1f}: "
+            f"- {claim}: {mean_a:.3f} vs {mean_b:.3f}, z = {z:+.3f}: "
             f"{'holds' if holds else 'does NOT hold'} here"
-            f"{' (|z| < 2)' if relation == '~' else ' (z >= 2)'}."
+            f"{' (it needs |z| < 2)' if relation == '~' else ' (it needs z >= 2)'}."
         )
     lines += [
         "",
