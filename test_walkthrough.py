@@ -43,6 +43,11 @@ def blocks(walks):
     return [block for walk in walks for block in walk]
 
 
+def source_line(name: str, number: int) -> str:
+    """Line `number` (from 1) of the repository file `name`, stripped as the walk prints it."""
+    return (ROOT / name).read_text(encoding="utf-8").splitlines()[number - 1].strip()
+
+
 def test_model_path_runs_all_three_walks_on_the_tiny_sd15_folder(walks):
     assert [walk.number for walk in walks] == [1, 2, 3]
     assert all(len(walk) >= 3 for walk in walks)
@@ -54,7 +59,7 @@ def test_every_block_finds_its_code_line_in_the_source(walks):
     assert not missing
     for block in blocks(walks):
         for _, (name, line, text) in block.code:  # the line shown is the file's line, verbatim
-            assert (ROOT / name).read_text(encoding="utf-8").splitlines()[line - 1].strip() == text
+            assert source_line(name, line) == text
 
 
 def test_every_identity_holds_within_its_float32_bound(walks):
@@ -134,8 +139,7 @@ def test_readme_excerpt_shows_todays_code_lines():
     shown = re.findall(r"^ +code  (\w+\.py):(\d+)  (.+)$", text, flags=re.MULTILINE)
     assert len(shown) >= 4, shown
     for name, number, line in shown:
-        source = (ROOT / name).read_text(encoding="utf-8").splitlines()
-        assert source[int(number) - 1].strip() == line
+        assert source_line(name, int(number)) == line
 
 
 def refuse_to_build(*args, **kwargs):

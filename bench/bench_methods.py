@@ -289,8 +289,10 @@ def bar_chart(path: str, groups: dict[str, dict[str, tuple[float, float]]], titl
         low = min(0.0, min(m - s for m, s in bars.values()))
         high = max(0.0, max(m + s for m, s in bars.values()))
         span = high - low
-        low = low - 0.1 * span * (low < 0)  # room for the values' labels
-        high = high + 0.12 * span
+        # Room for the values' labels beyond the bars' ends.
+        if low < 0:
+            low -= 0.1 * span
+        high += 0.12 * span
         y = lambda v, low=low, high=high: height - 30 - (v - low) / (high - low) * (height - 60)
         draw.text((left, 16), metric, fill="black", font=font)
         draw.line([(left, y(0.0)), (left + width - margin - 10, y(0.0))], fill="black")
@@ -308,12 +310,10 @@ def bar_chart(path: str, groups: dict[str, dict[str, tuple[float, float]]], titl
             draw.text((centre, height - 26), name[:10], fill="black", font=font, anchor="ma")
             # The value sits past the end of its error bar: above a positive bar, below a negative.
             reach = se if math.isfinite(se) else 0.0
-            if mean >= 0:
-                draw.text((centre, y(mean + reach) - 3), f"{mean:.2g}", fill="black", font=font,
-                          anchor="md")
-            else:
-                draw.text((centre, y(mean - reach) + 3), f"{mean:.2g}", fill="black", font=font,
-                          anchor="ma")
+            up = mean >= 0
+            end = y(mean + reach) - 3 if up else y(mean - reach) + 3
+            anchor = "md" if up else "ma"  # text bottom or top at `end`
+            draw.text((centre, end), f"{mean:.2g}", fill="black", font=font, anchor=anchor)
     image.save(path)
     return path
 
