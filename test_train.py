@@ -613,12 +613,21 @@ def test_final_report_samples_as_evaluate_py_on_non_empty_captions(
     assert "" not in calls[0]["prompts"] and len(calls[0]["prompts"]) == 7
 
 
+@pytest.fixture
+def tf32_flags():
+    """torch's two TF32 switches, restored by assignment after the test: they are attributes that
+    torch's backend modules compute on access, which monkeypatch (pytest >= 9.2) cannot undo."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("precision, tf32", [("no", False), ("bf16", True)])
-def test_tf32_only_under_mixed_precision(monkeypatch, precision, tf32):
+def test_tf32_only_under_mixed_precision(monkeypatch, tf32_flags, precision, tf32):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not tf32)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not tf32)
+    torch.backends.cuda.matmul.allow_tf32 = not tf32
+    torch.backends.cudnn.allow_tf32 = not tf32
     cfg = train.TrainConfig(device="cuda", mixed_precision=precision)
     train.setup_device(cfg)
     assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
